@@ -1,0 +1,61 @@
+"""Typed exceptions raised by the Vitrine core.
+
+Library code raises these and never prints or exits; the entry points (``indexer``, ``app``,
+``train_contrastive``) turn them into one-line messages and exit codes. Every error carries a message
+that tells a user what to change, not just what broke.
+"""
+
+from __future__ import annotations
+
+
+class VitrineError(Exception):
+    """Base class: anything Vitrine raises on purpose derives from this."""
+
+
+class ModelLoadError(VitrineError):
+    """A checkpoint could not be loaded (unreachable hub id, missing folder, unsupported architecture)."""
+
+
+class ImageDecodeError(VitrineError):
+    """One image could not be decoded; ``reason`` is short and user-facing.
+
+    Raised per item: a batch records it as a failure and goes on.
+    """
+
+    def __init__(self, reason: str, source: str = "") -> None:
+        self.reason = reason
+        self.source = source
+        super().__init__(f"{source}: {reason}" if source else reason)
+
+
+class CatalogError(VitrineError):
+    """A catalog as a whole cannot be read (missing manifest, unknown column, unsupported format)."""
+
+
+class StoreError(VitrineError):
+    """The index directory cannot be created, opened or written."""
+
+
+class FingerprintMismatch(StoreError):
+    """An index was built with a different model or preprocessing than the encoder offered to it.
+
+    Mixing embedding spaces gives results that look plausible and are wrong, so this is always fatal.
+    """
+
+    def __init__(self, index_fingerprint: dict, encoder_fingerprint: dict) -> None:
+        self.index_fingerprint = index_fingerprint
+        self.encoder_fingerprint = encoder_fingerprint
+        super().__init__(
+            "index was built with a different model/preprocessing: "
+            f"index {_describe(index_fingerprint)} vs encoder {_describe(encoder_fingerprint)}; "
+            "use the index's own model (omit --model) or build a new index (or run a reindex job)"
+        )
+
+
+class QueryError(VitrineError):
+    """A search request is invalid (empty text, unknown filter key, bad k)."""
+
+
+def _describe(fp: dict) -> str:
+    keys = ("model", "revision", "processor_hash", "dim", "id")
+    return "{" + ", ".join(f"{k}={fp.get(k)!r}" for k in keys if k in fp) + "}"
