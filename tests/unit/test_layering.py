@@ -1,0 +1,54 @@
+"""Imports point only from entry packages into the core; the core never imports gradio or accelerate."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+FORBIDDEN = {"gradio", "gradio_client", "accelerate", "app", "indexer", "train_contrastive", "ray"}
+
+
+def _imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_core_sources_do_not_import_entry_packages_or_frameworks():
+    offenders = {
+        str(p.relative_to(REPO)): sorted(_imported_roots(p) & FORBIDDEN)
+        for p in (REPO / "vitrine").rglob("*.py")
+        if _imported_roots(p) & FORBIDDEN
+    }
+    assert offenders == {}
+
+
+def test_importing_the_whole_core_loads_no_framework():
+    modules = sorted(p.stem for p in (REPO / "vitrine").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import sys\n"
+        + "".join(f"import vitrine.{m}\n" for m in modules)
+        + f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_entry_point_has_main_with_argv():
+    for package in ("indexer", "app", "train_contrastive"):
+        main_file = REPO / package / "__main__.py"
+        if not main_file.exists():
+            continue
+        tree = ast.parse((REPO / package / "cli.py").read_text()) if (REPO / package / "cli.py").exists() else None
+        if tree is None:
+            continue
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        assert mains and mains[0].args.args[0].arg == "argv", package

@@ -1,0 +1,135 @@
+"""Settings shared by every entry point, and typed-dataclass command lines.
+
+Each entry point declares its arguments as a dataclass whose fields carry ``help`` (and optionally
+``flag``, ``positional``, ``env``) in ``field(metadata=...)``; :func:`parse_args` builds the argparse
+parser from it, so flags, types, defaults and help text are declared once. Environment variables
+with the ``VITRINE_`` prefix supply defaults (``VITRINE_MODEL``, ``VITRINE_INDEX``, ``VITRINE_DEVICE``…),
+and an explicit flag always wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from vitrine.encoder import DEFAULT_MODEL
+
+DEFAULT_INDEX = "vitrine-data/index"
+ENV_PREFIX = "VITRINE_"
+C = TypeVar("C")
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A dataclass field with command-line metadata: ``help``, ``flag`` (extra alias), ``positional``,
+    ``env`` (environment variable name without prefix), ``choices``, ``nargs``."""
+    factory = dataclasses.MISSING
+    if isinstance(default, list):
+        factory, default = (lambda d=default: list(d)), dataclasses.MISSING
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, **meta})
+
+
+def env_default(name: str, default: Any, environ: typing.Mapping[str, str] | None = None) -> Any:
+    """``VITRINE_<NAME>`` if set, else ``default``."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_PREFIX + name.upper(), default)
+
+
+@dataclasses.dataclass
+class EncoderSettings:
+    """How the encoder runs; shared by the indexer, the app and evaluation."""
+
+    model: str | None = arg(
+        None,
+        "checkpoint: hub id or local folder (default: the index's own model, else "
+        f"$VITRINE_MODEL, else {DEFAULT_MODEL})",
+        env="MODEL",
+    )
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto", env="DEVICE")
+    batch_size: int = arg(
+        32, "images per model forward: larger is faster until memory runs out", env="BATCH_SIZE"
+    )
+    num_workers: int = arg(
+        2, "threads decoding and preprocessing images while the model runs", env="NUM_WORKERS"
+    )
+
+    def encoder_kwargs(self) -> dict[str, Any]:
+        return {"device": self.device, "batch_size": self.batch_size, "num_workers": self.num_workers}
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' load reports and progress bars (entry points call this once)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
+def _unwrap(tp: Any) -> tuple[type, bool]:
+    """(base type, optional?) for annotations like ``int | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(args[0])[0], True
+    if origin in (list, Sequence):
+        return typing.get_args(tp)[0], False
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one option per dataclass field (``snake_case`` → ``--snake-case``)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        base, _ = _unwrap(hints[f.name])
+        default = (
+            None
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        )
+        if meta.get("env"):
+            default = env_default(meta["env"], default)
+        kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": default}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        is_list = typing.get_origin(hints[f.name]) is list
+        if base is bool and not meta.get("positional"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base if base in (int, float, str) else str
+            if is_list:
+                kwargs["nargs"] = meta.get("nargs", "+" if meta.get("positional") else "*")
+        if kwargs["help"] and default not in (None, [], False):
+            kwargs["help"] += " (default: %(default)s)"
+        if meta.get("positional"):
+            if f.default is not dataclasses.MISSING and not is_list:
+                kwargs["nargs"] = "?"  # optional positional keeps its default
+            elif not is_list:
+                kwargs.pop("default")
+            parser.add_argument(f.name, **kwargs)
+            continue
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
+            kwargs.pop("default")
+        names = ["--" + f.name.replace("_", "-")] + ([meta["flag"]] if meta.get("flag") else [])
+        parser.add_argument(*names, dest=f.name, **kwargs)
+
+
+def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def parse_args(cls: type[C], argv: Sequence[str] | None = None, prog: str | None = None) -> C:
+    """Parse ``argv`` into an instance of the dataclass ``cls``."""
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    add_arguments(parser, cls)
+    return from_namespace(cls, parser.parse_args(argv))

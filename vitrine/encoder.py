@@ -1,0 +1,338 @@
+"""Encoder: any CLIP-family checkpoint → L2-normalised float32 embeddings of images and texts.
+
+Preprocessing always comes from the checkpoint's own processor config (never hand-written mean/std),
+with the Pillow backend so the same pixels come out with or without torchvision installed. The
+pooled vector is defined once in :mod:`vitrine.towers`. The :class:`Fingerprint` identifies the
+embedding space: an index refuses an encoder whose fingerprint differs from the one that built it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitrine import towers
+from vitrine.errors import ImageDecodeError, ModelLoadError
+from vitrine.images import decode_image
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+# |(1 - mean) / std| is at most ~2.7 for the usual statistics; 0-255 input reaches hundreds.
+_MAX_NORMALISED = 20.0
+T = TypeVar("T")
+# Keys of a processor's to_dict() that name the class or processor rather than change pixels.
+_VOLATILE_KEYS = {"processor_class", "_processor_class", "image_processor_type", "auto_map", "_commit_hash"}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` takes CUDA when present; ``cpu`` / ``cuda`` / ``cuda:N`` are taken literally."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=16)
+def _weights_hash(folder: str, stamp: tuple) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))):
+        with open(os.path.join(folder, name), "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def weights_hash(folder: str | Path) -> str:
+    """sha256 of a checkpoint folder's weight files (cached by size+mtime): catches in-place fine-tunes."""
+    folder = str(folder)
+    stamp = tuple(
+        (e.name, e.stat().st_size, e.stat().st_mtime_ns)
+        for e in sorted(os.scandir(folder), key=lambda e: e.name)
+        if e.name.endswith((".safetensors", ".bin"))
+    )
+    return _weights_hash(folder, stamp)
+
+
+def _stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_fingerprint(
+    model_id: str, model: torch.nn.Module, image_processor: Any, tokenizer: Any, decode: dict, dim: int
+) -> dict:
+    """Everything that changes the embedding space, hashed into ``id``.
+
+    ``revision`` is the hub commit when loaded from the hub, else a hash of the weight files, so a
+    checkpoint fine-tuned and saved to the same folder gets a new id. The display name (``model``)
+    is not part of the id: moving a folder does not invalidate its indexes.
+    """
+    local = Path(model_id).is_dir()
+    revision = weights_hash(model_id) if local else getattr(model.config, "_commit_hash", None) or "unknown"
+    processor = {k: v for k, v in image_processor.to_dict().items() if k not in _VOLATILE_KEYS}
+    processor["class"] = type(image_processor).__name__.removesuffix("Pil").removesuffix("Fast")
+    processor["tokenizer"] = {"class": type(tokenizer).__name__, "vocab": len(tokenizer)}
+    processor["pooling"] = towers.pooling_of(model)
+    processor["decode"] = decode
+    fp = {
+        "model": str(Path(model_id).resolve()) if local else model_id,
+        "revision": revision,
+        "kind": towers.model_kind(model),
+        "processor_hash": _stable_hash(processor),
+        "dim": dim,
+    }
+    fp["id"] = _stable_hash([fp["revision"], fp["processor_hash"], fp["kind"], dim])
+    return fp
+
+
+def _load_components(name: str, revision: str | None) -> tuple[Any, Any, Any]:
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    model = AutoModel.from_pretrained(name, **kwargs)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name, backend="pil", **kwargs)
+    except TypeError:  # processors that predate the backend switch
+        image_processor = AutoImageProcessor.from_pretrained(name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    return model, image_processor, tokenizer
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint, so an offline machine fails in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_components(name: str, revision: str | None = None) -> tuple[Any, Any, Any]:
+    """(model, image_processor, tokenizer) for a hub id or local folder, with a clear error offline.
+
+    A hub id is served from the local cache when it is there; otherwise the hub must be reachable.
+    """
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not local.is_dir():
+        raise ModelLoadError(f"model folder {name!r} does not exist; set --model (or VITRINE_MODEL)")
+    if local.is_dir():
+        return _guarded(name, "local folder", lambda: _load_components(str(local), revision))
+    try:
+        return _load_components_cached(name, revision)
+    except (OSError, ValueError, KeyError):
+        pass
+    if not hub_reachable():
+        raise ModelLoadError(_offline_message(name, "the Hugging Face Hub is not reachable from here"))
+    return _guarded(name, "Hugging Face Hub", lambda: _load_components(name, revision))
+
+
+def _load_components_cached(name: str, revision: str | None) -> tuple[Any, Any, Any]:
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return _load_components(name, revision)
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+
+
+def _guarded(name: str, where: str, load: Callable[[], tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
+    try:
+        return load()
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).splitlines()[0][:200].rstrip(".") if str(exc) else type(exc).__name__
+        raise ModelLoadError(_offline_message(name, f"{where}: {reason}")) from exc
+
+
+def _offline_message(name: str, reason: str) -> str:
+    return (
+        f"cannot load model {name!r} ({reason}). Set --model (or the VITRINE_MODEL environment variable) "
+        "to a local checkpoint folder saved with save_pretrained, e.g. one built by "
+        "`python -m indexer towers --vision-model V --text-model T --output DIR`."
+    )
+
+
+class Encoder:
+    """Turns images and texts into one embedding space.
+
+    Knobs: ``batch_size`` trades memory for throughput; ``num_workers`` threads decode and preprocess
+    images while the model runs (Pillow releases the GIL, so this overlaps on CPU too);
+    ``draft_size`` lets large JPEGs decode at a reduced DCT scale (part of the fingerprint, since it
+    changes pixels slightly); ``fp16`` (CUDA only) halves memory and time with ~1e-4 cosine error.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        image_processor: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        device: str = "auto",
+        batch_size: int = 32,
+        num_workers: int = 2,
+        fp16: bool | None = None,
+        draft_size: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.kind = towers.model_kind(model)
+        half = self.device.type == "cuda" if fp16 is None else fp16 and self.device.type == "cuda"
+        self.dtype = torch.float16 if half else torch.float32
+        self.model = model.to(self.device, self.dtype).eval()
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.num_workers = max(1, num_workers)
+        self.draft_size = draft_size
+        self.max_pixels = max_pixels
+        self.dim = int(self.encode_texts(["probe"]).shape[1])
+        self.fingerprint = make_fingerprint(
+            model_id, model, image_processor, tokenizer, {"draft": draft_size}, self.dim
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str = DEFAULT_MODEL, *, revision: str | None = None, **kwargs: Any
+    ) -> Encoder:
+        """Load by hub id or local folder; ``kwargs`` are the constructor's knobs."""
+        model, image_processor, tokenizer = load_components(name, revision)
+        return cls(model, image_processor, tokenizer, model_id=name, **kwargs)
+
+    @property
+    def version(self) -> str:
+        """Short model version reported with every result and metric."""
+        return self.fingerprint["id"]
+
+    # -- images -------------------------------------------------------------------------------------
+    def load_image(self, source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
+        """Decode with the same safety rules and draft setting used at index time."""
+        if isinstance(source, Image.Image):
+            return source if source.mode == "RGB" else source.convert("RGB")
+        kwargs: dict[str, Any] = {"draft_size": self.draft_size}
+        if self.max_pixels:
+            kwargs["max_pixels"] = self.max_pixels
+        return decode_image(source, **kwargs)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The checkpoint's own processor: resize, crop, rescale to [0,1], normalise with its mean/std."""
+        out = self.image_processor(images=list(images), return_tensors="np")
+        return torch.from_numpy(np.ascontiguousarray(out["pixel_values"], dtype=np.float32))
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Model forward on already-preprocessed pixels → normalised float32 (n, dim).
+
+        Normalised pixels stay within a few units of zero for every CLIP/ImageNet/SigLIP statistic;
+        values above ``_MAX_NORMALISED`` mean raw 0-255 input skipped :meth:`preprocess`, which would
+        give embeddings that look fine and are wrong, so it is refused.
+        """
+        if pixel_values.numel() and float(pixel_values.abs().max()) > _MAX_NORMALISED:
+            raise ValueError(
+                "pixel values look like raw 0-255 input: pass images through Encoder.preprocess "
+                "(the checkpoint's own processor) first"
+            )
+        feats = towers.image_features(self.model, pixel_values.to(self.device, self.dtype))
+        return _normalise(feats)
+
+    def encode_images(self, images: Iterable[str | os.PathLike | bytes | Image.Image]) -> np.ndarray:
+        """Embeddings for images in order; raises ImageDecodeError on the first undecodable one.
+
+        Use :meth:`encode_stream` to keep going past bad items.
+        """
+        rows = []
+        for _, result in self.encode_stream(images, self.load_image):
+            if isinstance(result, ImageDecodeError):
+                raise result
+            rows.append(result)
+        return np.stack(rows) if rows else np.zeros((0, self.dim), np.float32)
+
+    def encode_stream(
+        self, items: Iterable[T], load: Callable[[T], Image.Image | None]
+    ) -> Iterator[tuple[T, np.ndarray | ImageDecodeError | None]]:
+        """Yield ``(item, embedding | ImageDecodeError)`` in input order.
+
+        ``load`` (decode) and preprocessing run in ``num_workers`` threads, at most a few batches
+        ahead, while the model works on the current batch; an item that fails to load yields its
+        error and never stops the stream.
+        """
+        pending: deque[tuple[T, Future]] = deque()
+        ahead = self.batch_size * 2 + self.num_workers
+        iterator = iter(items)
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="vitrine-decode") as pool:
+            while True:
+                while len(pending) < ahead and (item := next(iterator, _END)) is not _END:
+                    pending.append((item, pool.submit(self._prepare_one, load, item)))
+                if not pending:
+                    return
+                batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
+                yield from self._encode_prepared(batch)
+
+    def _prepare_one(self, load: Callable[[T], Image.Image | None], item: T) -> torch.Tensor | None:
+        image = load(item)
+        return None if image is None else self.preprocess([image])
+
+    def _encode_prepared(self, batch: list[tuple[T, Future]]) -> Iterator[tuple[T, Any]]:
+        """Resolve a batch's futures; one forward for all that decoded. ``load`` may return None for
+        items that need no embedding (the caller reuses a stored one): they yield None."""
+        outcomes: list[Any] = []
+        for item, future in batch:
+            try:
+                outcomes.append(future.result())
+            except ImageDecodeError as exc:
+                outcomes.append(exc)
+            except OSError as exc:
+                outcomes.append(ImageDecodeError(f"cannot read file: {exc.strerror or exc}", str(item)))
+            except Exception as exc:  # a processor failure is still one bad item, not a dead batch
+                outcomes.append(ImageDecodeError(f"preprocessing failed: {exc}", str(item)))
+        tensors = [o for o in outcomes if isinstance(o, torch.Tensor)]
+        embeddings = iter(self.encode_pixels(torch.cat(tensors)) if tensors else [])
+        for (item, _), outcome in zip(batch, outcomes, strict=True):
+            yield item, next(embeddings) if isinstance(outcome, torch.Tensor) else outcome
+
+    # -- texts --------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise as the model was trained: SigLIP pads to max length; CLIP truncates at 77 tokens."""
+        limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
+        limit = min(limit or 512, self.tokenizer.model_max_length or 512)
+        padding = "max_length" if self.kind == "siglip" else True
+        return self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=limit, return_tensors="pt"
+        )
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Normalised float32 (n, dim) text embeddings, batched."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenize(texts[start : start + self.batch_size])
+            mask = tokens.get("attention_mask")
+            feats = towers.text_features(
+                self.model,
+                tokens["input_ids"].to(self.device),
+                None if mask is None else mask.to(self.device),
+            )
+            out.append(_normalise(feats))
+        return np.concatenate(out) if out else np.zeros((0, getattr(self, "dim", 0)), np.float32)
+
+
+_END = object()
+
+
+def _normalise(feats: torch.Tensor) -> np.ndarray:
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+    return feats.cpu().numpy().astype(np.float32, copy=False)
