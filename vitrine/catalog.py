@@ -18,7 +18,6 @@ routes is one record.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitrine.errors import CatalogError, ImageDecodeError
+from vitrine.errors import CatalogError
 from vitrine.images import IMAGE_EXTENSIONS, read_image_file
 
 # Columns tried in order (case-insensitively) when none is given; a caption column is optional.
@@ -38,7 +37,7 @@ MANIFEST_FORMATS: dict[str, str] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jso
                                     ".json": "json", ".parquet": "parquet"}  # fmt: skip
 _IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 _DATASET_KEY = re.compile(r"(?P<dir>.+)#(?P<row>\d+)(?:#(?P<column>[^#]+))?")
-_BATCH_ROWS = 1000
+BATCH_ROWS = 1000
 
 Rows = list[dict[str, Any]]
 
@@ -99,6 +98,8 @@ def open_catalog(
     resolved = given.resolve()
     if resolved.is_dir():
         if _is_saved_dataset(resolved):
+            from vitrine.hfdataset import DatasetCatalog
+
             return DatasetCatalog(resolved, image_column, caption_column)
         metadata = next((resolved / n for n in _IMAGEFOLDER_METADATA if (resolved / n).is_file()), None)
         if metadata is not None:
@@ -124,7 +125,9 @@ def read_source(path: str) -> bytes:
     if not os.path.isfile(path):
         match = _DATASET_KEY.fullmatch(path)
         if match and _is_saved_dataset(Path(match["dir"])):
-            return _read_dataset_image(match["dir"], int(match["row"]), match["column"], path)
+            from vitrine.hfdataset import read_dataset_image
+
+            return read_dataset_image(match["dir"], int(match["row"]), match["column"], path)
     return read_image_file(path)
 
 
@@ -185,8 +188,8 @@ class ManifestCatalog(Catalog):
     def __init__(self, manifest: Path, kind: str, image_col: str | None, caption_col: str | None) -> None:
         self.kind = kind
         columns, rows = _read_manifest(manifest, (image_col, caption_col))
-        image_col = _pick_column(columns, image_col, IMAGE_COLUMN_CANDIDATES, "image", manifest)
-        caption_col = _pick_column(columns, caption_col, CAPTION_COLUMN_CANDIDATES, "caption", manifest)
+        image_col = pick_column(columns, image_col, IMAGE_COLUMN_CANDIDATES, "image", manifest)
+        caption_col = pick_column(columns, caption_col, CAPTION_COLUMN_CANDIDATES, "caption", manifest)
         spec_path = (manifest.parent if kind == "imagefolder" else manifest).as_posix()
         super().__init__(
             manifest.parent, {"path": spec_path, "image_column": image_col, "caption_column": caption_col}
@@ -231,8 +234,8 @@ def _group_rows(
             continue
         if image not in keys:
             keys[image] = _resolve_key(_locate_image(image, str(base)), folders)
-        captions = _caption_values(row.get(caption_col)) if caption_col else []
-        metadata = {name: _jsonable(row.get(name)) for name in meta_cols}
+        captions = caption_values(row.get(caption_col)) if caption_col else []
+        metadata = {name: jsonable(row.get(name)) for name in meta_cols}
         groups.setdefault(keys[image], _Group()).add(captions, metadata)
     return groups, skipped
 
@@ -291,7 +294,7 @@ def _json_rows(path: Path, text: str, *, lines: bool) -> tuple[list[str], Rows]:
     return list(dict.fromkeys(name for row in rows for name in row)), rows
 
 
-def _pick_column(
+def pick_column(
     columns: list[str], given: str | None, candidates: tuple[str, ...], role: str, source: Path
 ) -> str | None:
     """The explicit column (which must exist) or the first candidate present; ``None`` for no caption."""
@@ -317,7 +320,7 @@ def _image_value(cell: Any) -> str | None:
     return (cell.strip() or None) if isinstance(cell, str) else None
 
 
-def _caption_values(cell: Any) -> list[str]:
+def caption_values(cell: Any) -> list[str]:
     """Captions in one cell: a string, or a list/array of strings (JSONL, Parquet, datasets)."""
     if cell is None or (isinstance(cell, float) and math.isnan(cell)):
         return []
@@ -326,11 +329,11 @@ def _caption_values(cell: Any) -> list[str]:
     if hasattr(cell, "tolist") and not isinstance(cell, int | float):
         cell = cell.tolist()
     if isinstance(cell, list | tuple):
-        return [c for item in cell for c in _caption_values(item)]
+        return [c for item in cell for c in caption_values(item)]
     return [str(cell)]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON value for metadata: numpy/pandas scalars unboxed, NaN/NaT/NA -> None, dates -> ISO text."""
     if value is None or isinstance(value, bool | int | str):
         return value
@@ -341,147 +344,14 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return None if isinstance(value, bytes | bytearray) else str(value)
-
-
-class DatasetCatalog(Catalog):
-    """A folder written by ``datasets`` ``save_to_disk``; records come in row order.
-
-    Captions come from the caption column; other scalar columns (``Value``, and ``ClassLabel`` as its label
-    name) become metadata. The images stay in the Arrow files; :func:`read_source` fetches them by key.
-    """
-
-    kind = "dataset"
-
-    def __init__(self, root: Path, image_column: str | None, caption_column: str | None) -> None:
-        split_dir = _dataset_split_dir(root)
-        self._split_dir = split_dir.as_posix()
-        self._dataset = _load_dataset(self._split_dir)
-        features = self._dataset.features
-        self.image_column = _dataset_image_column(features, image_column, split_dir)
-        caption = _pick_column(
-            list(features), caption_column, CAPTION_COLUMN_CANDIDATES, "caption", split_dir
-        )
-        self.caption_column = caption
-        super().__init__(
-            root, {"path": root.as_posix(), "image_column": self.image_column, "caption_column": caption}
-        )
-        skip = (self.image_column, caption)
-        self._meta_columns = [c for c in features if c not in skip and _is_scalar_feature(features[c])]
-        default = _first_image_column(features)
-        self._path_suffix = "" if self.image_column == default else f"#{self.image_column}"
-
-    def __len__(self) -> int:
-        return int(self._dataset.num_rows)
-
-    def __iter__(self) -> Iterator[Record]:
-        wanted = [*self._meta_columns, *([self.caption_column] if self.caption_column else [])]
-        if not wanted:
-            yield from (self._record(row, {}) for row in range(len(self)))
-            return
-        row = 0
-        for batch in self._dataset.select_columns(wanted).iter(batch_size=_BATCH_ROWS):
-            for i in range(len(batch[wanted[0]])):
-                yield self._record(row, {name: batch[name][i] for name in wanted})
-                row += 1
-
-    def _record(self, row: int, values: dict[str, Any]) -> Record:
-        features = self._dataset.features
-        metadata = {name: _jsonable(_label_name(features[name], values[name])) for name in self._meta_columns}
-        captions = _caption_values(values[self.caption_column]) if self.caption_column else []
-        key = f"{self._split_dir}#{row}"
-        return Record(key=key, path=key + self._path_suffix, captions=tuple(captions), metadata=metadata)
 
 
 def _is_saved_dataset(path: Path) -> bool:
     has_dataset = (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
     return has_dataset or (path / "dataset_dict.json").is_file()
-
-
-def _dataset_split_dir(root: Path) -> Path:
-    """The folder of the split to use: ``train`` of a DatasetDict if present, else its first split."""
-    listing = root / "dataset_dict.json"
-    if not listing.is_file():
-        return root
-    try:
-        splits = list(json.loads(listing.read_text(encoding="utf-8"))["splits"])
-        return root / ("train" if "train" in splits else splits[0])
-    except (OSError, ValueError, LookupError, TypeError) as exc:
-        raise CatalogError(f"cannot read the splits listed in {listing}: {exc!r}") from None
-
-
-def _dataset_image_column(features: Any, given: str | None, split_dir: Path) -> str:
-    found = _first_image_column(features) if given is None else given
-    if found is None:
-        raise CatalogError(f"dataset {split_dir} has no Image column; columns: {', '.join(features)}")
-    _pick_column(list(features), found, (), "image", split_dir)
-    if not isinstance(features[found], _hf().Image):
-        raise CatalogError(f"column {found!r} of dataset {split_dir} is not an Image feature")
-    if "#" in found:
-        raise CatalogError(f"image column names containing '#' are not supported: {found!r}")
-    return found
-
-
-@functools.lru_cache(maxsize=16)
-def _load_dataset(split_dir: str) -> Any:
-    """Open (memory-map) a saved dataset once per process; reads are safe from several threads."""
-    try:
-        return _hf().Dataset.load_from_disk(split_dir)
-    except ImportError:
-        raise CatalogError("reading a saved dataset needs the 'datasets' package") from None
-    except Exception as exc:
-        raise CatalogError(f"cannot open dataset {split_dir}: {exc}") from None
-
-
-@functools.lru_cache(maxsize=16)
-def _raw_image_column(split_dir: str, column: str) -> Any:
-    """That one column with decoding off, so rows give ``{"bytes", "path"}`` instead of PIL images."""
-    raw = _hf().Image(decode=False)
-    return _load_dataset(split_dir).select_columns([column]).cast_column(column, raw)
-
-
-def _hf() -> Any:
-    """The ``datasets`` package, imported lazily: only dataset catalogs pay for it."""
-    import datasets
-
-    return datasets
-
-
-def _first_image_column(features: Any) -> str | None:
-    return next((name for name, feature in features.items() if isinstance(feature, _hf().Image)), None)
-
-
-def _is_scalar_feature(feature: Any) -> bool:
-    hf = _hf()
-    return isinstance(feature, hf.ClassLabel) or (
-        isinstance(feature, hf.Value) and "binary" not in feature.dtype
-    )
-
-
-def _label_name(feature: Any, value: Any) -> Any:
-    if isinstance(feature, _hf().ClassLabel) and isinstance(value, int) and 0 <= value < feature.num_classes:
-        return feature.int2str(value)
-    return value
-
-
-def _read_dataset_image(split_dir: str, row: int, column: str | None, source: str) -> bytes:
-    try:
-        dataset = _load_dataset(split_dir)
-        column = column or _first_image_column(dataset.features)
-        if column is None or column not in dataset.features:
-            raise ImageDecodeError("no image column in dataset", source)
-        if row >= dataset.num_rows:
-            raise ImageDecodeError(f"row {row} not in dataset ({dataset.num_rows} rows)", source)
-        cell = _raw_image_column(split_dir, column)[row][column]
-    except CatalogError as exc:
-        raise ImageDecodeError(str(exc), source) from None
-    if cell and cell.get("bytes") is not None:
-        return bytes(cell["bytes"])
-    if cell and cell.get("path"):
-        return read_image_file(cell["path"])
-    raise ImageDecodeError("no image in this row", source)
