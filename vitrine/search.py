@@ -1,0 +1,125 @@
+"""Searcher: queries by text, by image, or both, against an index built by the same encoder.
+
+The Searcher is given its encoder and store (so tests and the app pass in real tiny parts) and
+validates every query before any model work: bad input is normal traffic and gets a
+:class:`~vitrine.errors.QueryError` with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vitrine.encoder import Encoder
+from vitrine.errors import FingerprintMismatch, QueryError
+from vitrine.store import Hit, IndexStore
+
+ImageInput = str | os.PathLike | bytes | Image.Image
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """Guards on query size. ``max_text_chars`` refuses essays (CLIP reads 77 tokens anyway);
+    ``max_k`` bounds result size."""
+
+    max_text_chars: int = 1000
+    max_k: int = 1000
+
+
+class Searcher:
+    """Text, image and combined search with metadata filters; every hit carries the model version."""
+
+    def __init__(self, encoder: Encoder, store: IndexStore, limits: SearchLimits | None = None) -> None:
+        if encoder.fingerprint["id"] != store.fingerprint["id"]:
+            raise FingerprintMismatch(store.fingerprint, encoder.fingerprint)
+        self.encoder = encoder
+        self.store = store
+        self.limits = limits or SearchLimits()
+
+    @property
+    def model_version(self) -> str:
+        return self.encoder.version
+
+    def text_vector(self, text: str) -> np.ndarray:
+        """Normalised query embedding for a text (validated)."""
+        text = (text or "").strip()
+        if not text:
+            raise QueryError("the text query is empty: type a description such as 'a red dress'")
+        if len(text) > self.limits.max_text_chars:
+            raise QueryError(
+                f"the text query is {len(text)} characters long; the limit is {self.limits.max_text_chars}"
+            )
+        return self.encoder.encode_texts([text])[0]
+
+    def image_vector(self, image: ImageInput) -> np.ndarray:
+        """Normalised query embedding for an image; undecodable input raises ImageDecodeError."""
+        return self.encoder.encode_images([self.encoder.load_image(image)])[0]
+
+    def combined_vector(self, image: ImageInput | None, text: str | None, weight: float = 0.5) -> np.ndarray:
+        """``weight`` is the share of the text: 0 = photo only, 1 = text only, 0.5 = both equally.
+
+        Both embeddings are unit vectors, so the weighted sum is re-normalised to compare by cosine.
+        """
+        if not 0.0 <= weight <= 1.0:
+            raise QueryError(f"weight must be between 0 and 1, got {weight}")
+        has_text = bool(text and text.strip())
+        if image is None and not has_text:
+            raise QueryError("give a photo, a text, or both")
+        if image is None:
+            return self.text_vector(text or "")
+        if not has_text:
+            return self.image_vector(image)
+        mixed = weight * self.text_vector(text or "") + (1.0 - weight) * self.image_vector(image)
+        return (mixed / max(float(np.linalg.norm(mixed)), 1e-12)).astype(np.float32)
+
+    def by_vector(self, vector: np.ndarray, k: int = 10, filters: dict[str, str] | None = None) -> list[Hit]:
+        self._check_k(k)
+        return self.store.search(vector[None, :], k=k, filters=filters or None)[0]
+
+    def search_text(self, text: str, k: int = 10, filters: dict[str, str] | None = None) -> list[Hit]:
+        self._check_k(k)
+        return self.by_vector(self.text_vector(text), k, filters)
+
+    def search_image(
+        self, image: ImageInput, k: int = 10, filters: dict[str, str] | None = None
+    ) -> list[Hit]:
+        self._check_k(k)
+        return self.by_vector(self.image_vector(image), k, filters)
+
+    def search(
+        self,
+        image: ImageInput | None = None,
+        text: str | None = None,
+        weight: float = 0.5,
+        k: int = 10,
+        filters: dict[str, str] | None = None,
+    ) -> list[Hit]:
+        """Photo, text, or both ("this dress but in red")."""
+        self._check_k(k)
+        return self.by_vector(self.combined_vector(image, text, weight), k, filters)
+
+    def more_like(self, key: str, k: int = 10, filters: dict[str, str] | None = None) -> list[Hit]:
+        """Neighbours of an indexed item, from its stored embedding (no re-encoding)."""
+        keys, vectors = self.store.embeddings([key])
+        if not keys:
+            raise QueryError(f"no indexed item with key {key!r}")
+        return self.by_vector(vectors[0], k, filters)
+
+    def _check_k(self, k: Any) -> None:
+        if not isinstance(k, int | np.integer) or not 1 <= int(k) <= self.limits.max_k:
+            raise QueryError(f"k must be an integer between 1 and {self.limits.max_k}, got {k!r}")
+
+
+def parse_filters(pairs: list[str] | None) -> dict[str, str]:
+    """``["color=red", "size=M"]`` → ``{"color": "red", "size": "M"}`` (values may contain '=')."""
+    filters: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise QueryError(f"filter {pair!r} is not of the form key=value")
+        filters[key.strip()] = value
+    return filters
