@@ -1,0 +1,318 @@
+"""The on-disk layout of an index directory: CURRENT, generations, manifests, the writer lock, and the
+SQLite schema and helpers that :class:`vitrine.store.IndexStore` builds on.
+
+Every file is replaced atomically (temporary name, fsync, rename); ``CURRENT`` names the live
+generation; ``.lock`` (flock) admits one writer at a time while readers never block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from vitrine.ann import AnnIndex, snapshots, write_atomic
+from vitrine.errors import StoreError
+
+FORMAT = 1
+CHUNK = 500
+GEN_RE = re.compile(r"^gen-(\d{6})$")
+SCHEMA = """
+CREATE TABLE vectors(id INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE,
+    embedding BLOB NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX vectors_seq ON vectors(seq);
+CREATE TABLE items(key TEXT PRIMARY KEY, path TEXT NOT NULL, vector_id INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, captions TEXT NOT NULL DEFAULT '[]',
+    metadata TEXT NOT NULL DEFAULT '{}', source TEXT NOT NULL DEFAULT '', added REAL NOT NULL);
+CREATE INDEX items_vector ON items(vector_id);
+CREATE INDEX items_source ON items(source);
+CREATE TABLE removed(vector_id INTEGER NOT NULL, seq INTEGER NOT NULL);
+CREATE INDEX removed_seq ON removed(seq);
+CREATE TABLE failures(key TEXT PRIMARY KEY, path TEXT, reason TEXT, time REAL, source TEXT DEFAULT '');
+CREATE TABLE state(name TEXT PRIMARY KEY, value);
+CREATE TABLE catalogs(source TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL NOT NULL);
+CREATE TABLE samples(kind TEXT NOT NULL, id INTEGER, embedding BLOB NOT NULL, time REAL NOT NULL, slice TEXT);
+INSERT INTO state(name, value) VALUES ('seq', 0), ('schema', 1);
+"""
+
+
+def connect(db: Path, readonly: bool, create: bool = False) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(
+            f"file:{quote(str(db))}?mode={'rwc' if create else 'rw'}",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=30.0,
+        )
+        conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
+        if readonly:
+            conn.execute("PRAGMA query_only=1")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open index database {db}: {exc}") from exc
+    return conn
+
+
+@contextlib.contextmanager
+def reading(conn: sqlite3.Connection) -> Iterator[None]:
+    """One consistent snapshot across several SELECTs (WAL readers never block the writer)."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def writing(conn: sqlite3.Connection, root: Path) -> Iterator[None]:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write index {root}: {exc}") from exc
+
+
+def scalar(conn: sqlite3.Connection, sql: str) -> int:
+    return int(conn.execute(sql).fetchone()[0])
+
+
+def blobs(blobs: Iterable[bytes]) -> np.ndarray:
+    return np.frombuffer(bytearray().join(blobs), dtype=np.float32)
+
+
+def id_vectors(rows: Iterable[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = list(rows)
+    return np.array([r[0] for r in rows], dtype=np.int64), blobs(r[1] for r in rows).reshape(-1, dim)
+
+
+def select_in(conn: sqlite3.Connection, sql: str, values: list, args: Sequence = ()) -> list[tuple]:
+    """``sql`` with one ``IN ({})``, run in chunks to stay under SQLite's variable limit."""
+    rows: list[tuple] = []
+    for i in range(0, len(values), CHUNK):
+        chunk = values[i : i + CHUNK]
+        rows += conn.execute(sql.format(",".join("?" * len(chunk))), [*args, *chunk]).fetchall()
+    return rows
+
+
+def changes(conn: sqlite3.Connection, since: int, dim: int) -> tuple[int, np.ndarray, np.ndarray, list, int]:
+    """(seq, added ids, their vectors, dropped ids, vector count) for commits after ``since``."""
+    with reading(conn):
+        rows = conn.execute("SELECT id, embedding FROM vectors WHERE seq > ?", (since,))
+        ids, vectors = id_vectors(rows, dim)
+        dropped = [r[0] for r in conn.execute("SELECT vector_id FROM removed WHERE seq > ?", (since,))]
+        return (
+            scalar(conn, "SELECT value FROM state WHERE name='seq'"),
+            ids,
+            vectors,
+            dropped,
+            scalar(conn, "SELECT COUNT(*) FROM vectors"),
+        )
+
+
+def apply_delta(ann: AnnIndex, delta: tuple) -> bool:
+    """Replay a delta; False when the result disagrees with SQLite (the caller then rebuilds)."""
+    ann.add(delta[1], delta[2])
+    ann.remove(np.array(delta[3], dtype=np.int64))
+    return ann.ntotal == delta[4]
+
+
+def drop_orphans(conn: sqlite3.Connection, seq: int, candidates: set[int], added: dict) -> list[int]:
+    """Delete vectors no item references any more; tombstone those that existed before this commit."""
+    dropped = []
+    for vid in sorted(candidates):
+        if conn.execute("SELECT 1 FROM items WHERE vector_id=? LIMIT 1", (vid,)).fetchone() is None:
+            conn.execute("DELETE FROM vectors WHERE id=?", (vid,))
+            if added.pop(vid, None) is None:
+                conn.execute("INSERT INTO removed(vector_id, seq) VALUES (?,?)", (vid, seq))
+                dropped.append(vid)
+    return dropped
+
+
+# ---------------------------------------------------------------------- files
+def new_generation(root: Path, fingerprint: dict, factory: str | None, search_params: dict | None) -> str:
+    numbers = [int(m.group(1)) for p in root.iterdir() if (m := GEN_RE.match(p.name))]
+    name = f"gen-{max(numbers, default=0) + 1:06d}"
+    try:
+        (root / name).mkdir()
+        conn = connect(root / name / "meta.sqlite", readonly=False, create=True)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"cannot create index generation {root / name}: {exc}") from exc
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "metric": "ip",
+        "factory": factory,
+        "search_params": dict(search_params or {}),
+        "dim": fingerprint["dim"],
+        "generation": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_atomic(root / name / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    AnnIndex(int(fingerprint["dim"]), factory, search_params).save(root / name / "index.0.faiss")
+    return name
+
+
+def read_current(root: Path) -> str:
+    try:
+        name = (root / "CURRENT").read_text().strip()
+    except OSError as exc:
+        raise StoreError(f"no Vitrine index at {root}: cannot read CURRENT ({exc.strerror})") from exc
+    if not GEN_RE.match(name):
+        raise StoreError(f"index {root} is corrupt: CURRENT names {name!r}, not a generation")
+    return name
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"index generation {path} has no readable manifest.json: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"index generation {path}: unsupported manifest format (expected {FORMAT})")
+    if not isinstance(manifest.get("fingerprint"), dict) or "dim" not in manifest["fingerprint"]:
+        raise StoreError(f"index generation {path}: manifest has no fingerprint with a dim")
+    return manifest
+
+
+def acquire_lock(root: Path) -> int:
+    try:
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot lock index {root} for writing: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"index {root} is being written by another process; wait for it or stop it") from exc
+    return fd
+
+
+def release_lock(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@dataclass
+class NewItem:
+    """What the ingest pipeline hands to the store; ``embedding=None`` reuses the vector of ``sha256``."""
+
+    key: str
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    captions: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    source: str = ""  # catalog id
+    embedding: np.ndarray | None = None
+
+
+@dataclass
+class Failure:
+    """A catalog item that could not be read or decoded, with a user-facing reason."""
+
+    key: str
+    path: str
+    reason: str
+    source: str = ""
+
+
+COLS = ("key", "path", "vector_id", "sha256", "size", "mtime_ns", "captions", "metadata", "source", "added")
+UPSERT = (
+    f"INSERT INTO items({', '.join(COLS)}) VALUES ({','.join('?' * len(COLS))}) "
+    "ON CONFLICT(key) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in COLS[1:-1])
+)
+
+
+def upsert_item(
+    conn: sqlite3.Connection,
+    item: NewItem,
+    seq: int,
+    now: float,
+    added: dict[int, np.ndarray],
+    candidates: set[int],
+    normalised: Callable[[NewItem], np.ndarray],
+) -> None:
+    """Insert or replace one item by key, reusing the vector of identical content (deduplication).
+
+    New vectors go to ``added``; a vector the key no longer uses goes to ``candidates`` for orphan cleanup.
+    """
+    if not item.key or not item.sha256:
+        raise StoreError(f"item {item.key!r} ({item.path}): key and sha256 must be non-empty")
+    old = conn.execute("SELECT vector_id FROM items WHERE key=?", (item.key,)).fetchone()
+    row = conn.execute("SELECT id FROM vectors WHERE sha256=?", (item.sha256,)).fetchone()
+    if row is not None:
+        vid = row[0]
+    else:
+        vec = normalised(item)
+        vid = conn.execute(
+            "INSERT INTO vectors(sha256, embedding, seq) VALUES (?,?,?)",
+            (item.sha256, vec.tobytes(), seq),
+        ).lastrowid
+        added[vid] = vec
+    conn.execute(
+        UPSERT,
+        (
+            item.key,
+            item.path,
+            vid,
+            item.sha256,
+            item.size,
+            item.mtime_ns,
+            json.dumps(list(item.captions), ensure_ascii=False),
+            json.dumps(item.metadata, ensure_ascii=False, sort_keys=True, default=str),
+            item.source,
+            now,
+        ),
+    )
+    conn.execute("DELETE FROM failures WHERE key=?", (item.key,))
+    if old is not None and old[0] != vid:
+        candidates.add(old[0])
+
+
+def load_ann(
+    conn: sqlite3.Connection, path: Path, manifest: dict, dim: int
+) -> tuple[AnnIndex, int, int | None]:
+    """(ann, seq, snapshot seq): the newest readable snapshot plus a replay of later commits, or a full
+    build from SQLite when no snapshot fits (missing, unreadable, or disagreeing after replay)."""
+    factory, params = manifest.get("factory"), manifest.get("search_params")
+    seq = scalar(conn, "SELECT value FROM state WHERE name='seq'")
+    for snap_seq, snap in snapshots(path):
+        if snap_seq > seq:
+            continue
+        try:
+            ann = AnnIndex.load(snap, params, factory)
+        except (StoreError, OSError):
+            continue  # unreadable, or replaced by the writer since it was listed
+        delta = changes(conn, snap_seq, dim)
+        if apply_delta(ann, delta):
+            return ann, delta[0], snap_seq
+        break
+    with reading(conn):
+        seq = scalar(conn, "SELECT value FROM state WHERE name='seq'")
+        ids, vectors = id_vectors(conn.execute("SELECT id, embedding FROM vectors"), dim)
+    ann = AnnIndex(dim, factory, params)
+    ann.rebuild(ids, vectors)
+    return ann, seq, None
