@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from PIL import Image
 
 from vitrine.catalog import Catalog, Record, read_source
@@ -49,7 +50,7 @@ class _Job:
     mtime_ns: int = 0
     sha256: str = ""
     is_update: bool = False
-    reuse: bool = False
+    stored: np.ndarray | None = None  # the index already holds this content: no decode, no model
 
 
 def catalog_source(catalog: Catalog) -> str:
@@ -89,7 +90,6 @@ class Ingestor:
         report = BuildReport()
         states = self.store.item_states(source)
         seen: set[str] = set()
-        self._pending_shas: set[str] = set()
         jobs = self._jobs(catalog, states, seen, report)
         self._commit_stream(self.encoder.encode_stream(jobs, self._load), source, report)
         if self.prune:
@@ -122,15 +122,17 @@ class Ingestor:
             yield job
 
     def _load(self, job: _Job) -> Image.Image | None:
-        """Worker thread: read, hash, and decode only when the content is new to the index."""
+        """Worker thread: read, hash, and decode only when the content is new to the index.
+
+        Content already stored (a touched file, a copy, a rename) takes its stored vector here, so a
+        commit never depends on another item of the same run; copies inside one run are simply
+        encoded twice and stored once.
+        """
         data = read_source(job.record.path)
         job.size = job.size or len(data)
         job.sha256 = hashlib.sha256(data).hexdigest()
-        if job.sha256 in self._pending_shas or self.store.has_content(job.sha256):
-            job.reuse = True
-            return None
-        self._pending_shas.add(job.sha256)
-        return self.encoder.load_image(data)
+        job.stored = self.store.vector_for(job.sha256)
+        return None if job.stored is not None else self.encoder.load_image(data)
 
     def _commit_stream(self, results: Iterator, source: str, report: BuildReport) -> None:
         items: list[NewItem] = []
@@ -149,8 +151,8 @@ class Ingestor:
                     last_flush = time.monotonic()
         self._commit(items, failures, report)
 
-    def _new_item(self, job: _Job, embedding, source: str, report: BuildReport) -> NewItem:
-        if job.reuse:
+    def _new_item(self, job: _Job, embedding: np.ndarray | None, source: str, report: BuildReport) -> NewItem:
+        if job.stored is not None:
             report.reused += 1
         if job.is_update:
             report.updated += 1
@@ -166,7 +168,7 @@ class Ingestor:
             captions=list(r.captions),
             metadata=dict(r.metadata),
             source=source,
-            embedding=None if job.reuse else embedding,
+            embedding=job.stored if job.stored is not None else embedding,
         )
 
     def _commit(self, items: list[NewItem], failures: list[Failure], report: BuildReport) -> None:

@@ -306,8 +306,10 @@ class IndexStore:
         rows = self._conn().execute(sql, () if source is None else (source,))
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
-    def has_content(self, sha256: str) -> bool:
-        return self._conn().execute("SELECT 1 FROM vectors WHERE sha256=?", (sha256,)).fetchone() is not None
+    def vector_for(self, sha256: str) -> np.ndarray | None:
+        """The stored embedding of this content, if any (lets the indexer skip re-encoding duplicates)."""
+        row = self._conn().execute("SELECT embedding FROM vectors WHERE sha256=?", (sha256,)).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
 
     def get(self, key: str) -> dict | None:
         row = (

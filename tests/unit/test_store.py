@@ -110,7 +110,7 @@ def test_write_then_search_returns_the_item_first(store: IndexStore) -> None:
 def test_upsert_by_key_replaces_the_vector(store: IndexStore) -> None:
     store.write([item(1)])
     store.write([item(1, sha="sha-new", seed=999)])
-    assert len(store) == 1 and store.stats()["vectors"] == 1 and not store.has_content("sha-1")
+    assert len(store) == 1 and store.stats()["vectors"] == 1 and store.vector_for("sha-1") is None
     assert top(store, vec(999))[0].score == pytest.approx(1.0, abs=1e-4)
     assert top(store, vec(1))[0].score < 0.99
     assert store.get("img/001.jpg")["sha256"] == "sha-new"
@@ -121,7 +121,7 @@ def test_identical_content_is_stored_once_and_listed_as_duplicates(store: IndexS
     copy = item(3, sha="same")
     copy.embedding = None  # reuse the stored vector
     store.write([copy])
-    assert len(store) == 3 and store.stats()["vectors"] == 1 and store.has_content("same")
+    assert len(store) == 3 and store.stats()["vectors"] == 1 and store.vector_for("same") is not None
     hits = top(store, vec(2))
     assert len(hits) == 1 and hits[0].key == "img/001.jpg"
     assert hits[0].duplicates == ["img/002.jpg", "img/003.jpg"]
