@@ -1,0 +1,98 @@
+"""Request validation: the refusals every endpoint shares, and the parsing of loose client input.
+
+Each refusal is a :class:`RequestRefused` whose ``reason`` is the ``errors_total`` metric label and whose
+message tells a person what to change. Clients send loosely typed values (a slider's float for ``k``,
+filters as an object, a JSON string or ``"k=v"`` pairs), so they are normalised here before the core
+sees them; the core's own errors are mapped to reasons by :func:`translate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from vitrine.errors import ImageDecodeError, QueryError, StoreError, VitrineError
+from vitrine.search import parse_filters
+
+
+class RequestRefused(VitrineError):
+    """A request the service will not answer; ``reason`` is the metric label, the message is for people."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+def normalise_filters(filters: Any) -> dict[str, str]:
+    """Accept ``{"k": "v"}``, a JSON object string, ``"k=v, k2=v2"`` or ``["k=v"]``; values as strings."""
+    if filters is None or filters == "" or filters == {} or filters == []:
+        return {}
+    if isinstance(filters, str):
+        text = filters.strip()
+        if text.startswith("{"):
+            try:
+                filters = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RequestRefused("bad_filter", f"filters are not valid JSON: {exc.msg}") from None
+        else:
+            filters = [p for p in (s.strip() for s in text.replace(";", ",").split(",")) if p]
+    if isinstance(filters, list):
+        try:
+            return parse_filters([str(p) for p in filters])
+        except QueryError as exc:
+            raise RequestRefused("bad_filter", str(exc)) from None
+    if isinstance(filters, dict):
+        out: dict[str, str] = {}
+        for key, value in filters.items():
+            if value is None or value == "":
+                continue
+            if isinstance(value, dict | list):
+                raise RequestRefused("bad_filter", f"filter {key!r} must be a single value")
+            out[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+    raise RequestRefused("bad_filter", 'filters must be an object such as {"folder": "red"}')
+
+
+def translate(call: Callable[[], list]) -> list:
+    """Core errors → RequestRefused with a reason label."""
+    try:
+        return call()
+    except ImageDecodeError as exc:
+        raise RequestRefused("bad_image", f"cannot read the uploaded image: {exc.reason}") from None
+    except QueryError as exc:
+        raise RequestRefused("bad_query", str(exc)) from None
+    except StoreError as exc:
+        raise RequestRefused("index_unavailable", str(exc)) from None
+
+
+def check_text(text: str | None, limit: int) -> None:
+    stripped = (text or "").strip()
+    if not stripped:
+        raise RequestRefused(
+            "empty_query", "the text query is empty: type a description such as 'a red dress'"
+        )
+    if len(stripped) > limit:
+        raise RequestRefused(
+            "text_too_long", f"the text query is {len(stripped)} characters long; the limit is {limit}"
+        )
+
+
+def number(value: Any, name: str, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise RequestRefused(f"bad_{name}", f"{name} must be a number, got {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise RequestRefused(f"bad_{name}", f"{name} must be a number, got {value!r}") from None
+    if kind is int and float(value) != number:
+        raise RequestRefused(f"bad_{name}", f"{name} must be a whole number, got {value!r}")
+    return number
+
+
+def file_size(path: Any) -> int:
+    try:
+        return os.path.getsize(os.fspath(path))
+    except (OSError, TypeError):
+        return 0  # missing/odd paths fail in decoding with a clear reason

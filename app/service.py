@@ -1,0 +1,389 @@
+"""SearchService: everything the web app does except drawing it (no gradio imports here).
+
+The UI and the API both call this one object, so a request from the page and one from ``gradio_client``
+are validated, timed, logged and counted identically. Its jobs:
+
+* **Load once.** The encoder and the index are opened once per process; ``refresh_seconds`` sets how
+  often a background thread calls ``IndexStore.refresh()`` so builds by ``python -m indexer build`` and
+  reindex swaps show up without a restart. Requests in flight keep the searcher they started with; a
+  generation built with another model is opened beside the old one and swapped in whole.
+* **Bad input is normal traffic.** Every refusal raises :class:`RequestRefused` with a short ``reason``
+  (the ``errors_total`` label) and a message for a person; nothing a client sends can stop the server.
+* **Serve only catalog files.** :meth:`SearchService.open_source` refuses any path whose real location
+  is outside the roots of the catalogs the index was built from (``..``, symlinks and crafted metadata
+  included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.batcher import MicroBatcher
+from app.indexing import IndexBuilder
+from app.requests import RequestRefused, check_text, file_size, normalise_filters, number, translate
+from app.sources import SourceGuard
+from vitrine.errors import FingerprintMismatch, ImageDecodeError, VitrineError
+from vitrine.metrics import Metrics
+from vitrine.search import Searcher, SearchLimits
+from vitrine.store import IndexStore
+from vitrine.workspace import open_searcher
+
+log = logging.getLogger("vitrine.app")
+
+ENDPOINTS = ("search_text", "search_image", "search", "more_like")
+
+
+@dataclass
+class ServiceSettings:
+    """Knobs of one running service (the CLI fills these from flags and ``VITRINE_*``)."""
+
+    index: str
+    model: str | None = None
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_text_chars: int = 1000
+    max_k: int = 100
+    max_upload_mb: float = 20.0
+    max_pixels: int = 100_000_000
+    refresh_seconds: float = 2.0
+    max_batch: int = 16
+    batch_wait_ms: float = 2.0
+
+
+class SearchService:
+    """Validated, timed search over one index directory; see the module docstring."""
+
+    def __init__(self, settings: ServiceSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.limits = SearchLimits(max_text_chars=settings.max_text_chars, max_k=settings.max_k)
+        self._searcher: Searcher | None = None
+        self._swap_lock = threading.Lock()
+        # Model calls go through one MicroBatcher per modality (batched, and serialised as fast tokenizers
+        # need); decoding runs in the request threads, at most one per core at a time (memory: a
+        # 50-megapixel upload decodes to 150 MB).
+        self._batchers: dict[int, tuple[MicroBatcher, MicroBatcher]] = {}
+        self._decode_slots = threading.BoundedSemaphore(max(1, len(os.sched_getaffinity(0))))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.guard = SourceGuard(max_pixels=settings.max_pixels)
+        self.builder = IndexBuilder(settings.index, settings.model, settings.encoder_kwargs)
+        self.load_error: str | None = None
+        self._info: dict[str, Any] = {}
+        self._try_open()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def searcher(self) -> Searcher | None:
+        return self._searcher
+
+    @property
+    def ready(self) -> bool:
+        return self._searcher is not None
+
+    def _try_open(self) -> None:
+        """Open the index if it exists; a missing index is a normal state (the page explains it)."""
+        if not IndexStore.exists(self.settings.index):
+            return
+        try:
+            searcher = open_searcher(
+                self.settings.index, self.settings.model, self.limits, **self._encoder_kwargs()
+            )
+        except VitrineError as exc:
+            self.load_error = str(exc)
+            log.error("cannot open index %s: %s", self.settings.index, exc)
+            return
+        self._install(searcher)
+
+    def _encoder_kwargs(self) -> dict[str, Any]:
+        return {**self.settings.encoder_kwargs, "max_pixels": self.settings.max_pixels}
+
+    def _install(self, searcher: Searcher) -> None:
+        encoder = searcher.encoder
+        if id(encoder) not in self._batchers:
+            size, wait = self.settings.max_batch, self.settings.batch_wait_ms
+            sizes = self.metrics.batch_size
+            self._batchers[id(encoder)] = (
+                MicroBatcher(encoder.encode_texts, max_batch=size, max_wait_ms=wait, name="text-batcher",
+                             on_batch=sizes.labels("text").observe),
+                MicroBatcher(lambda px: encoder.encode_pixels(torch.cat(px)), max_batch=size,
+                             max_wait_ms=wait, name="image-batcher", on_batch=sizes.labels("image").observe),
+            )  # fmt: skip
+        with self._swap_lock:
+            old, self._searcher = self._searcher, searcher
+        self.load_error = None
+        self.guard.forget()
+        self.metrics.set_model(searcher.encoder.fingerprint.get("model", ""), searcher.model_version)
+        self._publish_index()
+        if old is not None and old.store is not searcher.store:
+            old.store.close()
+        if old is not None and old.encoder is not encoder:  # a new model: retire the old batchers later,
+            retired = self._batchers.pop(id(old.encoder), ())  # once requests in flight are answered
+            for batcher in retired:
+                threading.Timer(60, batcher.close).start()
+
+    def _publish_index(self) -> None:
+        """Refresh the cached identity (per-request results must not run COUNT(*) over the index)."""
+        searcher = self._searcher
+        if searcher is not None:
+            stats = searcher.store.stats()
+            self.metrics.set_index(stats["count"], str(stats["generation"]), str(stats["model"]))
+            self._info = {
+                "model": searcher.encoder.fingerprint.get("model"),
+                "model_version": searcher.model_version,
+                "generation": stats["generation"],
+                "count": stats["count"],
+            }
+
+    def refresh(self) -> bool:
+        """Pick up index changes now; True when something changed. Never raises (the old state stays)."""
+        searcher = self._searcher
+        try:
+            if searcher is None:
+                self._try_open()
+                changed = self._searcher is not None
+            else:
+                changed = searcher.store.refresh()
+                if changed:
+                    self.guard.forget()
+                    self._publish_index()
+        except FingerprintMismatch:
+            log.info("index now uses another model: loading it")
+            self._searcher_for_new_model()
+            changed = True
+        except (VitrineError, OSError) as exc:
+            log.warning("index refresh failed (still serving the previous state): %s", exc)
+            return False
+        if changed:
+            self.metrics.refreshes.inc()
+        return changed
+
+    def _searcher_for_new_model(self) -> None:
+        try:
+            searcher = open_searcher(self.settings.index, None, self.limits, **self._encoder_kwargs())
+        except VitrineError as exc:
+            log.error("cannot load the new generation's model (still serving the old one): %s", exc)
+            return
+        self._install(searcher)
+
+    def start(self) -> None:
+        """Start the refresh thread (idempotent)."""
+        if self._thread is None and self.settings.refresh_seconds > 0:
+            self._thread = threading.Thread(target=self._refresh_loop, name="index-refresh", daemon=True)
+            self._thread.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.settings.refresh_seconds):
+            self.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._searcher is not None:
+            self._searcher.store.close()
+        for pair in self._batchers.values():
+            for batcher in pair:
+                batcher.close()
+
+    # ------------------------------------------------------------------ status
+    def info(self) -> dict[str, Any]:
+        """Model and index identity shown on the page and returned with every result."""
+        if self._searcher is None:
+            return {"model": None, "model_version": None, "generation": None, "count": 0}
+        return dict(self._info)
+
+    def health(self) -> dict[str, Any]:
+        """Body of ``/healthz``: ``ok`` only when both the model and the index are loaded."""
+        searcher = self._searcher
+        body: dict[str, Any] = {
+            "ok": searcher is not None,
+            "index": str(Path(self.settings.index).resolve()),
+            "index_loaded": searcher is not None,
+            "model_loaded": searcher is not None,
+        }
+        if searcher is None:
+            body["reason"] = self.load_error or "no index yet: build one with `python -m indexer build`"
+            return body
+        stats = searcher.store.stats()
+        body.update(
+            model=searcher.encoder.fingerprint.get("model"),
+            model_version=searcher.model_version,
+            generation=stats["generation"],
+            count=stats["count"],
+            vectors=stats["vectors"],
+            failed=stats["failed"],
+        )
+        return body
+
+    def metadata_fields(self) -> dict[str, list[str]]:
+        searcher = self._searcher
+        return searcher.store.metadata_fields() if searcher is not None else {}
+
+    # ------------------------------------------------------------------ search
+    def search_text(self, text: str | None, k: Any = 10, filters: Any = None) -> dict[str, Any]:
+        return self._run(
+            "search_text", lambda s, f, kk: self._query(s, None, text, 1.0, kk, f, True), k, filters
+        )
+
+    def search_image(self, image: Any, k: Any = 10, filters: Any = None) -> dict[str, Any]:
+        return self._run(
+            "search_image",
+            lambda s, f, kk: self._query(s, self._image(s, image, True), None, 0.0, kk, f),
+            k,
+            filters,
+        )
+
+    def search(
+        self, image: Any, text: str | None, weight: Any = 0.5, k: Any = 10, filters: Any = None
+    ) -> dict:
+        def run(s: Searcher, f: dict[str, str], kk: int) -> list:
+            w = number(weight, "weight", float)
+            if not 0.0 <= w <= 1.0:
+                raise RequestRefused("bad_weight", f"weight must be between 0 and 1, got {w}")
+            photo = self._image(s, image, False)
+            if photo is None and not (text or "").strip():
+                raise RequestRefused("empty_query", "give a photo, a text, or both")
+            return self._query(s, photo, text, w, kk, f, photo is None)
+
+        return self._run("search", run, k, filters)
+
+    def more_like(self, key: str | None, k: Any = 10, filters: Any = None) -> dict[str, Any]:
+        def run(s: Searcher, f: dict[str, str], kk: int) -> list:
+            if not key:
+                raise RequestRefused("empty_query", "choose a result to search for more like it")
+            return s.more_like(key, kk, f)
+
+        return self._run("more_like", run, k, filters)
+
+    def _run(
+        self, endpoint: str, work: Callable[[Searcher, dict[str, str], int], list], k: Any, filters: Any
+    ) -> dict:
+        start = time.perf_counter()
+        try:
+            with self.metrics.track(endpoint):
+                searcher = self._searcher
+                if searcher is None:
+                    raise RequestRefused("no_index", self.empty_message())
+                kk = number(k, "k", int)
+                if not 1 <= kk <= self.limits.max_k:
+                    raise RequestRefused("bad_k", f"k must be between 1 and {self.limits.max_k}, got {kk}")
+                hits = translate(lambda: work(searcher, self._filters(searcher, filters), kk))
+        except RequestRefused as exc:
+            log.info("%s error=%s %.1fms: %s", endpoint, exc.reason, _ms(start), exc)
+            raise
+        except Exception as exc:  # a bug must not take the server down, and the client hears about it
+            log.exception("%s failed after %.1fms", endpoint, _ms(start))
+            raise RequestRefused("internal", f"search failed: {type(exc).__name__}") from exc
+        took = _ms(start)
+        log.info("%s ok %.1fms k=%d hits=%d", endpoint, took, kk, len(hits))
+        info = self.info()
+        return {
+            "hits": [h.to_dict() for h in hits],
+            "model": info["model"],
+            "model_version": searcher.model_version,
+            "generation": hits[0].generation if hits else info["generation"],
+            "count": info["count"],
+            "took_ms": round(took, 2),
+        }
+
+    def _query(
+        self, s: Searcher, image: Image.Image | None, text: str | None, weight: float, k: int,
+        filters: dict[str, str], text_only: bool = False,
+    ) -> list:  # fmt: skip
+        has_text = bool((text or "").strip())
+        if text_only or has_text:
+            check_text(text, self.limits.max_text_chars)
+        text_batcher, image_batcher = self._batchers[id(s.encoder)]
+        pending = [] if image is None else [image_batcher.submit(s.encoder.preprocess([image]))]
+        vector = text_batcher(text.strip()) if has_text and text is not None else None
+        if pending:
+            seen = pending[0].result()
+            vector = seen if vector is None else weight * vector + (1.0 - weight) * seen
+            vector = (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
+        return s.by_vector(vector, k, filters)
+
+    def _image(self, s: Searcher, image: Any, required: bool) -> Image.Image | None:
+        """Decode an upload (path, bytes or PIL) with the safety limits, in the request thread."""
+        if image is None or image == "":
+            if required:
+                raise RequestRefused("empty_query", "upload a photo to search with")
+            return None
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        cap = int(self.settings.max_upload_mb * 1024 * 1024)
+        size = len(image) if isinstance(image, bytes) else file_size(image)
+        if size > cap:
+            raise RequestRefused(
+                "upload_too_large",
+                f"the upload is {size / 1e6:.1f} MB; the limit is {self.settings.max_upload_mb:g} MB",
+            )
+        try:
+            with self._decode_slots:
+                return s.encoder.load_image(image)
+        except ImageDecodeError as exc:
+            raise RequestRefused("bad_image", f"cannot read the uploaded image: {exc.reason}") from None
+
+    def _filters(self, searcher: Searcher, filters: Any) -> dict[str, str]:
+        parsed = normalise_filters(filters)
+        if not parsed:
+            return parsed
+        known = searcher.store.metadata_fields()  # cached by the store until the index changes
+        unknown = sorted(set(parsed) - set(known))
+        if unknown:
+            raise RequestRefused(
+                "unknown_filter",
+                f"unknown filter key(s) {', '.join(unknown)}; "
+                f"known keys: {', '.join(sorted(known)) or 'none'}",
+            )
+        return parsed
+
+    # ------------------------------------------------------------------ files and indexing
+    def open_source(self, path: str) -> bytes:
+        """Bytes of a catalog file, only when it lies under a catalog root (RequestRefused otherwise)."""
+        searcher = self._searcher
+        if searcher is None:
+            raise RequestRefused("no_index", self.empty_message())
+        return self.guard.read(path, searcher.store.catalogs())
+
+    def thumbnail(self, path: str, size: int = 320) -> Image.Image | None:
+        """A small RGB picture of a hit, or None when it cannot be shown (missing, refused, undecodable)."""
+        searcher = self._searcher
+        if searcher is None:
+            return None
+        return self.guard.thumbnail(path, searcher.store.catalogs(), size)
+
+    def build_index(self, files: list[str], progress: Callable[[int, int], None] | None = None) -> dict:
+        """Index uploaded images into this service's index (creating it), then load it."""
+        try:
+            report = self.builder.build(files, self._searcher, progress)
+        except VitrineError as exc:
+            raise RequestRefused(getattr(exc, "reason", "build_failed"), str(exc)) from None
+        if self._searcher is None:
+            self._try_open()
+        else:
+            self.refresh()
+        return report
+
+    def empty_message(self) -> str:
+        if self.load_error:
+            return f"the index could not be loaded: {self.load_error}"
+        return (
+            f"no index at {self.settings.index} yet: build one with "
+            f"`python -m indexer build CATALOG --index {self.settings.index}`, "
+            "or add photos under 'Index photos' on the page"
+        )
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

