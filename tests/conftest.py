@@ -65,7 +65,7 @@ def dual_path(models_dir: Path) -> Path:
 def clip_encoder(clip_path: Path):
     from vitrine.encoder import Encoder
 
-    return Encoder.from_pretrained(str(clip_path), device="cpu", batch_size=8)
+    return Encoder.from_pretrained(str(clip_path), device="cpu", batch_size=8, bf16=False)
 
 
 def pattern_image(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:

@@ -11,9 +11,10 @@ with the snapshot, excluded from every search by an id selector, and dropped by 
 :meth:`AnnIndex.rebuild` (requested via :meth:`AnnIndex.needs_rebuild` past :data:`COMPACT_FRACTION`).
 
 ``search_params`` knobs (defaults aim at recall@10 >= 0.95 on clustered, CLIP-like data):
-``nprobe`` IVF lists visited per query, default ``clamp(nlist // 32, 16, 512)`` (~3% of the lists);
-``efSearch`` HNSW query beam, default 128 (never below k; 64 lost ~10 points of recall@10 on hard
-data); ``efConstruction`` HNSW build beam, default 40 (80 doubled build time for +0.3 points);
+``nprobe`` IVF lists visited per query, default ``clamp(nlist // 64, 16, 512)`` (~1.6% of the lists;
+bench/search.py at 1M, IVF2048,SQ8: recall@10 0.981 at 32 vs 0.982 at 64, for ~25% less time);
+``efSearch`` HNSW query beam, default 256 (never below k; at 100k: 64 -> 0.926, 128 -> 0.955, 256 ->
+0.981 recall@10); ``efConstruction`` HNSW build beam, default 40 (80 doubled build time for +0.3 points);
 ``k_factor`` candidates re-ranked per result by refine indexes (``,RFlat`` / ``Refine(...)``),
 default 8 (4 lost ~10 points of recall with PQ).
 """
@@ -33,12 +34,14 @@ from vitrine.errors import StoreError
 #: Auto choice by size, tuned for a 2-core CPU. Up to FLAT_MAX: exact ``Flat`` (a 50k x 512 scan is a
 #: few ms per query and needs no training, so approximation would only cost recall). Up to HNSW_MAX:
 #: ``HNSW32`` (4*dim + ~270 B/vector, no training; inserting costs a few ms per 512-d vector on 2
-#: cores, and 500k x 512 holds ~1.2 GB). Above: ``IVF{nlist},SQ8`` (dim B/vector; recall@10 ~0.95 at
-#: nprobe = nlist/32; k-means on 2 x 39 x nlist samples), nlist 2048 up to SQ8_MAX and 8192 beyond so
+#: cores: 100k in ~80 s and 225k in ~200 s on a busy 2-core box, 1M extrapolated to ~17 min). Past
+#: 200k, IVF2048,SQ8 builds faster, holds 4x less and recalls as well (bench/search.py).
+#: Above: ``IVF{nlist},SQ8`` (dim B/vector; recall@10 ~0.98 at
+#: nprobe = nlist/64; k-means on 2 x 39 x nlist samples), nlist 2048 up to SQ8_MAX and 8192 beyond so
 #: lists stay short. PQ/OPQ are left to explicit requests: unrefined, their recall@10 measured 0.2-0.7
 #: on clustered data, and OPQ took minutes to train even on 20k x 64 here. Encoding the images (~20/s
 #: on 2 cores) dwarfs all of these build times.
-FLAT_MAX, HNSW_MAX, SQ8_MAX = 50_000, 500_000, 5_000_000
+FLAT_MAX, HNSW_MAX, SQ8_MAX = 50_000, 200_000, 5_000_000
 IVF_NLIST_SMALL, IVF_NLIST_LARGE = 2048, 8192
 #: Soft-deleted slots beyond this fraction of the structure make a rebuild worthwhile.
 COMPACT_FRACTION = 0.2
@@ -47,11 +50,15 @@ SHRINK_HYSTERESIS = 0.5
 #: Training sample: at most max(FACTOR x the FAISS minimum, FLOOR) vectors; k-means cost is linear in
 #: it and 2x the minimum of 39 points per centroid gives stable centroids.
 TRAIN_SAMPLE_FACTOR, TRAIN_SAMPLE_FLOOR = 2, 100_000
-DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 128, 40, 8.0
+DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 256, 40, 8.0
 SNAPSHOT_RE = re.compile(r"^index\.(\d+)\.faiss$")
 _PARAM_KEYS = {"nprobe", "efSearch", "efConstruction", "k_factor"}
-_SQ_NAMES = {faiss.ScalarQuantizer.QT_8bit: "SQ8", faiss.ScalarQuantizer.QT_4bit: "SQ4",
-             faiss.ScalarQuantizer.QT_6bit: "SQ6", faiss.ScalarQuantizer.QT_fp16: "SQfp16"}
+_SQ_NAMES = {
+    faiss.ScalarQuantizer.QT_8bit: "SQ8",
+    faiss.ScalarQuantizer.QT_4bit: "SQ4",
+    faiss.ScalarQuantizer.QT_6bit: "SQ6",
+    faiss.ScalarQuantizer.QT_fp16: "SQfp16",
+}
 
 
 def choose_factory(n: int, dim: int) -> str:
@@ -144,8 +151,10 @@ class AnnIndex:
         if self.factory is None:
             return choose_factory(n, self.dim)
         if n < self._min_train:
-            self.fallback_reason = (f"{self.factory!r} needs >= {self._min_train} vectors to train, "
-                                    f"has {n}: exact Flat until then")
+            self.fallback_reason = (
+                f"{self.factory!r} needs >= {self._min_train} vectors to train, "
+                f"has {n}: exact Flat until then"
+            )
             return "Flat"
         return self.factory
 
@@ -241,8 +250,9 @@ class AnnIndex:
             raise ValueError(f"need one non-negative id per vector, got {len(ids)} ids for {len(vectors)}")
         return ids, vectors
 
-    def search(self, queries: np.ndarray, k: int,
-               allowed_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores, ids), both (nq, k); id -1 (score -inf) where fewer exist.
 
         ``allowed_ids`` restricts results to those ids, inside the search (an id selector), so k
@@ -286,8 +296,11 @@ class AnnIndex:
             keep += [bitmap, faiss.IDSelectorBitmap(len(view), faiss.swig_ptr(bitmap))]
             inner.sel = keep[-1]  # the selector holds raw pointers: `keep` keeps their owners alive
         elif allowed is not None or self._n_deleted:
-            keep.append(faiss.IDSelectorRange(0, 2**62) if allowed is None
-                        else faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed)))
+            keep.append(
+                faiss.IDSelectorRange(0, 2**62)
+                if allowed is None
+                else faiss.IDSelectorBatch(allowed.size, faiss.swig_ptr(allowed))
+            )
             top.sel = keep[-1]
         return top, keep
 
@@ -297,7 +310,7 @@ class AnnIndex:
             params.efSearch = max(int(self.search_params.get("efSearch", DEFAULT_EF_SEARCH)), k)
         elif isinstance(index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF()
-            nprobe = self.search_params.get("nprobe", min(max(index.nlist // 32, 16), 512))
+            nprobe = self.search_params.get("nprobe", min(max(index.nlist // 64, 16), 512))
             params.nprobe = min(int(nprobe), index.nlist)
         else:
             params = faiss.SearchParameters()
@@ -320,7 +333,7 @@ class AnnIndex:
         """Read a snapshot written by :meth:`save`; ``factory`` is the one originally requested."""
         try:
             index = faiss.read_index(str(path))  # already the IndexIDMap2 proxy: no downcast_index,
-        except RuntimeError as exc:             # which would hand back a non-owning proxy
+        except RuntimeError as exc:  # which would hand back a non-owning proxy
             raise StoreError(f"cannot read ANN snapshot {path}: {exc}") from exc
         if not isinstance(index, faiss.IndexIDMap2):
             raise StoreError(f"{path} is not a Vitrine ANN snapshot (no IndexIDMap2)")
@@ -341,8 +354,9 @@ class AnnIndex:
         return size if at == 0 else int(size + (now - at) * size / at)
 
 
-def exact_search(queries: np.ndarray, k: int, ids: np.ndarray, vectors: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    queries: np.ndarray, k: int, ids: np.ndarray, vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-k over a small candidate set, shaped like :meth:`AnnIndex.search`'s answer."""
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     labels = np.full((len(queries), k), -1, dtype=np.int64)
@@ -385,10 +399,12 @@ def _durable_replace(tmp: Path, path: Path) -> None:
 def _check_params(params: dict | None) -> dict:
     params = dict(params or {})
     if set(params) - _PARAM_KEYS:
-        raise ValueError(f"unknown search_params {sorted(set(params) - _PARAM_KEYS)}; "
-                         f"known: {sorted(_PARAM_KEYS)}")
-    bad = {k: v for k, v in params.items()
-           if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+        raise ValueError(
+            f"unknown search_params {sorted(set(params) - _PARAM_KEYS)}; known: {sorted(_PARAM_KEYS)}"
+        )
+    bad = {
+        k: v for k, v in params.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+    }
     if bad:
         raise ValueError(f"search_params must be positive numbers, got {bad}")
     return params

@@ -172,7 +172,11 @@ class Encoder:
     Knobs: ``batch_size`` trades memory for throughput; ``num_workers`` threads decode and preprocess
     images while the model runs (Pillow releases the GIL, so this overlaps on CPU too);
     ``draft_size`` lets large JPEGs decode at a reduced DCT scale (part of the fingerprint, since it
-    changes pixels slightly); ``fp16`` (CUDA only) halves memory and time with ~1e-4 cosine error.
+    changes pixels slightly; ``"auto"`` = the processor's input size, ``None`` = off); ``fp16`` (CUDA
+    only) halves memory and time with ~1e-4 cosine error; ``bf16`` (CPU, default on where the CPU has
+    native bf16 matmul: AVX512-BF16 / AMX) runs the model in bfloat16, ~2.3x faster, cosine >= 0.9999
+    to fp32. Preprocessing takes a verified fast path (same Pillow resize, one numpy step) whenever the
+    processor is the resize-shortest-edge + center-crop kind and the path matches it on a probe image.
     """
 
     def __init__(
@@ -186,19 +190,23 @@ class Encoder:
         batch_size: int = 32,
         num_workers: int = 2,
         fp16: bool | None = None,
-        draft_size: int | None = None,
+        bf16: bool | None = None,
+        draft_size: int | str | None = "auto",
         max_pixels: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.kind = towers.model_kind(model)
         half = self.device.type == "cuda" if fp16 is None else fp16 and self.device.type == "cuda"
-        self.dtype = torch.float16 if half else torch.float32
+        cpu = self.device.type == "cpu"
+        brain = cpu and (cpu_has_native_bf16() if bf16 is None else bf16)
+        self.dtype = torch.float16 if half else torch.bfloat16 if brain else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.num_workers = max(1, num_workers)
-        self.draft_size = draft_size
+        self.draft_size = _input_size(image_processor) if draft_size == "auto" else draft_size
+        self._fast = FastPreprocess.verified(image_processor)
         self.max_pixels = max_pixels
         self.dim = int(self.encode_texts(["probe"]).shape[1])
         self.fingerprint = make_fingerprint(
@@ -230,6 +238,11 @@ class Encoder:
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The checkpoint's own processor: resize, crop, rescale to [0,1], normalise with its mean/std."""
+        if self._fast is not None:
+            try:
+                return torch.from_numpy(np.stack([self._fast(im) for im in images]))
+            except ValueError:  # outside the fast path's assumptions: the processor decides
+                pass
         out = self.image_processor(images=list(images), return_tensors="np")
         return torch.from_numpy(np.ascontiguousarray(out["pixel_values"], dtype=np.float32))
 
@@ -331,6 +344,82 @@ class Encoder:
 
 
 _END = object()
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), which oneDNN uses;
+    elsewhere bf16 is emulated and slower than fp32. (torch's ``_is_mkldnn_bf16_supported`` also says
+    True for plain AVX512, so the flags are read directly; non-Linux stays fp32.)"""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _input_size(image_processor: Any) -> int | None:
+    """The side the processor resizes to (shortest edge, else crop/size height): the JPEG draft target."""
+    cfg = image_processor.to_dict()
+    size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
+    side = size.get("shortest_edge") or crop.get("height") or size.get("height")
+    return int(side) if side else None
+
+
+class FastPreprocess:
+    """The CLIP-style Pillow processor's arithmetic (resize shortest edge with the same Pillow call,
+    integer center crop, rescale+normalise folded into one multiply-add) without its PIL->numpy->PIL
+    round trips: 1.5-2x faster. Only built when the processor is of that kind *and* agrees with it to
+    1e-5 on a probe image; otherwise the checkpoint's processor is used."""
+
+    def __init__(self, processor: Any) -> None:
+        cfg = processor.to_dict()
+        size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
+        self.supported = bool(
+            set(size) == {"shortest_edge"}
+            and cfg.get("do_resize", True)
+            and cfg.get("do_center_crop")
+            and set(crop) == {"height", "width"}
+            and cfg.get("do_rescale", True)
+            and cfg.get("do_normalize", True)
+            and not cfg.get("do_pad")
+        )
+        self.short = int(size.get("shortest_edge", 0))
+        self.crop = (int(crop.get("height", 0)), int(crop.get("width", 0)))
+        self.resample = Image.Resampling(int(cfg.get("resample", Image.Resampling.BICUBIC)))
+        std = np.asarray(cfg.get("image_std", (1, 1, 1)), np.float64)
+        mean = np.asarray(cfg.get("image_mean", (0, 0, 0)), np.float64)
+        scale = float(cfg.get("rescale_factor", 1 / 255))
+        self.mul = (scale / std).astype(np.float32)
+        self.add = (-mean / std).astype(np.float32)
+
+    @classmethod
+    def verified(cls, processor: Any, tolerance: float = 1e-5) -> FastPreprocess | None:
+        try:
+            fast = cls(processor)
+            if not fast.supported:
+                return None
+            rng = np.random.default_rng(0)
+            probe = Image.fromarray(rng.integers(0, 256, (301, 457, 3), dtype=np.uint8))
+            want = processor(images=[probe], return_tensors="np")["pixel_values"][0]
+            return fast if float(np.abs(fast(probe) - want).max()) <= tolerance else None
+        except Exception:  # any surprise: the checkpoint's own processor
+            return None
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.short * long / short)
+        new_w, new_h = (self.short, new_long) if width <= height else (new_long, self.short)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), resample=self.resample)
+        crop_h, crop_w = self.crop
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        if top < 0 or left < 0:
+            raise ValueError("image smaller than the crop after resizing")
+        pixels = np.asarray(image)[top : top + crop_h, left : left + crop_w]
+        return np.ascontiguousarray((pixels.astype(np.float32) * self.mul + self.add).transpose(2, 0, 1))
 
 
 def _normalise(feats: torch.Tensor) -> np.ndarray:

@@ -35,7 +35,7 @@ TEXTS = ["a red dress", "two dogs playing in the snow", "x"]
 def test_embeddings_equal_the_models_own_forward(family, request):
     """Parity: encoder output == transformers' full forward (image_embeds/text_embeds) on the processor output."""
     path = request.getfixturevalue(f"{family}_path")
-    encoder = Encoder.from_pretrained(str(path), device="cpu")
+    encoder = Encoder.from_pretrained(str(path), device="cpu", bf16=False)
     model, processor, tokenizer = load_components(str(path))
     padding = "max_length" if family == "siglip" else True
     text_inputs = tokenizer(TEXTS, padding=padding, truncation=True, return_tensors="pt")
@@ -83,7 +83,7 @@ def test_decoded_path_bytes_and_pil_agree(clip_encoder, tmp_path):
 def test_dual_encoder_uses_cls_and_mean_pooling(dual_path):
     """A ViT classifier tower has no trained pooler: Vitrine takes the CLS token; the sentence-transformers
     text tower is mean-pooled. Both checked against a hand computation on transformers' outputs."""
-    encoder = Encoder.from_pretrained(str(dual_path), device="cpu")
+    encoder = Encoder.from_pretrained(str(dual_path), device="cpu", bf16=False)
     model = encoder.model
     assert towers.pooling_of(model) == {"vision": "cls", "text": "mean"}
     pixels = encoder.preprocess(IMAGES)
@@ -128,20 +128,20 @@ def test_real_towers_pool_like_their_reference_implementations(tmp_path):
     np.testing.assert_allclose(ours, reference, atol=1e-4)
     saved = json.loads((tmp_path / "dual" / "config.json").read_text())
     assert saved["vitrine_pooling"] == {"vision": "cls", "text": "mean"}
-    assert Encoder.from_pretrained(str(tmp_path / "dual"), device="cpu").dim == 512
+    assert Encoder.from_pretrained(str(tmp_path / "dual"), device="cpu", bf16=False).dim == 512
 
 
 def test_fingerprint_tracks_weights_and_preprocessing(clip_path, tmp_path):
-    fp = Encoder.from_pretrained(str(clip_path), device="cpu").fingerprint
+    fp = Encoder.from_pretrained(str(clip_path), device="cpu", bf16=False).fingerprint
     assert set(fp) >= {"model", "revision", "processor_hash", "dim", "id"}
-    assert Encoder.from_pretrained(str(clip_path), device="cpu").fingerprint == fp  # deterministic
+    assert Encoder.from_pretrained(str(clip_path), device="cpu", bf16=False).fingerprint == fp  # deterministic
     edited = shutil.copytree(clip_path, tmp_path / "edited")
     # transformers 5 saves the image processor inside processor_config.json; older ones beside it
     config_file = edited / "processor_config.json"
     config = json.loads(config_file.read_text())
     config["image_processor"]["image_mean"] = [0.485, 0.456, 0.406]  # ImageNet stats: another space
     config_file.write_text(json.dumps(config))
-    fp_edited = Encoder.from_pretrained(str(edited), device="cpu").fingerprint
+    fp_edited = Encoder.from_pretrained(str(edited), device="cpu", bf16=False).fingerprint
     assert fp_edited["processor_hash"] != fp["processor_hash"] and fp_edited["id"] != fp["id"]
     assert fp_edited["revision"] == fp["revision"]  # same weights
     drafted = Encoder.from_pretrained(str(clip_path), device="cpu", draft_size=448).fingerprint
@@ -149,8 +149,8 @@ def test_fingerprint_tracks_weights_and_preprocessing(clip_path, tmp_path):
 
 
 def test_fingerprint_differs_for_other_weights(clip_path, clip_path_other):
-    a = Encoder.from_pretrained(str(clip_path), device="cpu").fingerprint
-    b = Encoder.from_pretrained(str(clip_path_other), device="cpu").fingerprint
+    a = Encoder.from_pretrained(str(clip_path), device="cpu", bf16=False).fingerprint
+    b = Encoder.from_pretrained(str(clip_path_other), device="cpu", bf16=False).fingerprint
     assert a["revision"] != b["revision"] and a["id"] != b["id"]
 
 
@@ -179,3 +179,33 @@ def test_stream_reports_bad_items_and_keeps_order(clip_encoder, tmp_path):
     np.testing.assert_allclose(results[0][1], results[2][1], atol=1e-6)
     with pytest.raises(ImageDecodeError):
         clip_encoder.encode_images(items)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4000, 20), (20, 4000), (301, 457), (32, 32), (33, 97)])
+def test_fast_preprocessing_equals_the_checkpoint_processor(clip_path, size):
+    """The verified fast path must give the processor's pixels for every shape, hostile ones included."""
+    from vitrine.encoder import FastPreprocess
+
+    _, processor, _ = load_components(str(clip_path))
+    fast = FastPreprocess.verified(processor)
+    assert fast is not None
+    image = pattern_image(7, size)
+    want = processor(images=[image], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(fast(image), want, atol=1e-5)
+
+
+def test_fast_path_is_refused_for_other_processor_kinds(siglip_path):
+    from vitrine.encoder import FastPreprocess
+
+    _, processor, _ = load_components(str(siglip_path))  # fixed-size resize, no crop
+    assert FastPreprocess.verified(processor) is None
+
+
+def test_bf16_stays_within_cosine_0999_of_fp32(clip_path):
+    """bf16 (the default on CPUs with native bf16) keeps the embedding space: cosine >= 0.999 to fp32."""
+    fp32 = Encoder.from_pretrained(str(clip_path), device="cpu", bf16=False)
+    bf16 = Encoder.from_pretrained(str(clip_path), device="cpu", bf16=True)
+    assert bf16.dtype == torch.bfloat16 and fp32.fingerprint["id"] == bf16.fingerprint["id"]
+    cosines = np.sum(fp32.encode_images(IMAGES) * bf16.encode_images(IMAGES), axis=1)
+    text_cosines = np.sum(fp32.encode_texts(TEXTS) * bf16.encode_texts(TEXTS), axis=1)
+    assert cosines.min() > 0.999 and text_cosines.min() > 0.999
