@@ -210,7 +210,7 @@ class Encoder:
         self.max_pixels = max_pixels
         self.dim = int(self.encode_texts(["probe"]).shape[1])
         self.fingerprint = make_fingerprint(
-            model_id, model, image_processor, tokenizer, {"draft": draft_size}, self.dim
+            model_id, model, image_processor, tokenizer, {"draft": self.draft_size}, self.dim
         )
 
     @classmethod

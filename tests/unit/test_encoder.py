@@ -209,3 +209,10 @@ def test_bf16_stays_within_cosine_0999_of_fp32(clip_path):
     cosines = np.sum(fp32.encode_images(IMAGES) * bf16.encode_images(IMAGES), axis=1)
     text_cosines = np.sum(fp32.encode_texts(TEXTS) * bf16.encode_texts(TEXTS), axis=1)
     assert cosines.min() > 0.999 and text_cosines.min() > 0.999
+
+
+def test_default_draft_resolves_before_fingerprinting(clip_path):
+    """An index records the resolved draft size; reopening with it must give the same fingerprint."""
+    default = Encoder.from_pretrained(str(clip_path), device="cpu")
+    explicit = Encoder.from_pretrained(str(clip_path), device="cpu", draft_size=default.draft_size)
+    assert default.draft_size == 32 and default.fingerprint["id"] == explicit.fingerprint["id"]
