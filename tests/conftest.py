@@ -75,7 +75,9 @@ def pattern_image(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
     y, x = np.mgrid[0:h, 0:w]
     base = rng.uniform(0, 255, 3)
     freq = rng.uniform(0.05, 0.5, 3)
-    img = np.stack([(base[c] + 100 * np.sin(freq[c] * (x + rng.uniform(0, 9) * y))) % 255 for c in range(3)], -1)
+    img = np.stack(
+        [(base[c] + 100 * np.sin(freq[c] * (x + rng.uniform(0, 9) * y))) % 255 for c in range(3)], -1
+    )
     return Image.fromarray(img.astype(np.uint8))
 
 

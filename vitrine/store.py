@@ -303,8 +303,7 @@ class IndexStore:
     def item_states(self, source: str | None = None) -> dict[str, tuple[int, int, str]]:
         """key -> (size, mtime_ns, sha256) in one query, so the indexer can skip unchanged files."""
         sql = "SELECT key, size, mtime_ns, sha256 FROM items" + ("" if source is None else " WHERE source=?")
-        rows = self._conn().execute(sql, () if source is None else (source,))
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+        return {r[0]: r[1:] for r in self._conn().execute(sql, () if source is None else (source,))}
 
     def vector_for(self, sha256: str) -> np.ndarray | None:
         """The stored embedding of this content, if any (lets the indexer skip re-encoding duplicates)."""
@@ -324,8 +323,7 @@ class IndexStore:
         return item
 
     def keys(self, source: str | None = None) -> set[str]:
-        sql = "SELECT key FROM items" + ("" if source is None else " WHERE source=?")
-        return {r[0] for r in self._conn().execute(sql, () if source is None else (source,))}
+        return set(self.item_states(source))
 
     def failures(self) -> list[dict]:
         """Recorded failures, newest first: key, path, reason, time, source."""

@@ -18,8 +18,9 @@ def run_notebook(name: str, env: dict[str, str], workdir: Path) -> nbformat.Note
     os.environ.update(env)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     try:
-        NotebookClient(notebook, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(workdir)}}).execute()
+        NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+        ).execute()
     finally:
         for key, value in previous.items():
             if value is None:
@@ -31,10 +32,20 @@ def run_notebook(name: str, env: dict[str, str], workdir: Path) -> nbformat.Note
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs(clip_path, photo_folder, tmp_path):
-    notebook = run_notebook("quickstart.ipynb", {
-        "VITRINE_MODEL": str(clip_path), "VITRINE_CATALOG": str(photo_folder),
-        "VITRINE_INDEX": str(tmp_path / "index"),
-    }, tmp_path)
-    images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    notebook = run_notebook(
+        "quickstart.ipynb",
+        {
+            "VITRINE_MODEL": str(clip_path),
+            "VITRINE_CATALOG": str(photo_folder),
+            "VITRINE_INDEX": str(tmp_path / "index"),
+        },
+        tmp_path,
+    )
+    images = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 2  # text and image results were drawn

@@ -33,7 +33,7 @@ TEXTS = ["a red dress", "two dogs playing in the snow", "x"]
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_embeddings_equal_the_models_own_forward(family, request):
-    """Parity: encoder output == transformers' full forward (image_embeds/text_embeds) on the processor output."""
+    """Parity: encoder output == transformers' full forward (image/text_embeds) on the processor output."""
     path = request.getfixturevalue(f"{family}_path")
     encoder = Encoder.from_pretrained(str(path), device="cpu", bf16=False)
     model, processor, tokenizer = load_components(str(path))
@@ -54,7 +54,7 @@ def test_outputs_are_unit_float32(clip_encoder):
 
 
 def test_preprocessing_uses_checkpoint_statistics(clip_encoder):
-    """Pixels are rescaled once and normalised with the checkpoint's CLIP mean/std (not ImageNet, not 0-255)."""
+    """Pixels are rescaled once and normalised with the checkpoint's CLIP mean/std (not ImageNet/0-255)."""
     flat = Image.new("RGB", (64, 64), (200, 100, 50))
     pixels = clip_encoder.preprocess([flat])[0]
     expected = (np.array([200, 100, 50]) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
@@ -122,7 +122,8 @@ def test_real_towers_pool_like_their_reference_implementations(tmp_path):
         pixels = processor(images=IMAGES, return_tensors="pt")["pixel_values"]
         np.testing.assert_allclose(
             model.vision_model(pixel_values=pixels).last_hidden_state[:, 0].numpy(),
-            vit(pixel_values=pixels).last_hidden_state[:, 0].numpy(), atol=1e-5,
+            vit(pixel_values=pixels).last_hidden_state[:, 0].numpy(),
+            atol=1e-5,
         )
     reference = SentenceTransformer(str(text_dir), device="cpu").encode(TEXTS, normalize_embeddings=True)
     np.testing.assert_allclose(ours, reference, atol=1e-4)
@@ -134,7 +135,9 @@ def test_real_towers_pool_like_their_reference_implementations(tmp_path):
 def test_fingerprint_tracks_weights_and_preprocessing(clip_path, tmp_path):
     fp = Encoder.from_pretrained(str(clip_path), device="cpu", bf16=False).fingerprint
     assert set(fp) >= {"model", "revision", "processor_hash", "dim", "id"}
-    assert Encoder.from_pretrained(str(clip_path), device="cpu", bf16=False).fingerprint == fp  # deterministic
+    assert (
+        Encoder.from_pretrained(str(clip_path), device="cpu", bf16=False).fingerprint == fp
+    )  # deterministic
     edited = shutil.copytree(clip_path, tmp_path / "edited")
     # transformers 5 saves the image processor inside processor_config.json; older ones beside it
     config_file = edited / "processor_config.json"

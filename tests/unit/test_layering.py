@@ -47,7 +47,11 @@ def test_every_entry_point_has_main_with_argv():
         main_file = REPO / package / "__main__.py"
         if not main_file.exists():
             continue
-        tree = ast.parse((REPO / package / "cli.py").read_text()) if (REPO / package / "cli.py").exists() else None
+        tree = (
+            ast.parse((REPO / package / "cli.py").read_text())
+            if (REPO / package / "cli.py").exists()
+            else None
+        )
         if tree is None:
             continue
         mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
