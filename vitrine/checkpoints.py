@@ -23,6 +23,11 @@ _SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden": 32, "layers": 2, "heads": 2, "mlp": 64, "image": 32, "patch": 8, "proj": 32},
     "base": {"hidden": 768, "layers": 12, "heads": 12, "mlp": 3072, "image": 224, "patch": 32, "proj": 512},
 }
+# The text tower where it differs from the vision tower (ViT-B/32 CLIP's text transformer is 512 wide).
+_TEXT: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "base": {"hidden_size": 512, "num_attention_heads": 8, "intermediate_size": 2048},
+}
 
 
 def _clip_tokenizer() -> Any:
@@ -58,6 +63,7 @@ def make_clip_checkpoint(out: str | Path, *, size: str = "tiny", seed: int = 0) 
     config = CLIPConfig(
         text_config={
             **common,
+            **_TEXT[size],
             "vocab_size": len(tokenizer),
             "max_position_embeddings": 77,
             "bos_token_id": 0,
