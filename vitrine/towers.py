@@ -48,7 +48,7 @@ def pooling_of(model: nn.Module) -> dict[str, str]:
     return {"vision": chosen.get("vision", "pooler"), "text": chosen.get("text", "pooler")}
 
 
-def _pool(output: Any, how: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def pool(output: Any, how: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
     hidden = output.last_hidden_state
     if how == "cls":
         return hidden[:, 0]
@@ -74,7 +74,7 @@ def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor
     if model_kind(model) != "dual":
         return _features(model.get_image_features(pixel_values=pixel_values))
     out = model.vision_model(pixel_values=pixel_values, return_dict=True)
-    return model.visual_projection(_pool(out, pooling_of(model)["vision"], None))
+    return model.visual_projection(pool(out, pooling_of(model)["vision"], None))
 
 
 def text_features(
@@ -87,7 +87,7 @@ def text_features(
             kwargs["attention_mask"] = attention_mask  # SigLIP was trained without a text mask
         return _features(model.get_text_features(**kwargs))
     out = model.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-    return model.text_projection(_pool(out, pooling_of(model)["text"], attention_mask))
+    return model.text_projection(pool(out, pooling_of(model)["text"], attention_mask))
 
 
 def sentence_transformers_pooling(folder: str | Path) -> str | None:

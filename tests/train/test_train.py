@@ -1,0 +1,172 @@
+"""End-to-end fine-tuning on tiny real towers, through the command line users run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.conftest import FAST, accelerate_launch, run_module, tower_flags, write_pairs
+
+TRAIN = [sys.executable, "-m", "train_contrastive", "train"]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    stdout = run_module([
+        *TRAIN, *tower_flags(towers_dir), *FAST, "--train-data", str(pairs_dir),
+        "--eval-data", str(pairs_dir), "--output", str(out), "--unfreeze-last-n", "1",
+        "--batch-size", "8", "--epochs", "12",
+    ])  # fmt: skip
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["cached"] is True and report["starts"] == {"vision": 1, "text": 1}
+    assert report["train_skipped"] == 1 and report["train_pairs"] == 16  # broken.jpg counted, not fatal
+    losses = [float(r["loss"]) for r in _rows(out / "metrics.csv")]
+    assert sum(losses[-4:]) / 4 < 0.8 * (sum(losses[:4]) / 4), losses
+    before, after = report["recall_before"], report["recall_after"]
+    assert after["t2i"]["R@5"] > before["t2i"]["R@5"] + 10, (before, after)
+    assert "before:" in stdout and (out / "curves.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()
+    assert "## Recall" in card and "| after |" in card and '"lr": 0.001' in card
+
+    # the folder is a plain save_pretrained checkpoint: the serving encoder gives the trained recall
+    from vitrine.catalog import open_catalog
+    from vitrine.encoder import Encoder
+    from vitrine.evaluate import evaluate_catalog
+
+    served = evaluate_catalog(Encoder.from_pretrained(str(out), device="cpu"), open_catalog(pairs_dir))
+    assert served.t2i == pytest.approx(after["t2i"], abs=4.0)  # cache stores float16 activations
+
+    index = tmp_path / "index"
+    build = run_module([sys.executable, "-m", "indexer", "build", str(pairs_dir), "--index", str(index),
+                        "--model", str(out), "--json", "--no-progress", "--device", "cpu"])  # fmt: skip
+    built = json.loads(build.splitlines()[-1])
+    assert built["failed"] >= 1 and built["added"] == 16, built
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(towers_dir, tmp_path) -> None:
+    data = write_pairs(tmp_path / "pairs", copies=2)
+    common = [*tower_flags(towers_dir), *FAST, "--train-data", str(data), "--batch-size", "4",
+              "--epochs", "2", "--unfreeze-last-n", "-1", "--checkpoint-every", "3",
+              "--keep-checkpoints", "5"]  # fmt: skip
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_module([*TRAIN, *common, "--output", str(full)])
+    checkpoint = full / "checkpoints" / "step-0000003"  # mid-epoch: 4 steps per epoch
+    run_module([*TRAIN, *common, "--output", str(resumed), "--resume", str(checkpoint)])
+    a, b = _rows(full / "metrics.csv"), _rows(resumed / "metrics.csv")
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b, strict=True):
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-6, abs=1e-7), (a, b)
+    wa, wb = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
+    from tests.train.conftest import REPO
+
+    run_module([*accelerate_launch(2), "--main_process_port", str(_free_port()),
+                str(REPO / "tests" / "train" / "dist_loss_check.py"), str(tmp_path)],
+               env={"ACCELERATE_USE_CPU": "true"})  # fmt: skip
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 16, generator=generator).requires_grad_(True)
+    texts = torch.randn(8, 16, generator=generator).requires_grad_(True)
+    img, txt = torch.nn.functional.normalize(images, dim=-1), torch.nn.functional.normalize(texts, dim=-1)
+    logits = torch.tensor(2.0).exp() * img @ txt.T
+    labels = torch.arange(8)
+    loss = (
+        torch.nn.functional.cross_entropy(logits, labels)
+        + torch.nn.functional.cross_entropy(logits.T, labels)
+    ) / 2
+    loss.backward()
+    for r, payload in enumerate(ranks):
+        assert payload["world"] == 2 and payload["negatives"] == 7  # 8 - 1: both processes' pairs
+        assert payload["loss"] == pytest.approx(float(loss), rel=1e-5)
+        rows = slice(4 * r, 4 * r + 4)
+        torch.testing.assert_close(
+            torch.tensor(payload["image_grad"]), images.grad[rows], rtol=1e-4, atol=1e-6
+        )
+        torch.testing.assert_close(torch.tensor(payload["text_grad"]), texts.grad[rows], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training(towers_dir, tmp_path) -> None:
+    pairs_dir = write_pairs(tmp_path / "pairs")  # no bad file: every global batch is full
+    out = tmp_path / "out"
+    run_module([*accelerate_launch(2), "--main_process_port", str(_free_port()), "-m", "train_contrastive",
+                "train", *tower_flags(towers_dir), *FAST, "--train-data", str(pairs_dir),
+                "--output", str(out), "--batch-size", "4", "--epochs", "2"],
+               env={"ACCELERATE_USE_CPU": "true"})  # fmt: skip
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["processes"] == 2
+    rows = _rows(out / "metrics.csv")
+    assert rows and all(int(r["negatives"]) == 7 for r in rows)  # 2 processes × 4 pairs - 1
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_config_file_and_wise_alpha_zero_restores_start(towers_dir, tmp_path) -> None:
+    data = write_pairs(tmp_path / "pairs", copies=1)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(
+        f"train-data: {data}\nepochs: 1\nbatch_size: 4\nwise_alpha: 0.0\nunfreeze_last_n: 1\naugment: true\n"
+    )
+    out = tmp_path / "out"
+    run_module([*TRAIN, "--config", str(config), *tower_flags(towers_dir), *FAST, "--output", str(out)])
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["args"]["epochs"] == 1 and report["args"]["wise_alpha"] == 0.0 and report["steps"] == 2
+    assert report["cached"] is False  # augmentation changes pixels every epoch: nothing to cache
+    from transformers import AutoModel
+
+    trained = AutoModel.from_pretrained(out).vision_model.state_dict()
+    start = AutoModel.from_pretrained(towers_dir[0]).state_dict()
+    compared = [k for k in start if "pooler" not in k]
+    assert len(compared) > 10
+    for key in compared:  # the towers trained, and alpha = 0 put every weight back
+        torch.testing.assert_close(trained[key], start[key])
+
+
+def test_early_stopping_on_eval_recall(towers_dir, tmp_path) -> None:
+    data = write_pairs(tmp_path / "pairs", copies=1)
+    out = tmp_path / "out"
+    run_module([*TRAIN, *tower_flags(towers_dir), *FAST, "--train-data", str(data), "--eval-data", str(data),
+                "--output", str(out), "--batch-size", "4", "--epochs", "6", "--patience", "1",
+                "--lr", "0", "--head-lr", "0"])  # fmt: skip
+    report = json.loads((out / "train_report.json").read_text())
+    # nothing can improve with a zero learning rate: the 2nd evaluation is not better, so training stops
+    assert report["stop_reason"].startswith("no better recall") and report["steps"] == 4
+    assert len(_rows(out / "eval.csv")) == 3  # before + 2 epochs
+
+
+def test_errors_are_one_line(towers_dir, tmp_path, capsys) -> None:
+    from train_contrastive.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"no_such_setting": 1}')
+    base = ["train", *tower_flags(towers_dir), "--output", str(tmp_path / "o")]
+    for extra, message in (
+        (["--config", str(bad), "--train-data", "x"], "unknown setting(s)"),
+        (["--train-data", str(tmp_path / "missing.csv")], "catalog not found"),
+        (["--train-data", str(tmp_path), "--batch-size", "1"], "at least 2"),
+    ):
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err

@@ -1,0 +1,87 @@
+"""The model being trained: loading the start, the training forward, saving the result.
+
+:class:`ContrastiveModule` is the one ``nn.Module`` handed to ``accelerator.prepare`` (so DDP sees a
+single forward per step). Its forward returns projected, unnormalised image and text embeddings and
+the log temperature, either through :mod:`vitrine.towers` on pixels and tokens (the serving path) or
+by replaying the top blocks on cached frozen activations (:mod:`.features`), which gives the same
+vectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train_contrastive.features import blocks_of, replay_image_features, replay_text_features, tower_of
+from vitrine import towers
+from vitrine.errors import ModelLoadError
+
+
+def load_start(
+    model: str | None, vision_model: str | None, text_model: str | None, projection_dim: int
+) -> tuple[nn.Module, Any, Any, bool]:
+    """``(model, image_processor, tokenizer, new_heads)``; ``new_heads`` when projections are new."""
+    if vision_model and text_model:
+        try:
+            built = towers.build_dual_encoder(vision_model, text_model, projection_dim=projection_dim)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(
+                f"cannot build a dual encoder from {vision_model} + {text_model}: {exc}"
+            ) from exc
+        return (*built, True)
+    from vitrine.encoder import load_components
+
+    loaded = load_components(str(model))
+    towers.model_kind(loaded[0])  # refuse non-CLIP-family models before any training
+    return (*loaded, False)
+
+
+class ContrastiveModule(nn.Module):
+    """Wraps a CLIP-family model for training; ``starts`` are the first trainable block per tower."""
+
+    def __init__(self, model: nn.Module, starts: dict[str, int], cached: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.starts = starts
+        self.cached = cached
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = self.model
+        if self.cached:
+            images = replay_image_features(m, batch["image_states"], self.starts["vision"])
+            texts = replay_text_features(m, batch["text_states"], batch["text_mask"], self.starts["text"])
+        else:
+            images = towers.image_features(m, batch["pixel_values"])
+            texts = towers.text_features(m, batch["input_ids"], batch["attention_mask"])
+        return images, texts, m.logit_scale
+
+    def train(self, mode: bool = True) -> ContrastiveModule:
+        """Frozen layers stay in eval mode (no dropout): they are a fixed function of the input."""
+        super().train(mode)
+        if mode:
+            for side in ("vision", "text"):
+                tower = tower_of(self.model, side)
+                embeddings = getattr(tower, "embeddings", None)
+                if embeddings is not None and self.starts[side] > 0:
+                    embeddings.eval()
+                for block in blocks_of(tower)[: self.starts[side]]:
+                    block.eval()
+        return self
+
+
+def save_output(model: nn.Module, image_processor: Any, tokenizer: Any, out: Path) -> None:
+    """``save_pretrained`` model + processor + tokenizer, loadable by ``Encoder.from_pretrained``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if towers.model_kind(model) == "dual":
+        from transformers import VisionTextDualEncoderProcessor
+
+        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+            out
+        )
+    else:
+        image_processor.save_pretrained(out)
+        tokenizer.save_pretrained(out)
