@@ -11,7 +11,7 @@ model would be trained on one embedding and served with another. So:
 - the cut is taken with a forward pre-hook on the first trainable block of the model's own forward (the
   activation captured is literally what that block received), and
 - the replay runs those same block modules, then the tower's own final norm, then
-  ``towers._pool`` (the pooling serving uses, reached through its private name on purpose) and the projection.
+  ``towers.pool`` (the very pooling serving uses) and the projection.
 
 Replay is implemented for the tower families whose forward is "embeddings → blocks → final norm":
 ViT/DeiT vision towers and BERT-style text towers (BERT, RoBERTa, MiniLM, the sentence-transformers
