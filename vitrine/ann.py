@@ -21,15 +21,38 @@ default 8 (4 lost ~10 points of recall with PQ).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from vitrine.errors import StoreError
+
+# Searches of at most this many queries run on one FAISS thread: waking an OpenMP team for a single
+# query cost more than it saved next to the text encoder's own threads (text search at 1M vectors, end to
+# end p50/p99 102/191 ms with FAISS threads vs 34/40 ms without; bench/RESULTS.md). Batches keep them all.
+SMALL_QUERY_BATCH = 4
+_DEFAULT_THREADS = faiss.omp_get_max_threads()
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """FAISS OpenMP threads for one call (process-wide, so concurrent calls may briefly share it: a
+    throughput knob only, never a correctness one)."""
+    if n is None:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:  # the process default, not the value seen on entry: interleaved calls cannot ratchet it down
+        faiss.omp_set_num_threads(_DEFAULT_THREADS)
+
 
 #: Auto choice by size, tuned for a 2-core CPU. Up to FLAT_MAX: exact ``Flat`` (a 50k x 512 scan is a
 #: few ms per query and needs no training, so approximation would only cost recall). Up to HNSW_MAX:
@@ -267,7 +290,8 @@ class AnnIndex:
         if not len(queries) or not kk or not self.ntotal or (allowed is not None and not allowed.size):
             return scores, labels
         params, _keep_alive = self._params(kk, allowed)
-        dist, found = self._index.search(queries, kk, params=params)
+        with _threads(1 if len(queries) <= SMALL_QUERY_BATCH else None):
+            dist, found = self._index.search(queries, kk, params=params)
         scores[:, :kk], labels[:, :kk] = np.where(found >= 0, dist, -np.inf), np.where(found >= 0, found, -1)
         return scores, labels
 
