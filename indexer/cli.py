@@ -100,8 +100,8 @@ def _emit(payload: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]
 
 def cmd_build(a: BuildArgs) -> int:
     from tqdm import tqdm
-    from vitrine.catalog import open_catalog
 
+    from vitrine.catalog import open_catalog
     from vitrine.ingest import Ingestor
     from vitrine.workspace import load_encoder, open_for_build
 
