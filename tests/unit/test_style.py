@@ -26,7 +26,9 @@ def _ruff() -> list[str]:
 
 def test_ruff_check_is_clean():
     targets = [p for p in PACKAGES if (REPO / p).exists()]
-    out = subprocess.run([*_ruff(), "check", "--no-cache", *targets], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [*_ruff(), "check", "--no-cache", *targets], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout[-3000:]
 
 
