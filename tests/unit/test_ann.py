@@ -3,10 +3,8 @@ knobs, id filtering, removal, persistence, the too-little-data fallback and the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -15,16 +13,6 @@ from vitrine.ann import AnnIndex, choose_factory, exact_search, min_train_size
 from vitrine.errors import StoreError
 
 DIM = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded_faiss() -> Iterator[None]:
-    """FAISS's OpenMP threads spin-wait when the 2 cores are shared (pytest, other suites): one thread
-    made these tests 4x faster here, with identical results. The library itself keeps all cores."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def normalised(x: np.ndarray) -> np.ndarray:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -19,25 +17,23 @@ DIM = 16
 FP = {"id": "tiny-clip@abc123", "model": "tiny-clip", "dim": DIM}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded_faiss() -> Iterator[None]:
-    """FAISS's OpenMP threads spin-wait when the 2 cores are shared (pytest, other suites): one thread
-    made these tests 4x faster here, with identical results. The library itself keeps all cores."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 def vec(seed: int) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
     return v / np.linalg.norm(v)
 
 
 def item(i: int, *, sha: str | None = None, seed: int | None = None, **meta: object) -> NewItem:
-    return NewItem(key=f"img/{i:03d}.jpg", path=f"/photos/{i:03d}.jpg", sha256=sha or f"sha-{i}",
-                   size=100 + i, mtime_ns=10**9 + i, captions=[f"caption {i}"], metadata=dict(meta),
-                   source="cat", embedding=vec(i if seed is None else seed))
+    return NewItem(
+        key=f"img/{i:03d}.jpg",
+        path=f"/photos/{i:03d}.jpg",
+        sha256=sha or f"sha-{i}",
+        size=100 + i,
+        mtime_ns=10**9 + i,
+        captions=[f"caption {i}"],
+        metadata=dict(meta),
+        source="cat",
+        embedding=vec(i if seed is None else seed),
+    )
 
 
 def top(store: IndexStore, query: np.ndarray, k: int = 5, **filters: str) -> list:
@@ -59,8 +55,11 @@ def test_create_lays_out_the_directory_and_manifest(root: Path) -> None:
     with IndexStore.create(root, FP, factory="HNSW32", search_params={"efSearch": 64}) as s:
         assert s.generation == "gen-000001" and s.dim == DIM and s.fingerprint == FP
         assert (root / "CURRENT").read_text() == "gen-000001"
-        assert {p.name for p in (root / "gen-000001").iterdir()} >= {"manifest.json", "meta.sqlite",
-                                                                      "index.0.faiss"}
+        assert {p.name for p in (root / "gen-000001").iterdir()} >= {
+            "manifest.json",
+            "meta.sqlite",
+            "index.0.faiss",
+        }
     manifest = IndexStore.read_manifest(root)
     assert manifest["format"] == 1 and manifest["metric"] == "ip" and manifest["fingerprint"] == FP
     assert manifest["factory"] == "HNSW32" and manifest["search_params"] == {"efSearch": 64}
@@ -100,8 +99,16 @@ def test_write_then_search_returns_the_item_first(store: IndexStore) -> None:
         assert hit.model == FP["id"] and hit.generation == "gen-000001" and hit.duplicates == []
         assert hit.captions == [f"caption {i}"] and hit.metadata == {"color": "red"}
         assert json.loads(json.dumps(hit.to_dict())) == hit.to_dict()
-        assert set(hit.to_dict()) == {"key", "path", "score", "captions", "metadata", "model", "generation",
-                                      "duplicates"}
+        assert set(hit.to_dict()) == {
+            "key",
+            "path",
+            "score",
+            "captions",
+            "metadata",
+            "model",
+            "generation",
+            "duplicates",
+        }
     many = store.search(np.stack([vec(1), vec(2)]), k=100)
     assert len(many) == 2 and len(many[0]) == 40  # k above the item count is fine
     assert store.get("img/001.jpg")["size"] == 101 and store.get("nope") is None
