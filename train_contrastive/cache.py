@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from train_contrastive.data import ImageCaptionDataset, PairCollator, Pairs, caption_choice, tokenize
+from train_contrastive.data import ImageCaptionDataset, PairCollator, Pairs, caption_choice
 from train_contrastive.features import (
     FeatureCache,
     TextStates,
@@ -32,6 +32,7 @@ from train_contrastive.features import (
     frozen_image_states,
     frozen_text_states,
 )
+from vitrine import towers
 
 
 def cache_key(identity: dict[str, Any], pairs: Pairs, image_processor: Any) -> str:
@@ -58,7 +59,7 @@ def build_cache(
     *,
     batch_size: int,
     num_workers: int,
-    max_length: int,
+    limit: int,
     dtype: torch.dtype,
     device: torch.device,
     progress: Any = None,
@@ -99,7 +100,7 @@ def build_cache(
     pieces: list[torch.Tensor | None] = [None] * len(captions)
     kind = "dual"
     for ids in batched(order, batch_size):
-        tokens = tokenize(tokenizer, [captions[j] for j in ids], kind=kind, max_length=max_length)
+        tokens = towers.tokenize(tokenizer, [captions[j] for j in ids], kind=kind, limit=limit)
         mask = tokens["attention_mask"]
         states = frozen_text_states(model, tokens["input_ids"].to(device), mask.to(device), starts["text"])
         states = states.to("cpu", dtype)

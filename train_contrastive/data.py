@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from vitrine import towers
 from vitrine.catalog import open_catalog, read_source
 from vitrine.errors import CatalogError, ImageDecodeError
 from vitrine.images import decode_image
@@ -81,13 +82,6 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.indices), generator=generator).tolist()
         return iter([self.indices[i] for i in order])
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str], *, kind: str, max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenise as :meth:`vitrine.encoder.Encoder.tokenize` does (SigLIP pads to max length)."""
-    limit = min(max_length, tokenizer.model_max_length or max_length)
-    padding = "max_length" if kind == "siglip" else True
-    return tokenizer(list(texts), padding=padding, truncation=True, max_length=limit, return_tensors="pt")
 
 
 def augment_image(image: Any, rng: np.random.Generator) -> Any:
@@ -156,7 +150,7 @@ class PairCollator:
 
     tokenizer: Any = None
     kind: str = "dual"
-    max_length: int = 64
+    limit: int = 64  # vitrine.towers.text_limit(model, tokenizer, --max-length)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "pixel_values" in it]
@@ -169,8 +163,8 @@ class PairCollator:
         else:
             batch["pixel_values"] = torch.zeros(0)
         if self.tokenizer is not None and good:
-            tokens = tokenize(
-                self.tokenizer, [it["caption"] for it in good], kind=self.kind, max_length=self.max_length
+            tokens = towers.tokenize(
+                self.tokenizer, [it["caption"] for it in good], kind=self.kind, limit=self.limit
             )
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))

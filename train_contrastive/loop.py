@@ -184,7 +184,8 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
                     lambda pairs=pairs: build_cache(
                         model, pairs, image_processor, tokenizer, starts,
                         batch_size=args.eval_batch_size, num_workers=args.num_workers,
-                        max_length=args.max_length, dtype=getattr(torch, args.cache_dtype),
+                        limit=towers.text_limit(model, tokenizer, args.max_length),
+                        dtype=getattr(torch, args.cache_dtype),
                         device=device, progress=bar.update,  # noqa: B023 - called at once
                     ),
                 )  # fmt: skip
@@ -200,7 +201,7 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
     else:
         usable = list(range(len(train_pairs)))
         dataset = ImageCaptionDataset(train_pairs, image_processor, seed=args.seed, augment=args.augment)
-        collator = PairCollator(tokenizer, kind, args.max_length)
+        collator = PairCollator(tokenizer, kind, towers.text_limit(model, tokenizer, args.max_length))
         workers = args.num_workers
     batch_size = min(args.batch_size, len(usable) // world)
     if batch_size < 2:

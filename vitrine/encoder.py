@@ -319,12 +319,9 @@ class Encoder:
 
     # -- texts --------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise as the model was trained: SigLIP pads to max length; CLIP truncates at 77 tokens."""
-        limit = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", None)
-        limit = min(limit or 512, self.tokenizer.model_max_length or 512)
-        padding = "max_length" if self.kind == "siglip" else True
-        return self.tokenizer(
-            list(texts), padding=padding, truncation=True, max_length=limit, return_tensors="pt"
+        """Tokenise as the model was trained (the rule lives in :func:`vitrine.towers.tokenize`)."""
+        return towers.tokenize(
+            self.tokenizer, texts, kind=self.kind, limit=towers.text_limit(self.model, self.tokenizer)
         )
 
     @torch.inference_mode()

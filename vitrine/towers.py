@@ -18,6 +18,7 @@ the encoder at index and query time *and* by contrastive training, so the two ca
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,27 @@ def text_features(
         return _features(model.get_text_features(**kwargs))
     out = model.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
     return model.text_projection(pool(out, pooling_of(model)["text"], attention_mask))
+
+
+def text_limit(model: nn.Module, tokenizer: Any, max_length: int | None = None) -> int:
+    """Tokens kept per text: what both the text tower and the tokenizer accept.
+
+    ``max_length`` may shorten it (training keeps captions short for speed), except for SigLIP, which
+    was trained on texts padded to its full length: its padding is part of the input.
+    """
+    positions = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", None)
+    limit = min(positions or 512, tokenizer.model_max_length or 512)
+    if max_length and model_kind(model) != "siglip":
+        limit = min(limit, max_length)
+    return limit
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], *, kind: str, limit: int) -> dict[str, torch.Tensor]:
+    """Tokenise as the model was trained, for serving and training alike: SigLIP pads to ``limit``,
+    the others to the batch's longest text; everything is truncated at ``limit`` (see :func:`text_limit`).
+    Takes the model's ``kind`` rather than the model so DataLoader workers need not receive it."""
+    padding = "max_length" if kind == "siglip" else True
+    return tokenizer(list(texts), padding=padding, truncation=True, max_length=limit, return_tensors="pt")
 
 
 def sentence_transformers_pooling(folder: str | Path) -> str | None:
