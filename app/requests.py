@@ -62,21 +62,9 @@ def translate(call: Callable[[], list]) -> list:
     except ImageDecodeError as exc:
         raise RequestRefused("bad_image", f"cannot read the uploaded image: {exc.reason}") from None
     except QueryError as exc:
-        raise RequestRefused("bad_query", str(exc)) from None
+        raise RequestRefused(exc.reason, str(exc)) from None
     except StoreError as exc:
         raise RequestRefused("index_unavailable", str(exc)) from None
-
-
-def check_text(text: str | None, limit: int) -> None:
-    stripped = (text or "").strip()
-    if not stripped:
-        raise RequestRefused(
-            "empty_query", "the text query is empty: type a description such as 'a red dress'"
-        )
-    if len(stripped) > limit:
-        raise RequestRefused(
-            "text_too_long", f"the text query is {len(stripped)} characters long; the limit is {limit}"
-        )
 
 
 def number(value: Any, name: str, kind: type) -> Any:

@@ -25,17 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from app.batcher import MicroBatcher
 from app.indexing import IndexBuilder
-from app.requests import RequestRefused, check_text, file_size, normalise_filters, number, translate
+from app.requests import RequestRefused, file_size, normalise_filters, number, translate
 from app.sources import SourceGuard
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, VitrineError
 from vitrine.metrics import Metrics
-from vitrine.search import Searcher, SearchLimits
+from vitrine.search import Searcher, SearchLimits, check_k, check_text, check_weight, mix
 from vitrine.store import IndexStore
 from vitrine.workspace import open_searcher
 
@@ -249,8 +248,7 @@ class SearchService:
     ) -> dict:
         def run(s: Searcher, f: dict[str, str], kk: int) -> list:
             w = number(weight, "weight", float)
-            if not 0.0 <= w <= 1.0:
-                raise RequestRefused("bad_weight", f"weight must be between 0 and 1, got {w}")
+            check_weight(w)
             photo = self._image(s, image, False)
             if photo is None and not (text or "").strip():
                 raise RequestRefused("empty_query", "give a photo, a text, or both")
@@ -276,9 +274,12 @@ class SearchService:
                 if searcher is None:
                     raise RequestRefused("no_index", self.empty_message())
                 kk = number(k, "k", int)
-                if not 1 <= kk <= self.limits.max_k:
-                    raise RequestRefused("bad_k", f"k must be between 1 and {self.limits.max_k}, got {kk}")
-                hits = translate(lambda: work(searcher, self._filters(searcher, filters), kk))
+
+                def checked() -> list:
+                    check_k(kk, self.limits)
+                    return work(searcher, self._filters(searcher, filters), kk)
+
+                hits = translate(checked)
         except RequestRefused as exc:
             log.info("%s error=%s %.1fms: %s", endpoint, exc.reason, _ms(start), exc)
             raise
@@ -303,15 +304,11 @@ class SearchService:
     ) -> list:  # fmt: skip
         has_text = bool((text or "").strip())
         if text_only or has_text:
-            check_text(text, self.limits.max_text_chars)
+            text = check_text(text, self.limits)
         text_batcher, image_batcher = self._batchers[id(s.encoder)]
         pending = [] if image is None else [image_batcher.submit(s.encoder.preprocess([image]))]
-        vector = text_batcher(text.strip()) if has_text and text is not None else None
-        if pending:
-            seen = pending[0].result()
-            vector = seen if vector is None else weight * vector + (1.0 - weight) * seen
-            vector = (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
-        return s.by_vector(vector, k, filters)
+        vector = text_batcher(text) if has_text and text is not None else None
+        return s.by_vector(mix(vector, pending[0].result() if pending else None, weight), k, filters)
 
     def _image(self, s: Searcher, image: Any, required: bool) -> Image.Image | None:
         """Decode an upload (path, bytes or PIL) with the safety limits, in the request thread."""

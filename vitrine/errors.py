@@ -53,7 +53,15 @@ class FingerprintMismatch(StoreError):
 
 
 class QueryError(VitrineError):
-    """A search request is invalid (empty text, unknown filter key, bad k)."""
+    """A search request is invalid (empty text, unknown filter key, bad k).
+
+    ``reason`` is a short stable label (``empty_query``, ``text_too_long``, ``bad_k``, ``bad_weight``…)
+    that services count errors by; the message is for people.
+    """
+
+    def __init__(self, message: str, reason: str = "bad_query") -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 def _describe(fp: dict) -> str:

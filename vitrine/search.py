@@ -46,14 +46,7 @@ class Searcher:
 
     def text_vector(self, text: str) -> np.ndarray:
         """Normalised query embedding for a text (validated)."""
-        text = (text or "").strip()
-        if not text:
-            raise QueryError("the text query is empty: type a description such as 'a red dress'")
-        if len(text) > self.limits.max_text_chars:
-            raise QueryError(
-                f"the text query is {len(text)} characters long; the limit is {self.limits.max_text_chars}"
-            )
-        return self.encoder.encode_texts([text])[0]
+        return self.encoder.encode_texts([check_text(text, self.limits)])[0]
 
     def image_vector(self, image: ImageInput) -> np.ndarray:
         """Normalised query embedding for an image; undecodable input raises ImageDecodeError."""
@@ -64,17 +57,12 @@ class Searcher:
 
         Both embeddings are unit vectors, so the weighted sum is re-normalised to compare by cosine.
         """
-        if not 0.0 <= weight <= 1.0:
-            raise QueryError(f"weight must be between 0 and 1, got {weight}")
+        check_weight(weight)
         has_text = bool(text and text.strip())
         if image is None and not has_text:
-            raise QueryError("give a photo, a text, or both")
-        if image is None:
-            return self.text_vector(text or "")
-        if not has_text:
-            return self.image_vector(image)
-        mixed = weight * self.text_vector(text or "") + (1.0 - weight) * self.image_vector(image)
-        return (mixed / max(float(np.linalg.norm(mixed)), 1e-12)).astype(np.float32)
+            raise QueryError("give a photo, a text, or both", "empty_query")
+        text_vec = self.text_vector(text or "") if has_text else None
+        return mix(text_vec, None if image is None else self.image_vector(image), weight)
 
     def by_vector(self, vector: np.ndarray, k: int = 10, filters: dict[str, str] | None = None) -> list[Hit]:
         self._check_k(k)
@@ -110,8 +98,41 @@ class Searcher:
         return self.by_vector(vectors[0], k, filters)
 
     def _check_k(self, k: Any) -> None:
-        if not isinstance(k, int | np.integer) or not 1 <= int(k) <= self.limits.max_k:
-            raise QueryError(f"k must be an integer between 1 and {self.limits.max_k}, got {k!r}")
+        check_k(k, self.limits)
+
+
+def check_text(text: str | None, limits: SearchLimits) -> str:
+    """The stripped query text, or QueryError: the rule every caller (Searcher, web service) applies."""
+    text = (text or "").strip()
+    if not text:
+        raise QueryError("the text query is empty: type a description such as 'a red dress'", "empty_query")
+    if len(text) > limits.max_text_chars:
+        raise QueryError(
+            f"the text query is {len(text)} characters long; the limit is {limits.max_text_chars}",
+            "text_too_long",
+        )
+    return text
+
+
+def check_k(k: Any, limits: SearchLimits) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= int(k) <= limits.max_k:
+        raise QueryError(f"k must be between 1 and {limits.max_k}, got {k!r}", "bad_k")
+
+
+def check_weight(weight: float) -> None:
+    if not 0.0 <= weight <= 1.0:
+        raise QueryError(f"weight must be between 0 and 1, got {weight}", "bad_weight")
+
+
+def mix(text_vec: np.ndarray | None, image_vec: np.ndarray | None, weight: float) -> np.ndarray:
+    """``weight`` is the text's share: both are unit vectors, so the weighted sum is re-normalised to
+    compare by cosine. Either may be missing (then the other is the query)."""
+    if text_vec is None or image_vec is None:
+        vec = text_vec if image_vec is None else image_vec
+        assert vec is not None, "mix needs at least one vector"
+        return vec
+    mixed = weight * text_vec + (1.0 - weight) * image_vec
+    return (mixed / max(float(np.linalg.norm(mixed)), 1e-12)).astype(np.float32)
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
