@@ -94,10 +94,12 @@ def make_fingerprint(
     return fp
 
 
-def _load_components(name: str, revision: str | None) -> tuple[Any, Any, Any]:
+def _load_components(name: str, revision: str | None, cache_only: bool = False) -> tuple[Any, Any, Any]:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+    if cache_only:
+        kwargs["local_files_only"] = True
     model = AutoModel.from_pretrained(name, **kwargs)
     try:
         image_processor = AutoImageProcessor.from_pretrained(name, backend="pil", **kwargs)
@@ -130,24 +132,12 @@ def load_components(name: str, revision: str | None = None) -> tuple[Any, Any, A
     if local.is_dir():
         return _guarded(name, "local folder", lambda: _load_components(str(local), revision))
     try:
-        return _load_components_cached(name, revision)
+        return _load_components(name, revision, cache_only=True)
     except (OSError, ValueError, KeyError):
         pass
     if not hub_reachable():
         raise ModelLoadError(_offline_message(name, "the Hugging Face Hub is not reachable from here"))
     return _guarded(name, "Hugging Face Hub", lambda: _load_components(name, revision))
-
-
-def _load_components_cached(name: str, revision: str | None) -> tuple[Any, Any, Any]:
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return _load_components(name, revision)
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def _guarded(name: str, where: str, load: Callable[[], tuple[Any, Any, Any]]) -> tuple[Any, Any, Any]:
