@@ -21,9 +21,8 @@ from typing import Any
 from vitrine.catalog import open_catalog
 from vitrine.errors import VitrineError
 from vitrine.images import IMAGE_EXTENSIONS
-from vitrine.ingest import Ingestor
 from vitrine.search import Searcher
-from vitrine.workspace import load_encoder, open_for_build
+from vitrine.workspace import load_encoder, open_for_build, run_build
 
 
 class BuildRefused(VitrineError):
@@ -67,7 +66,7 @@ class IndexBuilder:
 
             store = open_for_build(self.index, encoder)
             try:
-                report = Ingestor(store, encoder, progress=step).run(catalog)
+                report = run_build(store, encoder, catalog, progress=step)
             finally:
                 store.close()
             return {**report.to_dict(), "folder": str(folder)}

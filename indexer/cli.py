@@ -5,6 +5,7 @@
     python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--filter key=value] [--json]
     python -m indexer remove --index DIR PATH...
     python -m indexer towers --vision-model V --text-model T --output DIR
+    python -m indexer drift --index DIR [--window 24h] [--sample CATALOG] [--model M] [--json]
 
 Exit status: 0 on success (a build that recorded some bad files still succeeded), 1 with a one-line
 ``error: ...`` on stderr for fatal problems, 2 for usage errors.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from indexer.drift import DriftArgs, cmd_drift
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_args, quiet_libraries
 from vitrine.errors import VitrineError
 
@@ -102,17 +104,16 @@ def cmd_build(a: BuildArgs) -> int:
     from tqdm import tqdm
 
     from vitrine.catalog import open_catalog
-    from vitrine.ingest import Ingestor
-    from vitrine.workspace import load_encoder, open_for_build
+    from vitrine.workspace import load_encoder, open_for_build, run_build
 
     catalog = open_catalog(a.catalog, image_column=a.image_column, caption_column=a.caption_column)
     encoder = load_encoder(a.index, a.model, **a.encoder_kwargs())
     store = open_for_build(a.index, encoder, factory=a.factory)
     bar = tqdm(total=len(catalog), unit="img", disable=not a.progress, file=sys.stderr, desc="indexing")
     try:
-        report = Ingestor(
-            store, encoder, commit_every=a.commit_every, prune=a.prune, progress=bar.update
-        ).run(catalog)
+        report = run_build(
+            store, encoder, catalog, commit_every=a.commit_every, prune=a.prune, progress=bar.update
+        )
     finally:
         bar.close()
         store.close()
@@ -130,11 +131,9 @@ def cmd_build(a: BuildArgs) -> int:
 
 def status_payload(index: str) -> dict[str, Any]:
     from vitrine.store import IndexStore
+    from vitrine.workspace import require_index
 
-    if not IndexStore.exists(index):
-        raise VitrineError(
-            f"no index at {index!r}: create one with `python -m indexer build CATALOG --index DIR`"
-        )
+    require_index(index)
     store = IndexStore.open(index)
     try:
         stats = store.stats()
@@ -232,6 +231,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "search": (SearchArgs, cmd_search),
     "remove": (RemoveArgs, cmd_remove),
     "towers": (TowersArgs, cmd_towers),
+    "drift": (DriftArgs, cmd_drift),
 }
 
 

@@ -61,6 +61,25 @@ class EncoderSettings:
         return {"device": self.device, "batch_size": self.batch_size, "num_workers": self.num_workers}
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``15m``, ``1h`` or ``2d`` (how ``--window`` and ``--every`` read).
+
+    Raises ValueError naming the accepted forms.
+    """
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:]) if value else None
+    try:
+        seconds = float(value[:-1] if unit else value) * (unit or 1.0)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"invalid duration {text!r}: use a positive number with s, m, h or d (e.g. 1h)")
+    return seconds
+
+
 def quiet_libraries() -> None:
     """Silence transformers' load reports and progress bars (entry points call this once)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -7,14 +7,27 @@ mixing embedding spaces.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
+from vitrine import reference
+from vitrine.catalog import Catalog
 from vitrine.encoder import DEFAULT_MODEL, Encoder
 from vitrine.errors import StoreError
+from vitrine.ingest import BuildReport, Ingestor
+from vitrine.journal import IngestSampler, Journal
 from vitrine.search import Searcher, SearchLimits
 from vitrine.store import IndexStore
+
+
+def require_index(index: str | Path) -> None:
+    """StoreError telling how to create an index when there is none at ``index``."""
+    if not IndexStore.exists(index):
+        raise StoreError(
+            f"no index at {str(index)!r}: create one with `python -m indexer build CATALOG --index DIR`"
+        )
 
 
 def index_model(index: str | Path) -> tuple[str, dict[str, Any]] | None:
@@ -56,10 +69,26 @@ def open_searcher(
     index: str | Path, model: str | None = None, limits: SearchLimits | None = None, **encoder_kwargs: Any
 ) -> Searcher:
     """Read-only Searcher over an existing index with its own model."""
-    if not IndexStore.exists(index):
-        raise StoreError(
-            f"no index at {str(index)!r}: create one with `python -m indexer build CATALOG --index DIR`"
-        )
+    require_index(index)
     encoder = load_encoder(index, model, **encoder_kwargs)
     store = IndexStore.open(index, expected_fingerprint=encoder.fingerprint)
     return Searcher(encoder, store, limits)
+
+
+def run_build(store: IndexStore, encoder: Encoder, catalog: Catalog, **options: Any) -> BuildReport:
+    """One :class:`Ingestor` run (``options`` are its knobs) plus the drift bookkeeping around it.
+
+    A generation's first complete build becomes its reference sample; later builds into it (new
+    batches) are sampled into the drift journal as ``ingest`` rows, which ``drift`` compares with
+    that reference. Journal trouble never fails a build.
+    """
+    has_reference = reference.load(store.root, store.generation) is not None
+    model = str(store.fingerprint.get("id"))
+    sampler = IngestSampler(Journal(store.root), store.generation, model) if has_reference else None
+    report = Ingestor(store, encoder, on_commit=sampler, **options).run(catalog)
+    if sampler is not None:
+        with contextlib.suppress(StoreError):
+            sampler.close()
+    elif report.count:
+        reference.capture(store)
+    return report
