@@ -52,6 +52,22 @@ class FingerprintMismatch(StoreError):
         )
 
 
+class ReindexError(VitrineError):
+    """A reindex job or a rollback cannot run (nothing to roll back to, no catalogs recorded, bad knob)."""
+
+
+class ValidationFailed(ReindexError):
+    """A reindexed generation failed a check and was not published; the live generation is untouched.
+
+    ``report`` is the job's :class:`vitrine.reindex.ReindexReport` (with the numbers of every check),
+    so callers can print or log it; the built generation stays on disk for inspection until the next job.
+    """
+
+    def __init__(self, message: str, report: object) -> None:
+        self.report = report
+        super().__init__(message)
+
+
 class QueryError(VitrineError):
     """A search request is invalid (empty text, unknown filter key, bad k).
 

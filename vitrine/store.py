@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sqlite3
 import threading
 import time
@@ -32,8 +31,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from vitrine import indexdir
-from vitrine.ann import AnnIndex, exact_search, snapshots, write_atomic
+from vitrine import generations, indexdir
+from vitrine.ann import AnnIndex, exact_search, snapshots
 from vitrine.errors import FingerprintMismatch, QueryError, StoreError
 from vitrine.indexdir import Failure, NewItem
 from vitrine.query import Hit, assemble_hits, check_queries, filter_sql
@@ -103,47 +102,42 @@ class IndexStore:
         *,
         factory: str | None = None,
         search_params: dict | None = None,
+        resume: Callable[[Path], str | None] | None = None,
     ) -> IndexStore:
         """Start the next generation beside the live one (a reindex); readers see it after :meth:`publish`.
 
-        It holds the writer lock, so incremental indexing waits until the reindex is done.
+        It holds the writer lock, so incremental indexing waits until the reindex is done. ``resume``
+        runs under that lock and may name an unpublished generation to continue instead of a new one
+        (a resumable reindex job; it may also delete stale ones).
         """
-        return cls._start(Path(root), fingerprint, factory, search_params, require_new=False)
+        return cls._start(Path(root), fingerprint, factory, search_params, require_new=False, resume=resume)
 
     @classmethod
     def _start(
-        cls, root: Path, fingerprint: dict, factory: str | None, search_params: dict | None, require_new: bool
+        cls,
+        root: Path,
+        fingerprint: dict,
+        factory: str | None,
+        search_params: dict | None,
+        require_new: bool,
+        resume: Callable[[Path], str | None] | None = None,
     ) -> IndexStore:
-        dim = fingerprint.get("dim") if isinstance(fingerprint, dict) else None
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1 or not fingerprint.get("id"):
-            raise StoreError(f"fingerprint needs a non-empty 'id' and a positive int 'dim': {fingerprint!r}")
+        lock, name = generations.start(root, fingerprint, factory, search_params, require_new, resume)
         try:
-            AnnIndex(dim, factory, search_params)
-            root.mkdir(parents=True, exist_ok=True)
-        except (ValueError, OSError) as exc:
-            raise StoreError(f"cannot create index at {root}: {exc}") from exc
-        lock = indexdir.acquire_lock(root)
-        try:
-            if require_new and (root / "CURRENT").exists():
-                raise StoreError(f"an index already exists at {root}; open it or choose another folder")
-            name = indexdir.new_generation(root, fingerprint, factory, search_params)
             return cls(root, name, writable=True, lock_fd=lock, expected=None)
         except BaseException:
             indexdir.release_lock(lock)
             raise
 
-    def publish(self) -> None:
+    def publish(self, keep: int = 2) -> None:
         """Flush, then make this generation the live one by replacing CURRENT atomically.
 
-        The generation it replaces is kept for readers that have not refreshed yet; older ones and
-        leftovers of interrupted builds are deleted.
+        The last ``keep`` published generations stay (at least the one it replaces, for readers that
+        have not refreshed yet, and for rollback); older ones and leftovers of interrupted builds are
+        deleted (:mod:`vitrine.generations`).
         """
         self.flush()
-        previous = indexdir.read_current(self.root) if (self.root / "CURRENT").exists() else None
-        write_atomic(self.root / "CURRENT", self.generation.encode())
-        for path in self.root.iterdir():
-            if indexdir.GEN_RE.match(path.name) and path.name not in (self.generation, previous):
-                shutil.rmtree(path, ignore_errors=True)
+        generations.publish(self.root, self.generation, keep)
 
     @classmethod
     def open(
@@ -472,13 +466,14 @@ class IndexStore:
                 conn.execute("UPDATE state SET value=value+1 WHERE name='seq'")
             self._gen.seq += 1
 
-    def flush(self) -> None:
+    def flush(self, retrain: bool = False) -> None:
         """Save the FAISS snapshot for the current seq atomically (retraining first when the ANN asks
-        for it), then delete older snapshots."""
+        for it, or always with ``retrain``: a fresh coarse quantizer on all current data), then delete
+        older snapshots."""
         self._require_writable()
         with self._write_lock:
             gen = self._gen
-            rebuild = gen.ann.needs_rebuild(gen.ann.ntotal)
+            rebuild = retrain or gen.ann.needs_rebuild(gen.ann.ntotal)
             if rebuild:
                 fresh = AnnIndex(gen.dim, gen.manifest.get("factory"), gen.manifest.get("search_params"))
                 rows = self._conn().execute("SELECT id, embedding FROM vectors")
