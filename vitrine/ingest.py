@@ -2,7 +2,9 @@
 
 For each record: unchanged files (same size and mtime as indexed) are skipped without reading;
 others are read and hashed in worker threads; content already in the index (a touched file, a
-duplicate, a rename) reuses its stored vector; only new content is decoded and encoded. Results
+duplicate, a rename) reuses its stored vector, and so does content known to a ``donor`` store (the
+live generation, while a reindex with the same model fills the next one); only new content is decoded
+and encoded. Results
 are committed in batches of ``commit_every`` items, each one SQLite transaction, so a kill at any
 moment loses at most the batch in flight and a re-run resumes where the last commit ended. Files
 that cannot be read or decoded are recorded as failures with a reason and never stop the run.
@@ -21,7 +23,7 @@ from PIL import Image
 
 from vitrine.catalog import Catalog, Record, read_source
 from vitrine.encoder import Encoder
-from vitrine.errors import ImageDecodeError
+from vitrine.errors import FingerprintMismatch, ImageDecodeError
 from vitrine.store import Failure, IndexStore, NewItem
 
 
@@ -33,6 +35,7 @@ class BuildReport:
     updated: int = 0
     unchanged: int = 0
     reused: int = 0
+    donor_reused: int = 0
     removed: int = 0
     failed: int = 0
     count: int = 0
@@ -51,6 +54,7 @@ class _Job:
     sha256: str = ""
     is_update: bool = False
     stored: np.ndarray | None = None  # the index already holds this content: no decode, no model
+    donated: bool = False  # ... and it came from the donor store
 
 
 def catalog_source(catalog: Catalog) -> str:
@@ -64,6 +68,9 @@ class Ingestor:
     ``prune`` removes items of this catalog whose files are gone (like rclip), leaving other
     catalogs in the same index alone. ``flush_seconds`` bounds how stale the on-disk FAISS snapshot
     may get (a stale one is caught up from SQLite on open, so this only bounds reopen time).
+    ``donor``: another store in the same embedding space (same fingerprint id) whose stored vectors
+    are reused for content it knows, so a rebuild with the same model never re-encodes.
+    ``on_commit`` is called with the items of each batch once it is committed (drift sampling).
     """
 
     def __init__(
@@ -75,8 +82,14 @@ class Ingestor:
         flush_seconds: float = 120.0,
         prune: bool = True,
         progress: Callable[[int], None] | None = None,
+        donor: IndexStore | None = None,
+        on_commit: Callable[[list[NewItem]], None] | None = None,
     ) -> None:
+        if donor is not None and donor.fingerprint.get("id") != store.fingerprint.get("id"):
+            raise FingerprintMismatch(donor.fingerprint, store.fingerprint)
         self.store = store
+        self.donor = donor
+        self.on_commit = on_commit
         self.encoder = encoder
         self.commit_every = commit_every
         self.flush_seconds = flush_seconds
@@ -132,6 +145,9 @@ class Ingestor:
         job.size = job.size or len(data)
         job.sha256 = hashlib.sha256(data).hexdigest()
         job.stored = self.store.vector_for(job.sha256)
+        if job.stored is None and self.donor is not None:
+            job.stored = self.donor.vector_for(job.sha256)
+            job.donated = job.stored is not None
         return None if job.stored is not None else self.encoder.load_image(data)
 
     def _commit_stream(self, results: Iterator, source: str, report: BuildReport) -> None:
@@ -154,6 +170,7 @@ class Ingestor:
     def _new_item(self, job: _Job, embedding: np.ndarray | None, source: str, report: BuildReport) -> NewItem:
         if job.stored is not None:
             report.reused += 1
+            report.donor_reused += job.donated
         if job.is_update:
             report.updated += 1
         else:
@@ -175,6 +192,8 @@ class Ingestor:
         if not items and not failures:
             return
         self.store.write(items=items, failures=failures)
+        if self.on_commit is not None and items:
+            self.on_commit(list(items))
         report.failed += len(failures)
         report.failures.extend({"path": f.path, "reason": f.reason} for f in failures)
         items.clear()
