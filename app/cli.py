@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,17 @@ class AppArgs(EncoderSettings):
         2.0, "how often to look for index changes (builds, reindex swaps); 0 disables", env="REFRESH_SECONDS"
     )
     auth: str | None = arg(None, "require a login USER:PASSWORD for the page and API", env="AUTH")
+    record_queries: bool = arg(
+        True, "sample query embeddings into INDEX/drift.sqlite for drift checks", env="RECORD_QUERIES"
+    )
+    store_query_text: bool = arg(
+        False, "keep query texts with the samples (off: embeddings only; images are never kept)",
+        env="STORE_QUERY_TEXT",
+    )  # fmt: skip
+    admin: bool = arg(False, "allow starting a reindex job from the Drift tab and its API", env="ADMIN")
+    reindex_flags: str = arg(
+        "", "extra flags for reindex jobs started from the page, e.g. '--model M'", env="REINDEX_FLAGS"
+    )
     log_level: str = arg("INFO", "logging level; INFO logs one line per request", env="LOG_LEVEL")
 
 
@@ -73,6 +85,10 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
             refresh_seconds=a.refresh_seconds,
             max_batch=a.max_batch,
             batch_wait_ms=a.batch_wait_ms,
+            record_queries=a.record_queries,
+            store_query_text=a.store_query_text,
+            admin=a.admin,
+            reindex_args=shlex.split(a.reindex_flags),
         )
     )
 

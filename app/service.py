@@ -30,6 +30,7 @@ from PIL import Image
 
 from app.batcher import MicroBatcher
 from app.indexing import IndexBuilder
+from app.monitor import DriftMonitor
 from app.requests import RequestRefused, file_size, normalise_filters, number, translate
 from app.sources import SourceGuard
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, VitrineError
@@ -57,6 +58,10 @@ class ServiceSettings:
     refresh_seconds: float = 2.0
     max_batch: int = 16
     batch_wait_ms: float = 2.0
+    record_queries: bool = True
+    store_query_text: bool = False
+    admin: bool = False
+    reindex_args: list[str] = field(default_factory=list)
 
 
 class SearchService:
@@ -77,6 +82,11 @@ class SearchService:
         self._thread: threading.Thread | None = None
         self.guard = SourceGuard(max_pixels=settings.max_pixels)
         self.builder = IndexBuilder(settings.index, settings.model, settings.encoder_kwargs)
+        self.drift = DriftMonitor(
+            settings.index, self.metrics, record_queries=settings.record_queries,
+            store_query_text=settings.store_query_text, admin=settings.admin,
+            reindex_args=settings.reindex_args,
+        )  # fmt: skip
         self.load_error: str | None = None
         self._info: dict[str, Any] = {}
         self._try_open()
@@ -177,6 +187,7 @@ class SearchService:
 
     def start(self) -> None:
         """Start the refresh thread (idempotent)."""
+        self.drift.start()
         if self._thread is None and self.settings.refresh_seconds > 0:
             self._thread = threading.Thread(target=self._refresh_loop, name="index-refresh", daemon=True)
             self._thread.start()
@@ -184,6 +195,7 @@ class SearchService:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.settings.refresh_seconds):
             self.refresh()
+            self.drift.poll()
 
     def close(self) -> None:
         self._stop.set()
@@ -194,6 +206,7 @@ class SearchService:
         for pair in self._batchers.values():
             for batcher in pair:
                 batcher.close()
+        self.drift.close()
 
     # ------------------------------------------------------------------ status
     def info(self) -> dict[str, Any]:
@@ -224,6 +237,16 @@ class SearchService:
             failed=stats["failed"],
         )
         return body
+
+    def check_drift(self) -> dict[str, Any]:
+        """Assess drift of the live generation now (model change included) and record the report."""
+        searcher = self._searcher
+        if searcher is None:
+            raise RequestRefused("no_index", self.empty_message())
+        try:
+            return self.drift.check(searcher.encoder.fingerprint)
+        except VitrineError as exc:
+            raise RequestRefused("drift_failed", f"drift check failed: {exc}") from None
 
     def metadata_fields(self) -> dict[str, list[str]]:
         searcher = self._searcher
@@ -308,7 +331,11 @@ class SearchService:
         text_batcher, image_batcher = self._batchers[id(s.encoder)]
         pending = [] if image is None else [image_batcher.submit(s.encoder.preprocess([image]))]
         vector = text_batcher(text) if has_text and text is not None else None
-        return s.by_vector(mix(vector, pending[0].result() if pending else None, weight), k, filters)
+        query = mix(vector, pending[0].result() if pending else None, weight)
+        hits = s.by_vector(query, k, filters)
+        mode = "both" if pending and vector is not None else ("image" if pending else "text")
+        self.drift.record(s.store.generation, s.model_version, query, hits[0].score if hits else None, mode)
+        return hits
 
     def _image(self, s: Searcher, image: Any, required: bool) -> Image.Image | None:
         """Decode an upload (path, bytes or PIL) with the safety limits, in the request thread."""

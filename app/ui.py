@@ -23,6 +23,7 @@ import gradio as gr
 from gradio.data_classes import ImageData
 from PIL import Image
 
+from app.drift_tab import drift_tab
 from app.service import RequestRefused, SearchService
 
 FILTER_SLOTS = 2
@@ -81,50 +82,52 @@ def build_demo(service: SearchService) -> gr.Blocks:
     with gr.Blocks(title="Vitrine — image search") as demo:
         header = gr.HTML(_header(service), elem_id="vitrine-header")
         empty = gr.HTML(_empty_state(service), visible=not service.ready)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=300):
-                image = _unchecked(gr.Image(
-                    label="Photo", type="filepath", sources=["upload", "clipboard"], height=240,
-                    elem_id="query-image",
-                ), _upload_path)  # fmt: skip
-                text = gr.Textbox(
-                    label="Description",
-                    placeholder="a dog running on the beach — or, with a photo: 'but in red'",
-                    lines=1, max_lines=3, elem_id="query-text",
-                )  # fmt: skip
-                weight = _unchecked(gr.Slider(0, 1, value=0.5, step=0.05, label="Text weight (photo + text)"))
-                k = _unchecked(
-                    gr.Slider(1, max_k, value=min(DEFAULT_K, max_k), step=1, label="Results (top-k)")
-                )
-                with gr.Accordion("Filters", open=False):
-                    slots = [
-                        (gr.Dropdown(label=f"Field {i + 1}", choices=[], value=None, interactive=True),
-                         gr.Dropdown(label="equals", choices=[], value=None, allow_custom_value=True,
-                                     interactive=True))
-                        for i in range(FILTER_SLOTS)
-                    ]  # fmt: skip
-                    filters = gr.JSON(value={}, label="Filters sent with each search")
-                with gr.Row():
-                    search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
-                    clear_btn = gr.ClearButton([image, text], value="Clear")
-            with gr.Column(scale=3):
-                status = gr.Markdown("", elem_id="vitrine-status")
-                gallery = gr.Gallery(
-                    label="Matches — click one for more like it", columns=4, height=560,
-                    object_fit="cover", allow_preview=False, elem_id="results",
-                )  # fmt: skip
-                table = gr.HTML("")
-                with gr.Accordion("API response (JSON)", open=False):
-                    result = gr.JSON(label="result")
-        with gr.Accordion("Index photos", open=not service.ready):
-            gr.Markdown("Add photos to the index (it is created on first use); a search sees them at once.")
-            with gr.Row():
-                files = gr.File(label="Photos", file_count="multiple")
-                folder = gr.File(label="…or a folder", file_count="directory")
-            index_btn = gr.Button(
-                "Index these photos", variant="primary" if not service.ready else "secondary"
-            )
-            index_status = gr.Markdown("")
+        with gr.Tabs():
+            with gr.Tab("Search", id="search"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
+                        image = _unchecked(gr.Image(
+                            label="Photo", type="filepath", sources=["upload", "clipboard"], height=240,
+                            elem_id="query-image",
+                        ), _upload_path)  # fmt: skip
+                        text = gr.Textbox(
+                            label="Description",
+                            placeholder="a dog running on the beach — or, with a photo: 'but in red'",
+                            lines=1, max_lines=3, elem_id="query-text",
+                        )  # fmt: skip
+                        weight = _unchecked(
+                            gr.Slider(0, 1, value=0.5, step=0.05, label="Text weight (photo + text)")
+                        )
+                        k = _unchecked(
+                            gr.Slider(1, max_k, value=min(DEFAULT_K, max_k), step=1, label="Results (top-k)")
+                        )
+                        with gr.Accordion("Filters", open=False):
+                            slots = [_filter_slot(i) for i in range(FILTER_SLOTS)]
+                            filters = gr.JSON(value={}, label="Filters sent with each search")
+                        with gr.Row():
+                            search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
+                            clear_btn = gr.ClearButton([image, text], value="Clear")
+                    with gr.Column(scale=3):
+                        status = gr.Markdown("", elem_id="vitrine-status")
+                        gallery = gr.Gallery(
+                            label="Matches — click one for more like it", columns=4, height=560,
+                            object_fit="cover", allow_preview=False, elem_id="results",
+                        )  # fmt: skip
+                        table = gr.HTML("")
+                        with gr.Accordion("API response (JSON)", open=False):
+                            result = gr.JSON(label="result")
+                with gr.Accordion("Index photos", open=not service.ready):
+                    gr.Markdown(
+                        "Add photos to the index (it is created on first use); a search sees them at once."
+                    )
+                    with gr.Row():
+                        files = gr.File(label="Photos", file_count="multiple")
+                        folder = gr.File(label="…or a folder", file_count="directory")
+                    index_btn = gr.Button(
+                        "Index these photos", variant="primary" if not service.ready else "secondary"
+                    )
+                    index_status = gr.Markdown("")
+            drift_tab(service)
         hits = gr.State([])
         key = gr.Textbox(visible=False)
 
@@ -164,6 +167,13 @@ def build_demo(service: SearchService) -> gr.Blocks:
         index_ev.then(**refresh_page, **private)
         demo.load(**refresh_page, **private)
     return demo
+
+
+def _filter_slot(i: int) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """One "field equals value" pair; the choices are filled from the index's metadata on page load."""
+    field = gr.Dropdown(label=f"Field {i + 1}", choices=[], value=None, interactive=True)
+    value = gr.Dropdown(label="equals", choices=[], value=None, allow_custom_value=True, interactive=True)
+    return field, value
 
 
 def _api(method: Any) -> Any:

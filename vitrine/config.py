@@ -116,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         )
         if meta.get("env"):
             default = env_default(meta["env"], default)
+            if base is bool and isinstance(default, str):  # VITRINE_ADMIN=0 must mean False
+                default = default.strip().lower() in ("1", "true", "yes", "on")
         kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": default}
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]

@@ -20,6 +20,12 @@ Names (all prefixed ``vitrine_``):
 * ``model_batch_size{modality}`` — queries per model call (``text`` or ``image``): how well concurrent
   requests share forwards under load.
 * ``index_refreshes_total`` — times a reader picked up new commits or a new generation.
+* ``index_generation`` — number of the live generation (``gen-000003`` → 3): a step means a reindex
+  was published (or rolled back).
+* ``drift_score{source}`` — domain-classifier AUC of the newest drift report (0.5 calm, 1 separable);
+  ``drift_p_value{source}``, ``drift_mean_shift{source}``, ``drift_detected{source}`` (0/1) and
+  ``drift_checked_timestamp_seconds`` come from the same report; ``source`` is ``ingest``,
+  ``queries``, ``sample``, ``fingerprint`` (a model change) or ``none``.
 """
 
 from __future__ import annotations
@@ -77,6 +83,24 @@ class Metrics:
         self.refreshes = Counter(
             "index_refreshes", "Index changes picked up without a restart", namespace=ns, registry=reg
         )
+        self.index_generation = Gauge(
+            "index_generation", "Number of the live index generation", namespace=ns, registry=reg
+        )
+        self.drift = {
+            name: Gauge(f"drift_{name}", text, ["source"], namespace=ns, registry=reg)
+            for name, text in (
+                ("score", "Domain-classifier AUC of the newest drift report (0.5 = no drift)"),
+                ("p_value", "MMD permutation p-value of the newest drift report"),
+                ("mean_shift", "Distance between mean embeddings in the newest drift report"),
+                ("detected", "1 when the newest drift report found drift"),
+            )
+        }
+        self.drift_checked = Gauge(
+            "drift_checked_timestamp_seconds",
+            "When the newest drift report was made",
+            namespace=ns,
+            registry=reg,
+        )
 
     def observe(self, endpoint: str, seconds: float, error_reason: str | None = None) -> None:
         """Record one finished request; ``error_reason`` set means it failed or was refused."""
@@ -102,6 +126,24 @@ class Metrics:
         self.index_items.set(items)
         self.index_info.clear()
         self.index_info.labels(generation, model).set(1)
+        number = generation.rpartition("-")[2]
+        if number.isdigit():
+            self.index_generation.set(int(number))
+
+    def set_drift(self, report: dict) -> None:
+        """Publish a drift report (the JSON of ``vitrine.drift.DriftReport``); old sources are dropped."""
+        values = {
+            "score": report.get("auc"),
+            "p_value": report.get("p_value"),
+            "mean_shift": report.get("mean_shift"),
+            "detected": float(bool(report.get("drifted"))),
+        }
+        source = str(report.get("source") or "none")
+        for name, gauge in self.drift.items():
+            gauge.clear()
+            if values[name] is not None:
+                gauge.labels(source).set(float(values[name]))
+        self.drift_checked.set(float(report.get("time") or time.time()))
 
     def set_model(self, model: str, version: str) -> None:
         self.model_info.clear()

@@ -64,15 +64,14 @@ def make_catalog(root: Path, count: int = 24, start: int = 0) -> Path:
 
 
 def build_index(manifest: Path, index: Path, model: Path) -> None:
-    """In-process build with the same Ingestor the indexer uses."""
+    """In-process build the way the indexer builds (reference sample included)."""
     from vitrine.catalog import open_catalog
-    from vitrine.ingest import Ingestor
-    from vitrine.workspace import load_encoder, open_for_build
+    from vitrine.workspace import load_encoder, open_for_build, run_build
 
     encoder = load_encoder(index, str(model), device="cpu", batch_size=16)
     store = open_for_build(index, encoder)
     try:
-        Ingestor(store, encoder).run(open_catalog(manifest))
+        run_build(store, encoder, open_catalog(manifest))
     finally:
         store.close()
 

@@ -97,3 +97,20 @@ def test_bad_upload_shows_the_message_and_server_keeps_answering(
         "pattern number 1", 3, {}, api_name="/search_text"
     )
     assert len(result["hits"]) == 3
+
+
+def test_drift_tab_runs_a_check_and_shows_the_verdict(page, live_server: LiveServer) -> None:  # noqa: F811
+    page.goto(live_server.url)  # a fresh page: no toasts left from earlier tests
+    page.get_by_role("tab", name="Drift").click()
+    summary = page.locator("#drift-summary")
+    summary.wait_for(state="visible")
+    verdict = "document.querySelector('#drift-summary').innerText"
+    for _ in range(2):  # two reports draw a line in the history plot
+        page.locator("#drift-check").click()
+        page.wait_for_function(f"['No drift', 'Drift detected'].some(w => {verdict}.includes(w))")
+        page.wait_for_timeout(1200)
+    text = summary.inner_text()
+    assert "gen-000001" in text and "24 of 24 items" in text
+    assert page.locator("#drift-reindex").is_disabled(), "reindexing from the page needs --admin"
+    page.screenshot(path=str(ARTIFACTS / "browser-drift.png"), full_page=True)
+    page.get_by_role("tab", name="Search").click()
