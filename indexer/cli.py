@@ -5,6 +5,7 @@
     python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--filter key=value] [--json]
     python -m indexer remove --index DIR PATH...
     python -m indexer towers --vision-model V --text-model T --output DIR
+    python -m indexer reindex --index DIR [--model M] [--if-drifted] [--retrain-ivf] [--rollback] [--every 1h]
     python -m indexer drift --index DIR [--window 24h] [--sample CATALOG] [--model M] [--json]
 
 Exit status: 0 on success (a build that recorded some bad files still succeeded), 1 with a one-line
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.drift import DriftArgs, cmd_drift
+from indexer.reindex import ReindexArgs, cmd_reindex
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_args, quiet_libraries
 from vitrine.errors import VitrineError
 
@@ -231,6 +233,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "search": (SearchArgs, cmd_search),
     "remove": (RemoveArgs, cmd_remove),
     "towers": (TowersArgs, cmd_towers),
+    "reindex": (ReindexArgs, cmd_reindex),
     "drift": (DriftArgs, cmd_drift),
 }
 
