@@ -407,6 +407,8 @@ def test_every_runs_repeatedly_and_stops_cleanly_on_sigterm(clip_encoder, tmp_pa
     cmd = [sys.executable, "-m", "indexer", "reindex", "--index", str(index), "--every", "1s", "--json"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     records = []
+    watchdog = threading.Timer(180, proc.kill)  # a hung scheduler fails the test instead of hanging it
+    watchdog.start()
     try:
         while len(records) < 2:
             line = proc.stdout.readline()
@@ -415,6 +417,7 @@ def test_every_runs_repeatedly_and_stops_cleanly_on_sigterm(clip_encoder, tmp_pa
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
+        watchdog.cancel()
     assert proc.returncode == 0 and "stopped after" in err
     assert [r["status"] for r in records] == ["published", "published"]
     assert records[1]["from_generation"] == records[0]["to_generation"]
