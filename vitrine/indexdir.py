@@ -41,7 +41,6 @@ CREATE INDEX removed_seq ON removed(seq);
 CREATE TABLE failures(key TEXT PRIMARY KEY, path TEXT, reason TEXT, time REAL, source TEXT DEFAULT '');
 CREATE TABLE state(name TEXT PRIMARY KEY, value);
 CREATE TABLE catalogs(source TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL NOT NULL);
-CREATE TABLE samples(kind TEXT NOT NULL, id INTEGER, embedding BLOB NOT NULL, time REAL NOT NULL, slice TEXT);
 INSERT INTO state(name, value) VALUES ('seq', 0), ('schema', 1);
 """
 
