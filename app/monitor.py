@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -32,10 +31,10 @@ from vitrine.drift import assess
 from vitrine.errors import VitrineError
 from vitrine.journal import Entry, Journal, QueryRecorder
 from vitrine.metrics import Metrics
+from vitrine.reindex import read_log
 from vitrine.store import IndexStore
 
 log = logging.getLogger("vitrine.app")
-JOB_LOG = "reindex.jsonl"
 
 
 class JobRefused(VitrineError):
@@ -125,15 +124,9 @@ class DriftMonitor:
         }
 
     def last_reindex(self) -> dict[str, Any] | None:
-        """The newest line of ``INDEX/reindex.jsonl`` (written by every reindex job), if any."""
-        path = self.index / JOB_LOG
-        try:
-            with path.open("rb") as fh:
-                fh.seek(max(0, path.stat().st_size - 65536))
-                lines = [line for line in fh.read().splitlines() if line.strip()]
-            return json.loads(lines[-1]) if lines else None
-        except (OSError, ValueError):
-            return None
+        """The newest record of ``INDEX/reindex.jsonl`` (written by every reindex job), if any."""
+        records = read_log(self.index, limit=1)
+        return records[-1] if records else None
 
     # ---------------------------------------------------------------- reindex job
     def job_state(self) -> dict[str, Any]:

@@ -368,10 +368,18 @@ def append_log(root: Path, record: dict[str, Any]) -> None:
         raise StoreError(f"cannot append to {root / LOG_FILE}: {exc.strerror or exc}") from exc
 
 
-def read_log(root: str | Path, limit: int = 20) -> list[dict[str, Any]]:
-    """The last ``limit`` job records, oldest first (a torn last line is skipped)."""
+def read_log(root: str | Path, limit: int = 20, tail_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+    """The last ``limit`` job records, oldest first (a torn last line is skipped).
+
+    Only the last ``tail_bytes`` of the file are read, so a scheduler's years-long log costs the app
+    nothing when it shows the last job.
+    """
+    path = Path(root) / LOG_FILE
     try:
-        lines = (Path(root) / LOG_FILE).read_text(errors="replace").splitlines()[-limit:]
+        with path.open("rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - tail_bytes))
+            lines = fh.read().decode(errors="replace").splitlines()[-limit:]
     except FileNotFoundError:
         return []
     records = []
