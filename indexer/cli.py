@@ -48,6 +48,23 @@ class BuildArgs(EncoderSettings):
     commit_every: int = arg(256, "items per transaction: the most work a kill can lose")
     progress: bool = arg(True, "show a progress bar on stderr")
     json: bool = arg(False, "print the build report as JSON")
+    engine: str = arg(
+        "local",
+        "local: this process (default); ray: decode on Ray CPU workers, encode on Ray actors (GPU or CPU), "
+        "resumable Parquet shards, then the same index (needs the dist extra: ray[data])",
+        choices=["local", "ray"],
+    )
+    address: str | None = arg(None, "Ray cluster: auto, ray://HOST:10001 (default: start a local one)")
+    num_gpus_per_worker: float = arg(0.0, "GPUs per Ray encoder actor (0 = encode on CPU)")
+    encode_workers: int | None = arg(None, "Ray encoder actors (default: one per GPU group, else 1)")
+    shard_size: int = arg(1024, "records per Ray shard: the unit a killed run redoes")
+    memory_budget: str | None = arg(
+        None, "auto-tune the FAISS factory to fit this much memory (e.g. 2GB), measured on the vectors"
+    )
+    latency_target: str | None = arg(
+        None, "auto-tune for this single-query search latency (e.g. 10ms), measured on the vectors"
+    )
+    target_recall: float = arg(0.95, "recall@10 against exact search that auto-tuning must reach")
 
 
 @dataclass(kw_only=True)
@@ -108,19 +125,32 @@ def cmd_build(a: BuildArgs) -> int:
     from vitrine.catalog import open_catalog
     from vitrine.workspace import load_encoder, open_for_build, run_build
 
+    tuning = _tuning_request(a)
+    if a.engine == "ray":
+        from indexer.ray_engine import require_ray
+
+        require_ray()  # before loading anything: one clear error line when Ray is missing
     catalog = open_catalog(a.catalog, image_column=a.image_column, caption_column=a.caption_column)
     encoder = load_encoder(a.index, a.model, **a.encoder_kwargs())
     store = open_for_build(a.index, encoder, factory=a.factory)
     bar = tqdm(total=len(catalog), unit="img", disable=not a.progress, file=sys.stderr, desc="indexing")
+    extra: dict[str, Any] = {}
     try:
-        report = run_build(
-            store, encoder, catalog, commit_every=a.commit_every, prune=a.prune, progress=bar.update
-        )
+        if a.engine == "ray":
+            report, extra["shards"] = _build_ray(a, store, encoder, catalog, bar.update)
+        else:
+            report = run_build(
+                store, encoder, catalog, commit_every=a.commit_every, prune=a.prune, progress=bar.update
+            )
+        if tuning is not None:
+            from vitrine.autotune import tune_store
+
+            extra["tuning"] = tune_store(store, tuning).to_dict()
     finally:
         bar.close()
         store.close()
     _emit(
-        report.to_dict(),
+        {**report.to_dict(), **extra},
         a.json,
         lambda r: (
             f"indexed {r['count']} items in {r['seconds']:.1f}s: {r['added']} added, {r['updated']} updated, "
@@ -129,6 +159,46 @@ def cmd_build(a: BuildArgs) -> int:
         ),
     )
     return 0
+
+
+def _tuning_request(a: BuildArgs) -> Any:
+    """The auto-tuning request of ``--memory-budget`` / ``--latency-target``, or None (parse errors first)."""
+    if a.memory_budget is None and a.latency_target is None:
+        return None
+    from vitrine.autotune import TuneRequest, parse_bytes, parse_ms
+
+    if a.factory:
+        raise VitrineError("give either --factory or --memory-budget/--latency-target, not both")
+    return TuneRequest(
+        memory_budget=parse_bytes(a.memory_budget) if a.memory_budget else None,
+        latency_ms=parse_ms(a.latency_target) if a.latency_target else None,
+        target_recall=a.target_recall,
+    )
+
+
+def _build_ray(
+    a: BuildArgs, store: Any, encoder: Any, catalog: Any, progress: Callable[[int], None]
+) -> tuple[Any, dict[str, Any]]:
+    from indexer.ray_engine import RayOptions, build_with_ray
+
+    opts = RayOptions(
+        address=a.address,
+        num_gpus_per_worker=a.num_gpus_per_worker,
+        encode_workers=a.encode_workers,
+        shard_size=a.shard_size,
+    )
+    kwargs = {"batch_size": a.batch_size, "num_workers": a.num_workers}
+    report, run = build_with_ray(
+        store,
+        encoder,
+        catalog,
+        opts,
+        encoder_kwargs=kwargs,
+        commit_every=a.commit_every,
+        prune=a.prune,
+        progress=progress,
+    )
+    return report, {"written": run.written, "skipped": run.skipped, "ray_seconds": run.seconds}
 
 
 def status_payload(index: str) -> dict[str, Any]:

@@ -83,3 +83,7 @@ class QueryError(VitrineError):
 def _describe(fp: dict) -> str:
     keys = ("model", "revision", "processor_hash", "dim", "id")
     return "{" + ", ".join(f"{k}={fp.get(k)!r}" for k in keys if k in fp) + "}"
+
+
+class MissingDependency(VitrineError):
+    """An optional extra is needed for what was asked (e.g. Ray for ``--engine ray``); says what to install."""
