@@ -3,8 +3,8 @@
 When a generation is built (the first build of an index, or a reindex before it is published), a
 uniform random sample of its item embeddings (``size`` of them, default 5,000: enough for the
 two-sample tests, which subsample further, and about 10 MB at 512 dims) is stored beside it in
-``gen-NNNNNN/reference.npz`` with each item's metadata, so later batches and catalogs can be
-compared against it slice by slice. It belongs to the generation: it is deleted with it and a
+``gen-NNNNNN/reference.npz`` with each item's metadata and summary statistics (mean embedding,
+spread around it), so later batches and catalogs can be compared against it slice by slice. It belongs to the generation: it is deleted with it and a
 reindex captures a new one, so a new model never compares against another model's space.
 """
 
@@ -78,7 +78,7 @@ def capture(store: IndexStore, size: int = DEFAULT_SIZE, seed: int = 0) -> Refer
 
 def _save(path: Path, ref: Reference, keys: list[str]) -> None:
     info = {"generation": ref.generation, "model": ref.model, "index_count": ref.index_count,
-            "created": ref.created}  # fmt: skip
+            "created": ref.created, "summary": ref.summary()}  # fmt: skip
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -86,6 +86,7 @@ def _save(path: Path, ref: Reference, keys: list[str]) -> None:
         keys=np.array(keys, dtype=str),
         metadata=np.array([json.dumps(m, sort_keys=True) for m in ref.sample.metadata], dtype=str),
         info=np.array(json.dumps(info)),
+        mean=ref.sample.embeddings.mean(0) if len(ref.sample) else np.zeros(0, np.float32),
     )
     write_atomic(path, buffer.getvalue())
 
