@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from vitrine.errors import StoreError
+from vitrine.gpu import gpu_training
 
 # Searches of at most this many queries run on one FAISS thread: waking an OpenMP team for a single
 # query cost more than it saved next to the text encoder's own threads (text search at 1M vectors, end to
@@ -238,7 +239,8 @@ class AnnIndex:
             need = min_train_size(self.effective_factory, self.dim)
             cap = max(TRAIN_SAMPLE_FACTOR * need, TRAIN_SAMPLE_FLOOR)
             pick = np.random.default_rng(0).choice(len(ids), size=min(cap, len(ids)), replace=False)
-            index.train(np.ascontiguousarray(vectors[np.sort(pick)]))
+            with gpu_training(index):  # IVF k-means on all GPUs where faiss-gpu has them; else CPU
+                index.train(np.ascontiguousarray(vectors[np.sort(pick)]))
         if len(ids):
             index.add_with_ids(vectors, ids)
         self._index, self._n_deleted, self._mem = index, 0, None
@@ -353,10 +355,17 @@ class AnnIndex:
         self._mem = (path.stat().st_size, int(self._index.ntotal))
 
     @classmethod
-    def load(cls, path: Path, search_params: dict | None = None, factory: str | None = None) -> AnnIndex:
-        """Read a snapshot written by :meth:`save`; ``factory`` is the one originally requested."""
+    def load(
+        cls, path: Path, search_params: dict | None = None, factory: str | None = None, mmap: bool = False
+    ) -> AnnIndex:
+        """Read a snapshot written by :meth:`save`; ``factory`` is the one originally requested.
+
+        ``mmap``: map the vectors/codes (flat codes, IVF lists) from the file instead of reading them
+        into memory, so a snapshot larger than RAM can be searched (pages come from the OS cache).
+        The result is read-only: for searching processes, never for a writer that adds.
+        """
         try:
-            index = faiss.read_index(str(path))  # already the IndexIDMap2 proxy: no downcast_index,
+            index = _read_index(Path(path), mmap)  # already the IndexIDMap2 proxy: no downcast_index,
         except RuntimeError as exc:  # which would hand back a non-owning proxy
             raise StoreError(f"cannot read ANN snapshot {path}: {exc}") from exc
         if not isinstance(index, faiss.IndexIDMap2):
@@ -376,6 +385,17 @@ class AnnIndex:
             self._mem = (int(faiss.serialize_index(self._index).size), now)
         size, at = self._mem
         return size if at == 0 else int(size + (now - at) * size / at)
+
+
+def _read_index(path: Path, mmap: bool) -> faiss.Index:
+    """faiss.read_index, optionally mapping the file: flat codes (Flat, HNSW storage) map with
+    IO_FLAG_MMAP_IFC, which FAISS refuses for IVF lists; those map with IO_FLAG_MMAP instead."""
+    if not mmap:
+        return faiss.read_index(str(path))
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
 
 
 def exact_search(

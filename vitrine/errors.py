@@ -86,4 +86,4 @@ def _describe(fp: dict) -> str:
 
 
 class MissingDependency(VitrineError):
-    """An optional extra is needed for what was asked (e.g. Ray for ``--engine ray``); says what to install."""
+    """An optional extra is needed (e.g. Ray for ``--engine ray``); the message says what to install."""
