@@ -4,8 +4,9 @@ When a generation is built (the first build of an index, or a reindex before it 
 uniform random sample of its item embeddings (``size`` of them, default 5,000: enough for the
 two-sample tests, which subsample further, and about 10 MB at 512 dims) is stored beside it in
 ``gen-NNNNNN/reference.npz`` with each item's metadata and summary statistics (mean embedding,
-spread around it), so later batches and catalogs can be compared against it slice by slice. It belongs to the generation: it is deleted with it and a
-reindex captures a new one, so a new model never compares against another model's space.
+spread around it), so later batches and catalogs can be compared against it slice by slice. It
+belongs to the generation: it is deleted with it and a reindex captures a new one, so a new model
+never compares against another model's space.
 """
 
 from __future__ import annotations
