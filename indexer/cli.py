@@ -1,6 +1,7 @@
 """The indexer command line — a public contract that scripts depend on.
 
     python -m indexer build CATALOG --index DIR [--model M] [--factory F] [--batch-size N]
+        [--engine local|ray] [--memory-budget 2GB] [--latency-target 5ms]
     python -m indexer status --index DIR [--json]
     python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--filter key=value] [--json]
     python -m indexer remove --index DIR PATH...
