@@ -75,6 +75,13 @@ SHRINK_HYSTERESIS = 0.5
 #: it and 2x the minimum of 39 points per centroid gives stable centroids.
 TRAIN_SAMPLE_FACTOR, TRAIN_SAMPLE_FLOOR = 2, 100_000
 DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 256, 40, 8.0
+#: Read-only openers (store readers, via indexdir.load_ann) map snapshots of at least this many bytes
+#: instead of reading them: opening no longer reads the whole file, every reader process of a snapshot
+#: shares the OS page cache instead of holding a private copy, and a snapshot larger than RAM stays
+#: searchable. Below it a private copy is cheap (256 MiB reads in well under a second from the page
+#: cache) while mapping still costs: cold-cache queries fault pages in from disk, and the first add or
+#: compacting remove copies the mapped structure into memory (see AnnIndex.load). Writers never map.
+MMAP_MIN_BYTES = 256 << 20
 SNAPSHOT_RE = re.compile(r"^index\.(\d+)\.faiss$")
 _PARAM_KEYS = {"nprobe", "efSearch", "efConstruction", "k_factor"}
 _SQ_NAMES = {
@@ -168,6 +175,7 @@ class AnnIndex:
         self._index = self._fresh(self._target(0))
         self._n_deleted = 0
         self._mem: tuple[int, int] | None = None  # (bytes, structure size) when last measured
+        self.mapped = False  # codes mapped from a snapshot file (load(mmap=True)): read-only until _own()
 
     def _target(self, n: int) -> str:
         """The factory to build for n vectors, with the too-little-data fallback applied."""
@@ -243,7 +251,7 @@ class AnnIndex:
                 index.train(np.ascontiguousarray(vectors[np.sort(pick)]))
         if len(ids):
             index.add_with_ids(vectors, ids)
-        self._index, self._n_deleted, self._mem = index, 0, None
+        self._index, self._n_deleted, self._mem, self.mapped = index, 0, None, False
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors; ids already present are skipped (a catch-up may replay them)."""
@@ -251,6 +259,7 @@ class AnnIndex:
         fresh = ~np.isin(ids, self._id_view())
         fresh[np.setdiff1d(np.arange(len(ids)), np.unique(ids, return_index=True)[1])] = False
         if fresh.any():
+            self._own()
             self._index.add_with_ids(np.ascontiguousarray(vectors[fresh]), ids[fresh])
 
     def remove(self, ids: np.ndarray) -> None:
@@ -259,6 +268,7 @@ class AnnIndex:
         if ids.size == 0:
             return
         if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat):
+            self._own()
             self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
             return
         view = self._id_view()
@@ -267,6 +277,13 @@ class AnnIndex:
             view[hit] = -(hit + 2)  # unique per slot, so the reverse map stays a bijection
             self._index.construct_rev_map()
             self._n_deleted += int(hit.size)
+
+    def _own(self) -> None:
+        """Copy a mapped structure into memory before FAISS resizes it: growing or compacting mapped
+        codes is a failed C++ assertion that aborts the process (faiss 1.15), not an exception. Costs a
+        transient 2x (serialised bytes plus the new structure), once; soft deletes need no copy."""
+        if self.mapped:
+            self._index, self.mapped = faiss.deserialize_index(faiss.serialize_index(self._index)), False
 
     def _check(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -362,7 +379,8 @@ class AnnIndex:
 
         ``mmap``: map the vectors/codes (flat codes, IVF lists) from the file instead of reading them
         into memory, so a snapshot larger than RAM can be searched (pages come from the OS cache).
-        The result is read-only: for searching processes, never for a writer that adds.
+        Meant for searching processes: the first :meth:`add` (or compacting remove) copies the
+        structure into memory, so a writer should load without it.
         """
         try:
             index = _read_index(Path(path), mmap)  # already the IndexIDMap2 proxy: no downcast_index,
@@ -374,9 +392,14 @@ class AnnIndex:
         self._index, self.effective_factory = index, describe(index)
         if self.factory and self.factory != "Flat" and self.effective_factory == "Flat":
             self._target(0)  # records the fallback reason
-        self._n_deleted = int((self._id_view() < 0).sum())
+        self._n_deleted, self.mapped = int((self._id_view() < 0).sum()), mmap
         self._mem = (Path(path).stat().st_size, int(index.ntotal))
         return self
+
+    @staticmethod
+    def worth_mapping(path: Path) -> bool:
+        """Whether a read-only opener should map this snapshot (:data:`MMAP_MIN_BYTES`)."""
+        return Path(path).stat().st_size >= MMAP_MIN_BYTES
 
     def memory_bytes(self) -> int:
         """Approximate bytes held: the serialized size, measured once and extrapolated per vector."""

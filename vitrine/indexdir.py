@@ -295,14 +295,19 @@ def load_ann(
     conn: sqlite3.Connection, path: Path, manifest: dict, dim: int
 ) -> tuple[AnnIndex, int, int | None]:
     """(ann, seq, snapshot seq): the newest readable snapshot plus a replay of later commits, or a full
-    build from SQLite when no snapshot fits (missing, unreadable, or disagreeing after replay)."""
+    build from SQLite when no snapshot fits (missing, unreadable, or disagreeing after replay).
+
+    Read-only connections (store readers, ``PRAGMA query_only``) map snapshots of at least
+    ``ann.MMAP_MIN_BYTES``; a writer always reads them, as it adds to the structure right away.
+    """
     factory, params = manifest.get("factory"), manifest.get("search_params")
     seq = scalar(conn, "SELECT value FROM state WHERE name='seq'")
+    readonly = bool(scalar(conn, "PRAGMA query_only"))
     for snap_seq, snap in snapshots(path):
         if snap_seq > seq:
             continue
         try:
-            ann = AnnIndex.load(snap, params, factory)
+            ann = AnnIndex.load(snap, params, factory, mmap=readonly and AnnIndex.worth_mapping(snap))
         except (StoreError, OSError):
             continue  # unreadable, or replaced by the writer since it was listed
         delta = changes(conn, snap_seq, dim)

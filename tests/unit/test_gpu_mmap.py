@@ -64,3 +64,20 @@ def test_mmap_snapshot_searches_like_a_loaded_one(tmp_path: Path, factory: str) 
     mapped = AnnIndex.load(tmp_path / "index.1.faiss", {"nprobe": 4}, factory, mmap=True)
     assert mapped.effective_factory == loaded.effective_factory
     np.testing.assert_array_equal(mapped.search(data[:50], 10)[1], loaded.search(data[:50], 10)[1])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8", "HNSW16"])
+def test_mapped_index_copies_itself_before_the_first_write(tmp_path: Path, factory: str) -> None:
+    """Growing or compacting mapped codes aborts the process inside FAISS: add/remove must copy first."""
+    data = _data()
+    ann = AnnIndex(32, factory, {"nprobe": 16})
+    ann.rebuild(np.arange(3000), data[:3000])
+    ann.save(tmp_path / "index.1.faiss")
+    mapped = AnnIndex.load(tmp_path / "index.1.faiss", {"nprobe": 16}, factory, mmap=True)
+    mapped.remove(np.arange(10))  # soft delete (no copy) or, for Flat, a compacting one (copy)
+    assert mapped.mapped == (factory != "Flat")
+    mapped.add(np.arange(3000, 4000), data[3000:])
+    ann.remove(np.arange(10))
+    ann.add(np.arange(3000, 4000), data[3000:])
+    assert not mapped.mapped and mapped.ntotal == ann.ntotal == 3990
+    np.testing.assert_array_equal(mapped.search(data[::40], 10)[1], ann.search(data[::40], 10)[1])
