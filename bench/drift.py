@@ -22,7 +22,7 @@ control for the re-encoding itself. Every photo and condition is embedded once (
 ``--work``); the repeats draw subsets of the embeddings, so only the tests are repeated. The tiny random
 CLIP of the test suite runs the same measurements as a baseline (``--no-baseline`` skips it).
 
-    nice -n 10 .venv/bin/python bench/drift.py                  # ~12 min on 2 shared cores
+    nice -n 10 .venv/bin/python bench/drift.py                  # ~25 min (16 CPU-min) on 2 shared cores
     nice -n 10 .venv/bin/python bench/drift.py --quick          # ~2 min
     nice -n 10 .venv/bin/python bench/drift.py --write-results  # also update bench/RESULTS.md
 """
