@@ -24,9 +24,10 @@ corrected for the number of slices, and slice values absent from the reference a
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +130,11 @@ def _slices(ref: Sample, live: Sample, name: str, settings: DriftSettings) -> di
     tested = [v for v, n in sizes.most_common(settings.max_slices) if n >= settings.min_slice]
     known = Counter(v for v in ref.slice_values(name) if v is not None)
     out: dict[str, dict[str, Any]] = {}
+    tests = corrected(settings.tests, len(tested))
     for value in tested:
         own = ref.where(name, value)
         is_new = known[value] < settings.min_slice
-        result = compare(
-            (ref if is_new else own).embeddings, live.where(name, value).embeddings, settings.tests
-        )
+        result = compare((ref if is_new else own).embeddings, live.where(name, value).embeddings, tests)
         p_adjusted = min(1.0, result.p_value * len(tested))
         out[value] = {
             **result.to_dict(),
@@ -211,23 +211,49 @@ def assess(
     window = window_seconds if window_seconds is not None else settings.window_seconds
     since = None if window is None else time.time() - window
     journal = journal or Journal(root)
-    checks: dict[str, tuple[Comparison, str | None, dict]] = {}
-    ref = _reference(root) if sample is not None or journal.count("ingest", generation, model) else None
-    live = {"sample": sample} if sample is not None else {
-        "ingest": journal.sample("ingest", generation, model, since=since) if ref is not None else None,
-    }  # fmt: skip
-    for name, rows in live.items():
-        if rows is not None and ref is not None and len(rows) >= settings.min_samples:
-            checks[name] = compare_samples(ref.sample, rows, settings)
-    if sample is None:
-        baseline = journal.sample("query_baseline", generation, model)
-        recent = journal.sample("query", generation, model, since=since)
-        if len(baseline) >= settings.min_samples and len(recent) >= settings.min_samples:
-            checks["queries"] = compare_samples(baseline, recent, settings, slice_field=QUERY_SLICE)
+    pairs = _pairs(root, journal, generation, model, since, sample, settings.min_samples)
+    tests = corrected(settings.tests, len(pairs))
+    checks = {
+        name: compare_samples(ref, live, replace(settings, tests=tests), slice_field=field)
+        for name, (ref, live, field) in pairs.items()
+    }
     report = summarise(checks, settings, generation, model)
     if not checks:
         report.reason = _not_enough(journal, generation, model, sample, settings)
     return report
+
+
+def _pairs(
+    root: Path, journal: Journal, generation: str, model: str, since: float | None, sample: Sample | None,
+    min_samples: int,
+) -> dict[str, tuple[Sample, Sample, str | None]]:  # fmt: skip
+    """(reference, live, slice field) per check that has enough live rows to be run."""
+    pairs: dict[str, tuple[Sample, Sample, str | None]] = {}
+    if sample is not None:
+        if len(sample) >= min_samples:
+            pairs["sample"] = (_reference(root).sample, sample, None)
+        return pairs
+    if journal.count("ingest", generation, model) >= min_samples:
+        pairs["ingest"] = (
+            _reference(root).sample,
+            journal.sample("ingest", generation, model, since=since),
+            None,
+        )
+    baseline = journal.sample("query_baseline", generation, model)
+    recent = journal.sample("query", generation, model, since=since)
+    if len(baseline) >= min_samples and len(recent) >= min_samples:
+        pairs["queries"] = (baseline, recent, QUERY_SLICE)
+    return {name: pair for name, pair in pairs.items() if len(pair[1]) >= min_samples}
+
+
+def corrected(tests: TwoSampleSettings, count: int) -> TwoSampleSettings:
+    """Settings whose permutation p-values can still pass ``alpha`` after multiplying by ``count``.
+
+    A permutation p-value is at least ``1 / (permutations + 1)``; corrected for ``count`` tests it must
+    stay below ``alpha``, with room to spare (twice), or a test could never fire however strong the shift.
+    """
+    needed = math.ceil(2 * max(count, 1) / tests.alpha) - 1
+    return tests if tests.permutations >= needed else replace(tests, permutations=needed)
 
 
 def _reference(root: Path) -> reference.Reference:
