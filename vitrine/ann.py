@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.gpu import gpu_training
+from vitrine.gpu import GpuSearcher, gpu_training
 
 # Searches of at most this many queries run on one FAISS thread: waking an OpenMP team for a single
 # query cost more than it saved next to the text encoder's own threads (text search at 1M vectors, end to
@@ -176,6 +176,7 @@ class AnnIndex:
         self._n_deleted = 0
         self._mem: tuple[int, int] | None = None  # (bytes, structure size) when last measured
         self.mapped = False  # codes mapped from a snapshot file (load(mmap=True)): read-only until _own()
+        self._gpu = GpuSearcher()  # GPU clone for the searches it can answer (vitrine.gpu); else CPU
 
     def _target(self, n: int) -> str:
         """The factory to build for n vectors, with the too-little-data fallback applied."""
@@ -252,6 +253,7 @@ class AnnIndex:
         if len(ids):
             index.add_with_ids(vectors, ids)
         self._index, self._n_deleted, self._mem, self.mapped = index, 0, None, False
+        self._gpu.invalidate()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors; ids already present are skipped (a catch-up may replay them)."""
@@ -260,6 +262,7 @@ class AnnIndex:
         fresh[np.setdiff1d(np.arange(len(ids)), np.unique(ids, return_index=True)[1])] = False
         if fresh.any():
             self._own()
+            self._gpu.invalidate()
             self._index.add_with_ids(np.ascontiguousarray(vectors[fresh]), ids[fresh])
 
     def remove(self, ids: np.ndarray) -> None:
@@ -267,6 +270,7 @@ class AnnIndex:
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if ids.size == 0:
             return
+        self._gpu.invalidate()
         if isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat):
             self._own()
             self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
@@ -309,8 +313,12 @@ class AnnIndex:
         if not len(queries) or not kk or not self.ntotal or (allowed is not None and not allowed.size):
             return scores, labels
         params, _keep_alive = self._params(kk, allowed)
-        with _threads(1 if len(queries) <= SMALL_QUERY_BATCH else None):
-            dist, found = self._index.search(queries, kk, params=params)
+        filtered = allowed is not None or self._n_deleted > 0
+        result = self._gpu.search(self._index, queries, kk, params, filtered)
+        if result is None:  # what a GPU clone cannot answer, and everything on CPU-only machines
+            with _threads(1 if len(queries) <= SMALL_QUERY_BATCH else None):
+                result = self._index.search(queries, kk, params=params)
+        dist, found = result
         scores[:, :kk], labels[:, :kk] = np.where(found >= 0, dist, -np.inf), np.where(found >= 0, found, -1)
         return scores, labels
 

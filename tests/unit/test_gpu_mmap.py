@@ -81,3 +81,73 @@ def test_mapped_index_copies_itself_before_the_first_write(tmp_path: Path, facto
     ann.add(np.arange(3000, 4000), data[3000:])
     assert not mapped.mapped and mapped.ntotal == ann.ntotal == 3990
     np.testing.assert_array_equal(mapped.search(data[::40], 10)[1], ann.search(data[::40], 10)[1])
+
+
+def _ann(factory: str, n: int = 3000) -> tuple[AnnIndex, np.ndarray]:
+    data = _data(n)
+    ann = AnnIndex(32, factory, {"nprobe": 16})
+    ann.rebuild(np.arange(n) * 7, data)  # ids are not positions: the GPU answer must be mapped back
+    return ann, data
+
+
+def test_cpu_only_reason_decides_per_structure_and_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    flat, ivf_sq, ivf_flat, hnsw = (_ann(f)[0]._index for f in ("Flat", "IVF16,SQ8", "IVF16,Flat", "HNSW16"))
+    refine = faiss.index_factory(32, "IDMap2,IVF16,PQ8,RFlat", faiss.METRIC_INNER_PRODUCT)
+    assert gpu.cpu_only_reason(flat, filtered=False, k=10) == "no GPU visible to FAISS"
+    monkeypatch.setattr(gpu, "gpu_count", lambda: 1)
+    for index in (flat, ivf_sq, ivf_flat):
+        assert gpu.cpu_only_reason(index, filtered=False, k=10, nprobe=16) is None
+    assert "selector" in gpu.cpu_only_reason(flat, filtered=True, k=10)
+    assert "2048" in gpu.cpu_only_reason(flat, filtered=False, k=4096)
+    assert "2048" in gpu.cpu_only_reason(ivf_sq, filtered=False, k=10, nprobe=4096)
+    assert "HNSW" in gpu.cpu_only_reason(hnsw, filtered=False, k=10)
+    assert "refine" in gpu.cpu_only_reason(refine, filtered=False, k=10)
+
+
+def test_search_uses_the_clone_only_when_allowed_and_reclones_after_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU path's bookkeeping on the CPU: a CPU copy stands in for the GPU clone."""
+    (ann, data), (ann2, data2), (ann3, data3) = _ann("Flat"), _ann("IVF16,SQ8"), _ann("Flat")
+    want = ann.search(data[:20], 10)  # no GPU: plain CPU search
+    assert ann._gpu._clone is None and not ann._gpu._refused
+    clones: list[faiss.Index] = []
+
+    def fake_clone(index: faiss.Index) -> faiss.Index:
+        clones.append(faiss.clone_index(index))
+        return clones[-1]
+
+    monkeypatch.setattr(gpu, "gpu_count", lambda: 1)
+    monkeypatch.setattr(gpu, "clone_to_gpus", fake_clone)
+    got = ann.search(data[:20], 10)
+    assert len(clones) == 1
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    ann.search(data[:5], 3)
+    assert len(clones) == 1  # reused
+    filtered = ann.search(data[:5], 3, allowed_ids=np.arange(0, 21000, 14))
+    assert len(clones) == 1 and (filtered[1] % 14 == 0).all()  # the CPU answered the filtered search
+    ann.add(np.array([1]), data[:1])
+    assert set(ann.search(data[:1], 2)[1][0]) == {0, 1} and len(clones) == 2  # re-cloned after add
+    ann2.remove(np.array([7]))
+    assert 7 not in ann2.search(data2[:5], 3)[1]
+    assert len(clones) == 2  # soft-deleted slots need a selector: CPU
+    monkeypatch.setattr(gpu, "clone_to_gpus", lambda index: None)  # a structure the cloner refuses
+    np.testing.assert_array_equal(ann3.search(data3[:5], 3)[1], want[1][:5, :3])
+    assert ann3._gpu._refused
+
+
+@needs_gpu
+def test_gpu_search_matches_the_cpu_and_filters_stay_exact() -> None:
+    data = _data(20000, 64)
+    ann = AnnIndex(64, "IVF64,Flat", {"nprobe": 64})  # every list: exact on both sides
+    ann.rebuild(np.arange(len(data)) * 3, data)
+    gpu_scores, gpu_ids = ann.search(data[:50], 10)
+    assert ann._gpu._clone is not None
+    ann._gpu._refused, clone, ann._gpu._clone = True, ann._gpu._clone, None  # force the CPU path
+    cpu_scores, cpu_ids = ann.search(data[:50], 10)
+    ann._gpu._refused, ann._gpu._clone = False, clone
+    assert (gpu_ids == cpu_ids).mean() > 0.99
+    np.testing.assert_allclose(gpu_scores, cpu_scores, atol=1e-4)
+    allowed = np.arange(0, 60000, 6)
+    assert (ann.search(data[:50], 10, allowed_ids=allowed)[1] % 6 == 0).all()
