@@ -2,6 +2,8 @@
 
     python bench/scale.py            # 100k and 1M synthetic vectors (dim 256), flickr8k embeddings, Ray
     python bench/scale.py --quick    # 20k vectors, 60 photos: a smoke run in a couple of minutes
+    python bench/scale.py --sizes 100000 --factories RFlat --no-photos --no-write   # one family only
+    python bench/scale.py --autotune-check 1000000   # does autotune's IVF-PQ+RFlat choice hold at 1M?
 
 Each (data, size, factory) runs in its own child process, so ``ru_maxrss`` is that config's peak
 (it includes the float32 data itself: n x dim x 4 bytes, listed as ``data MB``). Recall@10 is against
@@ -34,6 +36,10 @@ PHOTOS = HERE.parents[1] / "shared" / "datasets" / "flickr8k"
 OPQ_NOTE = ("OPQ32_128,IVF256,PQ32,RFlat took 308 s to build at 20k x 256 here (OPQ training; recall@10 "
             "0.996-0.999, like IVF-PQ+RFlat without it), so the sweep uses IVF-PQ+RFlat without OPQ")
 SWEEPS = {"HNSW": ("efSearch", (16, 32, 64, 128, 256)), "IVF": ("nprobe", (4, 8, 16, 32, 64, 128))}
+#: Refine structures (",RFlat" / "Refine(...)") sweep k_factor (candidates re-ranked per result) crossed
+#: with fewer nprobe values: their recall is bounded by how far down the PQ ranking the true neighbours
+#: fall, which only k_factor reaches (nprobe alone left IVF1024,PQ32,RFlat at 0.606 at 1M).
+REFINE_SWEEP = (("nprobe", (4, 16, 64)), ("k_factor", (8, 32, 128, 512)))
 
 
 def mixture(n: int, dim: int, seed: int = 0, clusters: int = 1000) -> np.ndarray:
@@ -77,9 +83,13 @@ def child(config: dict) -> dict:
     ann.rebuild(np.arange(len(base), dtype=np.int64), base)
     build = time.perf_counter() - start
     knob, values = next((v for k, v in SWEEPS.items() if k in config["factory"]), (None, (0,)))
+    grid = [{knob: v} if knob else {} for v in values]
+    if "RFlat" in config["factory"] or "Refine" in config["factory"]:
+        (k1, v1), (k2, v2) = REFINE_SWEEP
+        grid = [{k1: a, k2: b} for a in v1 for b in v2]
     points = []
-    for value in values:
-        ann.search_params = {knob: value} if knob else {}
+    for params in grid:
+        ann.search_params = params
         start = time.perf_counter()
         found = ann.search(queries, 10)[1]
         qps = len(queries) / (time.perf_counter() - start)
@@ -89,11 +99,41 @@ def child(config: dict) -> dict:
             ann.search(q[None, :], 10)
             single.append(time.perf_counter() - t0)
         recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
-        points.append({"param": f"{knob}={value}" if knob else "-", "recall": recall, "qps": qps,
-                       "p99_ms": 1000 * float(np.percentile(single, 99))})  # fmt: skip
+        points.append({"param": " ".join(f"{k}={v}" for k, v in params.items()) or "-", "recall": recall,
+                       "qps": qps, "p99_ms": 1000 * float(np.percentile(single, 99))})  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {**config, "n": len(base), "build_s": build, "peak_mb": peak / 1024, "data_mb": data_rss / 1024,
             "bytes_per_vector": ann.memory_bytes() / len(base), "points": points}  # fmt: skip
+
+
+def autotune_check(n: int, target: float = 0.95) -> dict:
+    """Tune IVF-PQ32+RFlat alone on a 50k sample of the n-vector mixture, build the choice on all n and
+    measure it on the held-out queries, with the tuned k_factor and with the sample's unscaled one."""
+    import faiss
+
+    from vitrine import autotune
+    from vitrine.ann import AnnIndex
+
+    base, queries = load_data("mixture", n, 256)
+    take = min(n, 50_200)  # autotune's default: 200 held-out queries + a 50k base
+    sample = base[np.sort(np.random.default_rng(0).choice(n, take, replace=False))]
+    autotune.candidates = lambda n, dim: ["IVF{nlist},PQ32,RFlat"]  # this process only
+    start = time.perf_counter()
+    tuned = autotune.tune(sample, n, autotune.TuneRequest(target_recall=target))
+    tune_s, exact = time.perf_counter() - start, faiss.IndexFlatIP(base.shape[1])
+    exact.add(base)
+    truth = exact.search(queries, 10)[1]
+    ann, start = AnnIndex(base.shape[1], tuned.factory), time.perf_counter()
+    ann.rebuild(np.arange(n, dtype=np.int64), base)
+    out = {"factory": tuned.factory, "sample_recall": tuned.candidates[0].recall, "tune_s": round(tune_s, 1),
+           "build_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    unscaled = {**tuned.search_params, "k_factor": tuned.search_params["k_factor"] * (take - 200) / n}
+    for name, params in (("tuned", tuned.search_params), ("unscaled", unscaled)):
+        ann.search_params = params
+        found = ann.search(queries, 10)[1]
+        recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
+        out[name] = {"params": params, "recall": recall}
+    return out
 
 
 def run_child(config: dict) -> dict:
@@ -170,17 +210,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20k vectors and 60 photos (smoke run)")
     parser.add_argument("--dim", type=int, default=256, help="synthetic dimension")
     parser.add_argument("--photos", type=int, default=None, help="flickr8k photos to embed (default 7000)")
+    parser.add_argument("--sizes", help="comma-separated synthetic sizes (default 100000,1000000)")
+    parser.add_argument("--factories", help="comma-separated substrings: run only factories containing one")
+    parser.add_argument("--no-photos", action="store_true", help="skip the flickr8k rows and the Ray run")
+    parser.add_argument("--autotune-check", type=int, metavar="N", help="only check autotune's PQ+RFlat at N")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    if args.child or args.autotune_check:
+        out = child(json.loads(args.child)) if args.child else autotune_check(args.autotune_check)
+        print(json.dumps(out))
         return 0
     sizes = [20_000] if args.quick else [100_000, 1_000_000]
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else sizes
+    wanted = args.factories.split(",") if args.factories else [""]
     photos = args.photos or (60 if args.quick else 3000)
     rows, notes = [], [OPQ_NOTE]
     pipeline = []
-    if PHOTOS.is_dir():
+    if args.no_photos:
+        configs = []
+    elif PHOTOS.is_dir():
         vectors, local_rate = embed_photos(photos)
         ray = ray_throughput(min(photos, 60 if args.quick else 600))
         pipeline = [["single process", photos, f"{local_rate:.1f}", "-"],
@@ -198,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append("HNSW32 at 1M skipped: ~15+ min to insert on 2 cores (100k row x10+)")
                 continue
             configs.append({"data": "mixture", "n": n, "dim": args.dim, "factory": factory})
-    for config in configs:
+    for config in [c for c in configs if any(w in c["factory"] for w in wanted)]:
         result = run_child(config)
         print(json.dumps(result), flush=True)
         for p in result["points"]:
@@ -221,8 +270,8 @@ def report(args: argparse.Namespace, rows: list, pipeline: list, notes: list[str
     body += [f"\nNote: {n}" for n in notes] + ["", "![recall vs QPS](scale.png)"]
     text = "\n".join(body)
     print(text)
-    plot(rows)
-    if not args.no_write and not args.quick:
+    if not args.no_write and not args.quick and not (args.sizes or args.factories or args.no_photos):
+        plot(rows)  # partial runs leave the full run's plot and section alone
         write_section("## Scale: ANN structures at 100k-1M, Ray pipeline (bench/scale.py)", text)
 
 

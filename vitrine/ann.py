@@ -16,7 +16,8 @@ bench/search.py at 1M, IVF2048,SQ8: recall@10 0.981 at 32 vs 0.982 at 64, for ~2
 ``efSearch`` HNSW query beam, default 256 (never below k; at 100k: 64 -> 0.926, 128 -> 0.955, 256 ->
 0.981 recall@10); ``efConstruction`` HNSW build beam, default 40 (80 doubled build time for +0.3 points);
 ``k_factor`` candidates re-ranked per result by refine indexes (``,RFlat`` / ``Refine(...)``),
-default 8 (4 lost ~10 points of recall with PQ).
+default 8 (4 lost ~10 points of recall with PQ); it must grow with n: IVF-PQ32+RFlat at 1M needed 128
+for recall@10 1.0 (8: 0.61), so autotune sweeps it and scales it to the collection (vitrine/autotune.py).
 """
 
 from __future__ import annotations

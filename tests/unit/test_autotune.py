@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
+from vitrine import autotune
 from vitrine.ann import AnnIndex
 from vitrine.autotune import (
     TuneRequest,
@@ -93,3 +94,21 @@ def test_tune_store_records_the_choice_in_the_manifest(tmp_path: Path) -> None:
     stats = reopened.stats()
     reopened.close()
     assert stats["effective_factory"] == result.factory and 0 < stats["bytes_per_vector"] < 16 * 4
+
+
+def test_refine_structures_sweep_k_factor_with_nprobe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Coarse 4-bit PQ codes rank the true neighbours too low for the default k_factor 8 (recall@10
+    ~0.79 here whatever nprobe); sweeping k_factor reaches the target and records it."""
+    monkeypatch.setattr(autotune, "candidates", lambda n, dim: ["IVF{nlist},PQ4x4,RFlat"])
+    data = clustered(6100, 32)
+    result = tune(data[:-100], 5900, TuneRequest(target_recall=0.95, queries=100))  # n = the base: unscaled
+    assert result.met and result.factory == "IVF128,PQ4x4,RFlat", result
+    assert result.search_params["k_factor"] > 8 and "nprobe" in result.search_params
+    assert _independent_recall(result.factory, result.search_params, data) >= 0.9
+    # for a 10x larger collection, k_factor grows 10x with it (capped), like the impostors ahead of a hit
+    bigger = tune(data[:-100], 59_000, TuneRequest(target_recall=0.95, queries=100))
+    want = min(autotune.K_FACTOR_MAX, 10 * result.search_params["k_factor"])
+    assert bigger.search_params["k_factor"] == want
+    monkeypatch.setattr(autotune, "K_FACTORS", (8,))
+    capped = tune(data[:-100], 6000, TuneRequest(target_recall=0.95, queries=100))
+    assert not capped.met and capped.candidates[0].recall < 0.9
