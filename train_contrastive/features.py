@@ -2,8 +2,9 @@
 
 When only the last N blocks of a tower train, everything below them is a fixed function of the input.
 Computing it once per image and per caption (in inference mode) and replaying only the top blocks every
-epoch turns an hours-long CPU fine-tune into minutes: for DeiT-tiny with two trainable blocks of twelve,
-an epoch costs about a sixth of a full forward and backward.
+epoch turns an hours-long CPU fine-tune into minutes: for DeiT-tiny with three trainable blocks of twelve
+(the last one for the CLS token only, see :func:`cls_only_block`), an epoch costs about a fifth of a full
+forward and backward.
 
 The replayed top must give *exactly* the vector :mod:`vitrine.towers` gives on the full model, or the
 model would be trained on one embedding and served with another. So:
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -117,15 +119,64 @@ def frozen_text_states(
     return run().last_hidden_state if entry is None else _capture(entry, run)
 
 
+def _vit_block_parts(block: nn.Module) -> tuple[nn.Module, ...] | None:
+    """``(layernorm_before, attention, layernorm_after, mlp, dropout)`` of a ViT/DeiT block, if it is one."""
+    names = ("layernorm_before", "attention", "layernorm_after", "mlp", "dropout")
+    parts = tuple(getattr(block, name, None) for name in names)
+    attention = parts[1]
+    if any(part is None for part in parts) or not all(
+        hasattr(attention, name)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "num_attention_heads")
+    ):
+        return None
+    return parts
+
+
+def cls_only_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The CLS row of ``block(hidden)`` for a ViT/DeiT block, computed for that row alone.
+
+    The pooled vision embedding is the CLS token after the *last* block, and in that block only
+    attention mixes tokens: the first norm, keys and values are needed for every token, but the query,
+    the attention output projection, the second norm and the MLP only for CLS. For DeiT-tiny that
+    skips about 85 % of the last block's work (forward and backward, in training and in evaluation)
+    with the same result up to float rounding. Returns ``(batch, 1, hidden)``, or None for a block
+    of another layout.
+    """
+    parts = _vit_block_parts(block)
+    if parts is None:
+        return None
+    norm_before, attention, norm_after, mlp, dropout = parts
+    batch, tokens, _ = hidden.shape
+    normed = norm_before(hidden)
+    heads = attention.num_attention_heads
+    head_dim = attention.k_proj.out_features // heads
+    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)
+    drop = attention.attention_dropout if attention.training else 0.0
+    mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=drop, scale=attention.scaling)
+    cls = dropout(attention.o_proj(mixed.transpose(1, 2).reshape(batch, 1, heads * head_dim)))
+    cls = cls + hidden[:, :1]
+    return cls + dropout(mlp(norm_after(cls)))
+
+
 def replay_image_features(model: nn.Module, states: torch.Tensor, start: int) -> torch.Tensor:
-    """Projected image embeddings from cached activations: top blocks → final norm → pooling → projection."""
+    """Projected image embeddings from cached activations: top blocks → final norm → pooling → projection.
+
+    With CLS pooling the last block runs for the CLS token only (:func:`cls_only_block`); the final
+    norm acts per token, so normalising that one row is the same as normalising all and taking row 0.
+    """
     tower = tower_of(model, "vision")
+    how = towers.pooling_of(model)["vision"]
     hidden = states
-    for block in blocks_of(tower)[start:]:
+    blocks = list(blocks_of(tower)[start:])
+    for block in blocks[:-1]:
         hidden = block(hidden, None)
+    if blocks:
+        last = cls_only_block(blocks[-1], hidden) if how == "cls" else None
+        hidden = last if last is not None else blocks[-1](hidden, None)
     norm = getattr(tower, "layernorm", None)
     sequence = norm(hidden) if norm is not None else hidden
-    how = towers.pooling_of(model)["vision"]
     pooled = (
         tower.pooler(sequence) if how == "pooler" and getattr(tower, "pooler", None) is not None else None
     )
