@@ -72,24 +72,48 @@ class LoopState:
     bad: dict[str, str] = field(default_factory=dict)
     before: dict[str, Any] | None = None
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0
     samples: int = 0
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def add_time(self, began: tuple[float, float]) -> None:
+        """Add the wall-clock and CPU time since ``began`` (from :func:`_now`) to the training time.
+
+        CPU time is kept next to wall-clock time because on a shared machine the wall clock measures
+        the neighbours as much as the recipe."""
+        wall, cpu = _now()
+        self.train_seconds += wall - began[0]
+        self.train_cpu_seconds += cpu - began[1]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
 
 
+def _now() -> tuple[float, float]:
+    """``(wall-clock, CPU time of this process)`` in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
 def resolve_precision(choice: str) -> str:
-    """``auto``: bf16 on GPUs that support it, else fp16 on GPUs, else full precision (CPU)."""
+    """``auto``: bf16 on GPUs that support it, else fp16 on GPUs; on a CPU, bf16 where it has native bf16
+    dot products (AVX512-BF16/AMX), else full precision.
+
+    On a CPU with native bf16, autocast makes a training step about a fifth cheaper (DeiT-tiny +
+    MiniLM top blocks, measured) -- more epochs in the same half hour -- while weights, optimizer
+    state, the loss and the embeddings' normalisation stay in float32. Without native bf16 the format
+    is emulated and slower than float32.
+    """
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    from vitrine.encoder import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "no"
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -140,7 +164,7 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
     device, world = accelerator.device, accelerator.num_processes
 
     model, image_processor, tokenizer, new_heads = load_start(
-        args.model, args.vision_model, args.text_model, args.projection_dim
+        args.model, args.vision_model, args.text_model, args.projection_dim, args.temperature
     )
     starts = apply_freezing(
         model, lock_vision=args.lock_vision, lock_text=args.lock_text, unfreeze_last_n=args.unfreeze_last_n
@@ -211,7 +235,7 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
         dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
         drop_last=True, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
-    module = ContrastiveModule(model, starts, cached)
+    module = ContrastiveModule(model, starts, cached, args.patch_dropout if cached else 0.0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         param_groups(
@@ -278,7 +302,7 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
     )  # fmt: skip
     stop_reason = "all epochs done"
     last_saved = -1
-    began = time.perf_counter()
+    began = _now()
     while state.epoch < args.epochs and stop_reason == "all epochs done":
         sampler.set_epoch(state.epoch)
         (collator if cached else dataset).set_epoch(state.epoch)
@@ -329,8 +353,8 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
             if tracker:
                 accelerator.log({"loss": row["loss"], "lr": row["lr"]}, step=state.step)
             if args.checkpoint_every and state.step % args.checkpoint_every == 0:
-                state.train_seconds += time.perf_counter() - began
-                began = time.perf_counter()
+                state.add_time(began)
+                began = _now()
                 save_checkpoint()
                 last_saved = state.step
             if args.max_steps and state.step >= args.max_steps:
@@ -339,9 +363,9 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
         else:
             state.epoch += 1
             state.batches_done = 0
-            state.train_seconds += time.perf_counter() - began
+            state.add_time(began)
             report = measure()
-            began = time.perf_counter()
+            began = _now()
             if report is not None:
                 record_eval(report)
                 score = sum(report["t2i"].values()) / len(report["t2i"])
@@ -355,7 +379,7 @@ def train(args: TrainArgs, log: Any = None) -> dict[str, Any]:
                         stop_reason = f"no better recall for {args.patience} evaluation(s)"
     bar.close()
     if stop_reason != "all epochs done" and state.batches_done:
-        state.train_seconds += time.perf_counter() - began
+        state.add_time(began)
     if last_saved != state.step:
         save_checkpoint()
     return _finish(
@@ -392,6 +416,8 @@ def _finish(
         "steps": state.step,
         "epochs_run": round(state.history[-1]["epoch"], 3) if state.history else 0,
         "train_seconds": state.train_seconds,
+        "train_cpu_seconds": state.train_cpu_seconds,
+        "precision": accelerator.mixed_precision,
         "samples_per_second": state.samples / state.train_seconds if state.train_seconds else 0.0,
         "train_skipped": len(state.bad),
         "skipped_files": state.bad,

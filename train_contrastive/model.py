@@ -9,6 +9,7 @@ vectors.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,25 @@ from vitrine.errors import ModelLoadError
 
 
 def load_start(
-    model: str | None, vision_model: str | None, text_model: str | None, projection_dim: int
+    model: str | None,
+    vision_model: str | None,
+    text_model: str | None,
+    projection_dim: int,
+    temperature: float = 0.07,
 ) -> tuple[nn.Module, Any, Any, bool]:
-    """``(model, image_processor, tokenizer, new_heads)``; ``new_heads`` when projections are new."""
+    """``(model, image_processor, tokenizer, new_heads)``; ``new_heads`` when projections are new.
+
+    ``temperature`` initialises the learnt temperature of a dual encoder built from towers; a CLIP-family
+    checkpoint keeps its own.
+    """
     if vision_model and text_model:
         try:
-            built = towers.build_dual_encoder(vision_model, text_model, projection_dim=projection_dim)
+            built = towers.build_dual_encoder(
+                vision_model,
+                text_model,
+                projection_dim=projection_dim,
+                logit_scale_init=math.log(1.0 / temperature),
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(
                 f"cannot build a dual encoder from {vision_model} + {text_model}: {exc}"
@@ -39,19 +53,41 @@ def load_start(
     return (*loaded, False)
 
 
+def drop_patches(states: torch.Tensor, share: float) -> torch.Tensor:
+    """Keep the CLS token and a random ``1 - share`` of the other tokens of each row (FLIP-style).
+
+    Applied to cached activations entering the first trainable vision block: the frozen layers already
+    mixed every patch in, so the trainable blocks still see the whole image through the tokens kept,
+    while each example differs from epoch to epoch (the only image-side variation a cache allows) and
+    those blocks do proportionally less work. Draws from the global RNG, which the loop reseeds per
+    micro-batch, so ``--resume`` stays exact.
+    """
+    batch, tokens, width = states.shape
+    keep = max(1, round((tokens - 1) * (1.0 - share)))
+    chosen = torch.rand(batch, tokens - 1, device=states.device).argsort(dim=1)[:, :keep] + 1
+    chosen = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=states.device), chosen], dim=1)
+    return states.gather(1, chosen.unsqueeze(-1).expand(batch, keep + 1, width))
+
+
 class ContrastiveModule(nn.Module):
     """Wraps a CLIP-family model for training; ``starts`` are the first trainable block per tower."""
 
-    def __init__(self, model: nn.Module, starts: dict[str, int], cached: bool) -> None:
+    def __init__(
+        self, model: nn.Module, starts: dict[str, int], cached: bool, patch_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
         self.starts = starts
         self.cached = cached
+        self.patch_dropout = patch_dropout
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = self.model
         if self.cached:
-            images = replay_image_features(m, batch["image_states"], self.starts["vision"])
+            states = batch["image_states"]
+            if self.training and self.patch_dropout > 0:
+                states = drop_patches(states, self.patch_dropout)
+            images = replay_image_features(m, states, self.starts["vision"])
             texts = replay_text_features(m, batch["text_states"], batch["text_mask"], self.starts["text"])
         else:
             images = towers.image_features(m, batch["pixel_values"])

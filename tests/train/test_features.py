@@ -80,3 +80,42 @@ def test_lock_vision_keeps_projection_trainable(dual_path) -> None:
     assert not any(p.requires_grad for p in model.vision_model.parameters())
     assert model.visual_projection.weight.requires_grad
     assert all(p.requires_grad for n, p in model.text_model.named_parameters() if "pooler" not in n)
+
+
+def test_cls_only_last_block_matches_the_full_block(dual_path) -> None:
+    """The CLS-only last block gives the full block's CLS row, and the same gradients to every weight."""
+    from train_contrastive.features import blocks_of, cls_only_block, tower_of
+    from vitrine.encoder import load_components
+
+    model, _, _ = load_components(str(dual_path))
+    block = blocks_of(tower_of(model, "vision"))[-1]
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 17, block.layernorm_before.normalized_shape[0])
+    grads = []
+    for cls_only in (False, True):
+        block.zero_grad()
+        states = hidden.clone().requires_grad_(True)
+        out = cls_only_block(block, states) if cls_only else block(states, None)[:, :1]
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append([states.grad] + [p.grad.clone() for p in block.parameters()])
+        if not cls_only:
+            reference = out.detach()
+        else:
+            torch.testing.assert_close(out.detach(), reference, rtol=1e-5, atol=1e-6)
+    for full, cls in zip(*grads, strict=True):
+        torch.testing.assert_close(cls, full, rtol=1e-4, atol=1e-6)
+
+
+def test_patch_dropout_keeps_cls_and_a_share_of_distinct_patches() -> None:
+    from train_contrastive.model import drop_patches
+
+    states = torch.arange(2 * 9, dtype=torch.float32).view(2, 9, 1).expand(2, 9, 4).contiguous()
+    torch.manual_seed(1)
+    kept = drop_patches(states, 0.5)
+    assert kept.shape == (2, 5, 4)
+    assert torch.equal(kept[:, 0], states[:, 0]), "the CLS token always stays"
+    for row in range(2):
+        ids = kept[row, 1:, 0].tolist()
+        assert len(set(ids)) == 4 and all(states[row, 1, 0] <= i <= states[row, 8, 0] for i in ids)
+    torch.manual_seed(1)
+    assert torch.equal(drop_patches(states, 0.5), kept), "a function of the (reseeded) global RNG"
