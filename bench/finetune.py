@@ -103,9 +103,12 @@ def render(
         f"{min(loads):.1f}–{max(loads):.1f} (mean {sum(loads) / len(loads):.1f})" if loads else "not sampled"
     )
     evals = json.dumps(report.get("evals_per_epoch", []))
+    a = report["args"]
     lines = [
-        "Default recipe (last 2 blocks of both towers + new projections, frozen-layer cache, "
-        f"{report['args']['epochs']} epochs, batch {report['args']['batch_size']}), Flickr8k train "
+        f"Default recipe (last {a['unfreeze_last_n']} blocks of both towers + new projections, frozen-layer "
+        f"cache, {a['epochs']} epochs, batch {a['batch_size']}, lr {a['lr']:g} / head lr {a['head_lr']:g}, "
+        f"patch dropout {a.get('patch_dropout', 0.0):g}, {report.get('precision', 'no')} autocast), "
+        "Flickr8k train "
         f"({report['train_pairs']} images) → dev ({after['images']} images, {after['captions']} captions).",
         "",
         "```",
@@ -119,7 +122,9 @@ def render(
         "",
         f"- target T→I R@1 ≥ 25 and R@10 ≥ 65: **{'met' if met else 'not met'}**",
         f"- training {report['train_seconds'] / 60:.1f} min ({report['steps']} steps, "
-        f"{report['samples_per_second']:.1f} samples/s on {report['device']}); frozen-layer cache "
+        f"{report['samples_per_second']:.1f} samples/s on {report['device']}"
+        + (f", {report['train_cpu_seconds'] / 60:.1f} CPU-min" if report.get("train_cpu_seconds") else "")
+        + "); frozen-layer cache "
         f"{report.get('cache_seconds', 0) / 60:.1f} min"
         + (f"; whole command {wall / 60:.1f} min wall-clock" if wall else ""),
         f"- load average (1 min) during the run: {load} on {os.cpu_count()} cores shared with other work",
