@@ -59,6 +59,7 @@ class BuildArgs(EncoderSettings):
     num_gpus_per_worker: float = arg(0.0, "GPUs per Ray encoder actor (0 = encode on CPU)")
     encode_workers: int | None = arg(None, "Ray encoder actors (default: one per GPU group, else 1)")
     shard_size: int = arg(1024, "records per Ray shard: the unit a killed run redoes")
+    window_shards: int = arg(256, "shards per Ray Data run: bounds the driver's memory on huge catalogs")
     memory_budget: str | None = arg(
         None, "auto-tune the FAISS factory to fit this much memory (e.g. 2GB), measured on the vectors"
     )
@@ -187,6 +188,7 @@ def _build_ray(
         num_gpus_per_worker=a.num_gpus_per_worker,
         encode_workers=a.encode_workers,
         shard_size=a.shard_size,
+        window_shards=a.window_shards,
     )
     kwargs = {"batch_size": a.batch_size, "num_workers": a.num_workers}
     report, run = build_with_ray(

@@ -117,7 +117,9 @@ def test_killed_ray_build_resumes_from_finished_shards(
         pattern_image(i, size=(640, 480)).save(photos / f"img_{i:03d}.jpg", quality=92)
     index = tmp_path / "index"
     address = ray.get_runtime_context().gcs_address  # a second driver on the module's cluster
-    args = _cli(str(photos), "--index", str(index), "--model", str(clip_path), "--shard-size", "2")
+    # windows of 4 shards: shards land a few at a time, so the kill falls mid-way even on a fast machine
+    args = _cli(str(photos), "--index", str(index), "--model", str(clip_path), "--shard-size", "2",
+                "--window-shards", "4")  # fmt: skip
     args += ["--address", address]
     env = {**os.environ, "PYTHONPATH": str(REPO), "VITRINE_BATCH_SIZE": "2"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
