@@ -32,9 +32,10 @@ def drift_tab(service: SearchService) -> None:
             "ones (MMD permutation test, domain-classifier AUC, mean shift); a new model is caught "
             "from its fingerprint. Checks run here, from `python -m indexer drift`, or a reindex scheduler."
         )
-        summary = gr.HTML(_summary(service.drift.status()), elem_id="drift-summary")
+        status = service.drift.status()
+        summary = gr.HTML(_summary(status), elem_id="drift-summary")
         plot = gr.LinePlot(
-            _history(service.drift.status()), x="time", y="value", color="metric", color_map=COLOURS,
+            _history(status), x="time", y="value", color="metric", color_map=COLOURS,
             title="Drift history", height=260, y_lim=[0, 1], elem_id="drift-plot",
         )  # fmt: skip
         with gr.Row():

@@ -103,8 +103,7 @@ class DriftMonitor:
         reports = self.journal.reports(limit=history)
         ref = None
         try:
-            loaded = reference.load(self.index) if IndexStore.exists(self.index) else None
-            ref = loaded.summary() if loaded is not None else None
+            ref = reference.summary(self.index) if IndexStore.exists(self.index) else None
         except VitrineError as exc:
             log.warning("reference sample unreadable: %s", exc)
         return {

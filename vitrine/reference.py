@@ -111,7 +111,21 @@ def load(root: str | Path, generation: str | None = None) -> Reference | None:
     return Reference(generation, info["model"], sample, int(info["index_count"]), float(info["created"]))
 
 
-def ensure(store: IndexStore, size: int = DEFAULT_SIZE) -> Reference:
-    """The generation's reference, captured now when it has none (an index built before references)."""
-    ref = load(store.root, store.generation)
-    return ref if ref is not None else capture(store, size)
+def summary(root: str | Path, generation: str | None = None) -> dict | None:
+    """The stored summary of a generation's reference without loading its embeddings (the app shows
+    it every few seconds; the sample itself is megabytes). None when no reference was captured."""
+    root = Path(root)
+    path = root / (generation or indexdir.read_current(root)) / FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:  # an .npz reads only the members asked for
+            info = json.loads(str(data["info"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise StoreError(
+            f"reference sample {path} is unreadable ({exc}); delete it to capture a new one"
+        ) from exc
+    if "summary" in info:
+        return info["summary"]
+    ref = load(root, generation)  # captured before summaries were stored with it
+    return None if ref is None else ref.summary()
