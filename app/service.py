@@ -58,6 +58,7 @@ class ServiceSettings:
     refresh_seconds: float = 2.0
     max_batch: int = 16
     batch_wait_ms: float = 2.0
+    trace: bool = True
     record_queries: bool = True
     store_query_text: bool = False
     admin: bool = False
@@ -120,6 +121,8 @@ class SearchService:
     def _install(self, searcher: Searcher) -> None:
         encoder = searcher.encoder
         if id(encoder) not in self._batchers:
+            if self.settings.trace:  # before the batchers exist, so no request sees a half-swapped model
+                log.info("model forwards: %s", encoder.trace())
             size, wait = self.settings.max_batch, self.settings.batch_wait_ms
             sizes = self.metrics.batch_size
             self._batchers[id(encoder)] = (
@@ -235,6 +238,7 @@ class SearchService:
             count=stats["count"],
             vectors=stats["vectors"],
             failed=stats["failed"],
+            forwards=searcher.encoder.trace_notes or "eager",
         )
         return body
 

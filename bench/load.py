@@ -149,19 +149,20 @@ async def one_call(http: httpx.AsyncClient, name: str, data: list, session: str)
     r = await http.post(f"/gradio_api/call/{name}", json={"data": data, "session_hash": session})
     r.raise_for_status()
     event_id = r.json()["event_id"]
+    outcome = "stream ended without a result"
     async with http.stream("GET", f"/gradio_api/call/{name}/{event_id}") as stream:
         event = ""
+        # Read to the end of the stream (the server closes it after the result): leaving early makes
+        # httpx drop the connection, and every request would then pay for a new TCP connection.
         async for line in stream.aiter_lines():
             if line.startswith("event:"):
                 event = line.split(":", 1)[1].strip()
             elif line.startswith("data:") and event in ("complete", "error"):
-                if event == "error":
-                    raise RuntimeError(line[5:].strip()[:200])
-                hits = json.loads(line[5:])[0]["hits"]
-                if not hits:
-                    raise RuntimeError("no hits")
-                return
-    raise RuntimeError("stream ended without a result")
+                outcome = line[5:].strip()[:200] if event == "error" else ""
+                if not outcome and not json.loads(line[5:])[0]["hits"]:
+                    outcome = "no hits"
+    if outcome:
+        raise RuntimeError(outcome)
 
 
 async def load(url: str, name: str, make_data, clients: int, seconds: float) -> dict:  # type: ignore[no-untyped-def]

@@ -198,6 +198,9 @@ class Encoder:
         self.draft_size = _input_size(image_processor) if draft_size == "auto" else draft_size
         self._fast = FastPreprocess.verified(image_processor)
         self.max_pixels = max_pixels
+        self._text_forward: Callable[..., torch.Tensor] | None = None
+        self._image_forward: Callable[..., torch.Tensor] | None = None
+        self.trace_notes: dict[str, str] = {}
         self.dim = int(self.encode_texts(["probe"]).shape[1])
         self.fingerprint = make_fingerprint(
             model_id, model, image_processor, tokenizer, {"draft": self.draft_size}, self.dim
@@ -210,6 +213,22 @@ class Encoder:
         """Load by hub id or local folder; ``kwargs`` are the constructor's knobs."""
         model, image_processor, tokenizer = load_components(name, revision)
         return cls(model, image_processor, tokenizer, model_id=name, **kwargs)
+
+    def trace(self) -> dict[str, str]:
+        """Run both towers as traced graphs from now on (for serving: :mod:`vitrine.traced` says why).
+
+        Returns, per tower, ``"traced"`` or why the eager forward stays (a tower that cannot be traced,
+        or whose traced output differs from eager, is left as it was). Outputs are unchanged, so the
+        fingerprint is too. Idempotent.
+        """
+        if not self.trace_notes:
+            from vitrine import traced
+
+            probe = self.preprocess([Image.new("RGB", (320, 240), (120, 90, 60))])
+            self._image_forward, image = traced.trace_image(self.model, probe.to(self.device, self.dtype))
+            self._text_forward, text = traced.trace_text(self.model, self.tokenize, self.device)
+            self.trace_notes = {"text": text, "image": image}
+        return self.trace_notes
 
     @property
     def version(self) -> str:
@@ -249,8 +268,9 @@ class Encoder:
                 "pixel values look like raw 0-255 input: pass images through Encoder.preprocess "
                 "(the checkpoint's own processor) first"
             )
-        feats = towers.image_features(self.model, pixel_values.to(self.device, self.dtype))
-        return _normalise(feats)
+        pixels = pixel_values.to(self.device, self.dtype)
+        forward = self._image_forward
+        return _normalise(forward(pixels) if forward else towers.image_features(self.model, pixels))
 
     def encode_images(self, images: Iterable[str | os.PathLike | bytes | Image.Image]) -> np.ndarray:
         """Embeddings for images in order; raises ImageDecodeError on the first undecodable one.
@@ -320,12 +340,12 @@ class Encoder:
         out = []
         for start in range(0, len(texts), self.batch_size):
             tokens = self.tokenize(texts[start : start + self.batch_size])
-            mask = tokens.get("attention_mask")
-            feats = towers.text_features(
-                self.model,
-                tokens["input_ids"].to(self.device),
-                None if mask is None else mask.to(self.device),
-            )
+            ids, mask = tokens["input_ids"].to(self.device), tokens.get("attention_mask")
+            mask = None if mask is None else mask.to(self.device)
+            if self._text_forward is None:
+                feats = towers.text_features(self.model, ids, mask)
+            else:
+                feats = self._text_forward(ids) if mask is None else self._text_forward(ids, mask)
             out.append(_normalise(feats))
         return np.concatenate(out) if out else np.zeros((0, getattr(self, "dim", 0)), np.float32)
 

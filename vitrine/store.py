@@ -36,6 +36,7 @@ from vitrine.ann import AnnIndex, exact_search, snapshots
 from vitrine.errors import FingerprintMismatch, QueryError, StoreError
 from vitrine.indexdir import Failure, NewItem
 from vitrine.query import Hit, assemble_hits, check_queries, filter_sql
+from vitrine.rwlock import SharedLock
 
 EXACT_FILTER_MAX = 8192
 _T = TypeVar("_T")
@@ -69,7 +70,7 @@ class IndexStore:
     ) -> None:
         """Private: use :meth:`create`, :meth:`open` or :meth:`create_generation`."""
         self.root, self.writable, self._lock_fd, self._expected = root, writable, lock_fd, expected
-        self._ann_lock, self._write_lock = threading.RLock(), threading.Lock()
+        self._ann_lock, self._write_lock = SharedLock(), threading.Lock()
         self._local, self._conns, self._cache, self._closed = threading.local(), [], {}, False
         for folder in (root, root / generation) if writable else ():
             for tmp in folder.glob("*.tmp-*"):  # left by a killed writer
@@ -254,14 +255,14 @@ class IndexStore:
             name = indexdir.read_current(self.root)
             if name != self._gen.name:
                 new = self._load_generation(name)
-                with self._ann_lock:
+                with self._ann_lock.exclusive():
                     self._gen, self._cache = new, {}
                 return True
             gen, conn = self._gen, self._conn()
             if indexdir.scalar(conn, "SELECT value FROM state WHERE name='seq'") == gen.seq:
                 return False
             delta = indexdir.changes(conn, gen.seq, gen.dim)
-            with self._ann_lock:
+            with self._ann_lock.exclusive():
                 if indexdir.apply_delta(gen.ann, delta):
                     gen.seq = delta[0]
                 else:
@@ -280,7 +281,7 @@ class IndexStore:
                 indexdir.scalar(conn, f"SELECT COUNT(*) FROM {t}")
                 for t in ("items", "vectors", "failures", "catalogs")
             )
-        with self._ann_lock:
+        with self._ann_lock.shared():
             ann = gen.ann
             memory, indexed = ann.memory_bytes(), ann.ntotal
         # fmt: off
@@ -374,7 +375,7 @@ class IndexStore:
             rows = indexdir.select_in(self._conn(), sql, allowed.tolist())
             scores, ids = exact_search(q, int(k), *indexdir.id_vectors(rows, gen.dim))
         else:
-            with self._ann_lock:
+            with self._ann_lock.shared():
                 scores, ids = gen.ann.search(q, int(k), allowed)
         model = str(gen.manifest["fingerprint"].get("id"))
         return assemble_hits(self._conn(), gen.name, model, scores, ids, where, args)
@@ -431,7 +432,7 @@ class IndexStore:
                     conn.execute("DELETE FROM failures WHERE key=?", (key,))
                 dropped = indexdir.drop_orphans(conn, seq, candidates, added)
                 conn.execute("UPDATE state SET value=? WHERE name='seq'", (seq,))
-            with self._ann_lock:
+            with self._ann_lock.exclusive():
                 if added:
                     self._gen.ann.add(np.array(list(added), dtype=np.int64), np.stack(list(added.values())))
                 self._gen.ann.remove(np.array(dropped, dtype=np.int64))
@@ -478,7 +479,7 @@ class IndexStore:
                 fresh = AnnIndex(gen.dim, gen.manifest.get("factory"), gen.manifest.get("search_params"))
                 rows = self._conn().execute("SELECT id, embedding FROM vectors")
                 fresh.rebuild(*indexdir.id_vectors(rows, gen.dim))
-                with self._ann_lock:
+                with self._ann_lock.exclusive():
                     gen.ann = fresh
             if gen.snapshot_seq == gen.seq and not rebuild:
                 return

@@ -177,6 +177,7 @@ def test_healthz_and_metrics(client: Client, live_server: LiveServer) -> None:
     client.predict("pattern number 2", 3, {}, api_name="/search_text")
     body = health(live_server)
     assert body["ok"] and body["index_loaded"] and body["model_loaded"] and body["count"] == 24
+    assert body["forwards"] == {"text": "traced", "image": "traced"}  # the server's default
     status, _ = get(live_server.url + "/metrics")
     assert status == 200
     assert metric(live_server, "vitrine_requests_total", endpoint="search_text", outcome="ok") >= 1
