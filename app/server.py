@@ -25,7 +25,7 @@ import gradio as gr
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
-from app.service import SearchService
+from app.service import SearchService, settle_heap
 from app.ui import CSS, build_demo
 from vitrine.metrics import Metrics
 
@@ -71,12 +71,14 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
     demo = build_demo(service)
     demo.queue(default_concurrency_limit=concurrency, max_size=settings.max_queue)
     service.start()
-    return gr.mount_gradio_app(
+    mounted = gr.mount_gradio_app(
         app, demo, path="/", server_name=settings.host, server_port=settings.port,
         auth=settings.auth, max_file_size=int(settings.max_upload_mb * 1024 * 1024), ssr_mode=False,
         theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, footer_links=["api"],
         show_error=True, allowed_paths=[], run_history=False, enable_monitoring=False,
     )  # fmt: skip
+    settle_heap()
+    return mounted
 
 
 class RefusedUploads:
