@@ -37,6 +37,10 @@ class AppArgs(EncoderSettings):
     batch_wait_ms: float = arg(
         2.0, "how long a model call waits for more queries to batch with", env="BATCH_WAIT_MS"
     )
+    switch_interval_ms: float = arg(
+        1.0, "how long a thread may hold the GIL while others wait for it (Python's default is 5)",
+        env="SWITCH_INTERVAL_MS",
+    )  # fmt: skip
     max_queue: int = arg(256, "queued requests beyond which new ones are refused", env="MAX_QUEUE")
     max_upload_mb: float = arg(20.0, "largest accepted upload in MB", env="MAX_UPLOAD_MB")
     max_pixels: int = arg(
@@ -109,7 +113,7 @@ def server_settings(a: AppArgs):  # type: ignore[no-untyped-def]
         auth = (user, password)
     return ServerSettings(
         host=a.host, port=a.port, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_upload_mb=a.max_upload_mb, auth=auth,
+        max_upload_mb=a.max_upload_mb, auth=auth, switch_interval_ms=a.switch_interval_ms,
     )  # fmt: skip
 
 

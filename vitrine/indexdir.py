@@ -45,6 +45,10 @@ INSERT INTO state(name, value) VALUES ('seq', 0), ('schema', 1);
 """
 
 
+#: Address space a read-only connection maps of its database (shared page cache, not private memory).
+READER_MMAP_BYTES = 1 << 30
+
+
 def connect(db: Path, readonly: bool, create: bool = False) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(
@@ -57,6 +61,9 @@ def connect(db: Path, readonly: bool, create: bool = False) -> sqlite3.Connectio
         conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
         if readonly:
             conn.execute("PRAGMA query_only=1")
+            # Searches read ~10 random rows each: through the OS page cache by mmap that took 0.11 ms
+            # per 10-hit lookup at 100k items, against 0.39 ms through SQLite's read() + 2 MB cache.
+            conn.execute(f"PRAGMA mmap_size={READER_MMAP_BYTES}")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open index database {db}: {exc}") from exc
     return conn
