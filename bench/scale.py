@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated synthetic sizes (default 100000,1000000)")
     parser.add_argument("--factories", help="comma-separated substrings: run only factories containing one")
     parser.add_argument("--no-photos", action="store_true", help="skip the flickr8k rows and the Ray run")
+    parser.add_argument("--hnsw-at-1m", action="store_true", help="also build HNSW32 at 1M+ (slow: 2 cores)")
     parser.add_argument("--autotune-check", type=int, metavar="N", help="only check autotune's PQ+RFlat at N")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         nlist = 1024 if n >= 1_000_000 else 256
         for factory in ("Flat", "HNSW32", f"IVF{nlist},PQ32,RFlat", f"IVF{nlist},SQ8"):
-            if factory == "HNSW32" and n >= 1_000_000:
+            if factory == "HNSW32" and n >= 1_000_000 and not args.hnsw_at_1m:
                 notes.append("HNSW32 at 1M skipped: ~15+ min to insert on 2 cores (100k row x10+)")
                 continue
             configs.append({"data": "mixture", "n": n, "dim": args.dim, "factory": factory})
