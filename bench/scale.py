@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 PHOTOS = HERE.parents[1] / "shared" / "datasets" / "flickr8k"
 OPQ_NOTE = ("OPQ32_128,IVF256,PQ32,RFlat took 308 s to build at 20k x 256 here (OPQ training; recall@10 "
             "0.996-0.999, like IVF-PQ+RFlat without it), so the sweep uses IVF-PQ+RFlat without OPQ")
-SWEEPS = {"HNSW": ("efSearch", (16, 32, 64, 128, 256)), "IVF": ("nprobe", (4, 8, 16, 32, 64, 128))}
+SWEEPS = {"HNSW": ("efSearch", (16, 32, 64, 128, 256, 512, 1024)), "IVF": ("nprobe", (4, 8, 16, 32, 64, 128))}
 #: Refine structures (",RFlat" / "Refine(...)") sweep k_factor (candidates re-ranked per result) crossed
 #: with fewer nprobe values: their recall is bounded by how far down the PQ ranking the true neighbours
 #: fall, which only k_factor reaches (nprobe alone left IVF1024,PQ32,RFlat at 0.606 at 1M).

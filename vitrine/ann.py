@@ -59,8 +59,8 @@ def _threads(n: int | None) -> Iterator[None]:
 #: Auto choice by size, tuned for a 2-core CPU. Up to FLAT_MAX: exact ``Flat`` (a 50k x 512 scan is a
 #: few ms per query and needs no training, so approximation would only cost recall). Up to HNSW_MAX:
 #: ``HNSW32`` (4*dim + ~270 B/vector, no training; inserting costs a few ms per 512-d vector on 2
-#: cores: 100k in ~80 s and 225k in ~200 s on a busy 2-core box, 1M extrapolated to ~17 min). Past
-#: 200k, IVF2048,SQ8 builds faster, holds 4x less and recalls as well (bench/search.py).
+#: cores: 100k in ~80 s busy, 1M x 256-d in 146 s quiet, where recall@10 was only 0.926 at efSearch 256
+#: on bench/scale.py's mixture). Past 200k, IVF2048,SQ8 builds faster, holds 4x less, recalls as well.
 #: Above: ``IVF{nlist},SQ8`` (dim B/vector; recall@10 ~0.98 at
 #: nprobe = nlist/64; k-means on 2 x 39 x nlist samples), nlist 2048 up to SQ8_MAX and 8192 beyond so
 #: lists stay short. PQ/OPQ are left to explicit requests: unrefined, their recall@10 measured 0.2-0.7
