@@ -112,3 +112,14 @@ def test_refine_structures_sweep_k_factor_with_nprobe(monkeypatch: pytest.Monkey
     monkeypatch.setattr(autotune, "K_FACTORS", (8,))
     capped = tune(data[:-100], 6000, TuneRequest(target_recall=0.95, queries=100))
     assert not capped.met and capped.candidates[0].recall < 0.9
+
+
+def test_opq_refine_candidate_is_measured_and_can_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default candidates include OPQ + IVF-PQ + RFlat; alone, it is built, swept and qualifies."""
+    assert "OPQ8_32,IVF{nlist},PQ8,RFlat" in autotune.candidates(10**6, 32)
+    monkeypatch.setattr(autotune, "candidates", lambda n, dim: ["OPQ8_16,IVF{nlist},PQ8,RFlat"])
+    data = clustered(10_200, 32)
+    result = tune(data[:-100], 10_000, TuneRequest(target_recall=0.95, queries=100))
+    assert result.met and result.factory == "OPQ8_16,IVF256,PQ8,RFlat", result
+    with pytest.raises(autotune.TuningError, match="can be trained"):  # OPQ's 8-bit PQ needs 9,984
+        tune(data[:6000], 5900, TuneRequest(target_recall=0.95, queries=100))
