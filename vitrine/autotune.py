@@ -131,7 +131,7 @@ def candidates(n: int, dim: int) -> list[str]:
 
     OPQ + PQ + RFlat rotates (and, past ``4 m`` dimensions, reduces) the vectors before PQ: at 1M x 256
     (bench/scale.py) it reached recall@10 1.000 at 2.4x the QPS of plain PQ + RFlat for the same memory,
-    and its training took under a minute on 2 cores.
+    though its training makes a build take ~1-2 minutes on 2 cores whatever the sample size.
     """
     m = pq_m(dim)
     return [
