@@ -100,7 +100,7 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
     loss.backward()
     for r, payload in enumerate(ranks):
         assert payload["world"] == 2 and payload["negatives"] == 7  # 8 - 1: both processes' pairs
-        assert payload["loss"] == pytest.approx(float(loss), rel=1e-5)
+        assert payload["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
         rows = slice(4 * r, 4 * r + 4)
         torch.testing.assert_close(
             torch.tensor(payload["image_grad"]), images.grad[rows], rtol=1e-4, atol=1e-6
