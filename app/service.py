@@ -16,12 +16,15 @@ are validated, timed, logged and counted identically. Its jobs:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import gc
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from app.indexing import IndexBuilder
 from app.monitor import DriftMonitor
 from app.requests import RequestRefused, file_size, normalise_filters, number, translate
 from app.sources import SourceGuard
+from app.textqueries import Answer, TextQuery, encode_or_search
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, VitrineError
 from vitrine.metrics import Metrics
 from vitrine.search import Searcher, SearchLimits, check_k, check_text, check_weight, mix
@@ -142,8 +146,8 @@ class SearchService:
             size, wait = self.settings.max_batch, self.settings.batch_wait_ms
             sizes = self.metrics.batch_size
             self._batchers[id(encoder)] = (
-                MicroBatcher(encoder.encode_texts, max_batch=size, max_wait_ms=wait, name="text-batcher",
-                             on_batch=sizes.labels("text").observe),
+                MicroBatcher(functools.partial(encode_or_search, encoder, self._answer_text), max_batch=size,
+                             max_wait_ms=wait, name="text-batcher", on_batch=sizes.labels("text").observe),
                 MicroBatcher(lambda px: encoder.encode_pixels(torch.cat(px)), max_batch=size,
                              max_wait_ms=wait, name="image-batcher", on_batch=sizes.labels("image").observe),
             )  # fmt: skip
@@ -280,6 +284,32 @@ class SearchService:
             "search_text", lambda s, f, kk: self._query(s, None, text, 1.0, kk, f, True), k, filters
         )
 
+    async def search_text_async(self, text: str | None, k: Any = 10, filters: Any = None) -> dict[str, Any]:
+        """:meth:`search_text` for the event loop: same checks and result, no worker thread
+        (:mod:`app.textqueries` says why)."""
+        start = time.perf_counter()
+        with self._handled("search_text", start):
+            searcher, kk = self._require(), number(k, "k", int)
+
+            def checked() -> list:
+                check_k(kk, self.limits)
+                return [TextQuery(searcher, check_text(text, self.limits), kk, filters)]
+
+            query = translate(checked)[0]
+            answer = await asyncio.wrap_future(self._batchers[id(searcher.encoder)][0].submit(query))
+            hits = translate(lambda: _unwrap(answer))
+        return self._result("search_text", start, kk, hits, searcher)
+
+    def _answer_text(self, query: TextQuery, vector: Any) -> Answer:
+        """In the text batcher's thread: one query's hits, or the error that is its answer."""
+        try:
+            hits = query.searcher.by_vector(vector, query.k, self._filters(query.searcher, query.filters))
+        except Exception as exc:  # reported to that request alone
+            return exc
+        s, best = query.searcher, hits[0].score if hits else None
+        self.drift.record(s.store.generation, s.model_version, vector, best, "text")
+        return hits
+
     def search_image(self, image: Any, k: Any = 10, filters: Any = None) -> dict[str, Any]:
         return self._run(
             "search_image",
@@ -313,26 +343,38 @@ class SearchService:
         self, endpoint: str, work: Callable[[Searcher, dict[str, str], int], list], k: Any, filters: Any
     ) -> dict:
         start = time.perf_counter()
+        with self._handled(endpoint, start):
+            searcher, kk = self._require(), number(k, "k", int)
+
+            def checked() -> list:
+                check_k(kk, self.limits)
+                return work(searcher, self._filters(searcher, filters), kk)
+
+            hits = translate(checked)
+        return self._result(endpoint, start, kk, hits, searcher)
+
+    def _require(self) -> Searcher:
+        searcher = self._searcher
+        if searcher is None:
+            raise RequestRefused("no_index", self.empty_message())
+        return searcher
+
+    @contextlib.contextmanager
+    def _handled(self, endpoint: str, start: float) -> Iterator[None]:
+        """Time and count a request; refusals are logged, anything else becomes an ``internal`` refusal."""
         try:
             with self.metrics.track(endpoint):
-                searcher = self._searcher
-                if searcher is None:
-                    raise RequestRefused("no_index", self.empty_message())
-                kk = number(k, "k", int)
-
-                def checked() -> list:
-                    check_k(kk, self.limits)
-                    return work(searcher, self._filters(searcher, filters), kk)
-
-                hits = translate(checked)
+                yield
         except RequestRefused as exc:
             log.info("%s error=%s %.1fms: %s", endpoint, exc.reason, _ms(start), exc)
             raise
         except Exception as exc:  # a bug must not take the server down, and the client hears about it
             log.exception("%s failed after %.1fms", endpoint, _ms(start))
             raise RequestRefused("internal", f"search failed: {type(exc).__name__}") from exc
+
+    def _result(self, endpoint: str, start: float, k: int, hits: list, searcher: Searcher) -> dict:
         took = _ms(start)
-        log.info("%s ok %.1fms k=%d hits=%d", endpoint, took, kk, len(hits))
+        log.info("%s ok %.1fms k=%d hits=%d", endpoint, took, k, len(hits))
         info = self.info()
         return {
             "hits": [h.to_dict() for h in hits],
@@ -429,6 +471,12 @@ class SearchService:
             f"`python -m indexer build CATALOG --index {self.settings.index}`, "
             "or add photos under 'Index photos' on the page"
         )
+
+
+def _unwrap(answer: Answer) -> list:
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def _ms(start: float) -> float:

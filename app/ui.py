@@ -142,7 +142,8 @@ def build_demo(service: SearchService) -> gr.Blocks:
         def endpoint(name: str, fn: Any, inputs: list) -> Any:
             return {"fn": fn, "inputs": inputs, "outputs": [result], "api_name": name}
 
-        text_ev = text.submit(**endpoint("search_text", _api(service.search_text), [text, k, filters]))
+        by_text = _api_async(service.search_text_async)
+        text_ev = text.submit(**endpoint("search_text", by_text, [text, k, filters]))
         text_ev.success(**show, **private)
         image_ev = image.upload(**endpoint("search_image", _api(service.search_image), [image, k, filters]))
         image_ev.success(**show, **private)
@@ -183,6 +184,19 @@ def _api(method: Any) -> Any:
     def call(*args: Any) -> dict:
         try:
             return method(*args)
+        except RequestRefused as exc:
+            raise gr.Error(str(exc), title="Cannot search", print_exception=False) from None
+
+    return call
+
+
+def _api_async(method: Any) -> Any:
+    """:func:`_api` for a coroutine method (Gradio awaits it on the event loop, no worker thread)."""
+
+    @functools.wraps(method)
+    async def call(*args: Any) -> dict:
+        try:
+            return await method(*args)
         except RequestRefused as exc:
             raise gr.Error(str(exc), title="Cannot search", print_exception=False) from None
 
