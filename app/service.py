@@ -146,7 +146,7 @@ class SearchService:
             size, wait = self.settings.max_batch, self.settings.batch_wait_ms
             sizes = self.metrics.batch_size
             self._batchers[id(encoder)] = (
-                MicroBatcher(functools.partial(encode_or_search, encoder, self._answer_text), max_batch=size,
+                MicroBatcher(functools.partial(encode_or_search, encoder, self._answer_texts), max_batch=size,
                              max_wait_ms=wait, name="text-batcher", on_batch=sizes.labels("text").observe),
                 MicroBatcher(lambda px: encoder.encode_pixels(torch.cat(px)), max_batch=size,
                              max_wait_ms=wait, name="image-batcher", on_batch=sizes.labels("image").observe),
@@ -300,15 +300,18 @@ class SearchService:
             hits = translate(lambda: _unwrap(answer))
         return self._result("search_text", start, kk, hits, searcher)
 
-    def _answer_text(self, query: TextQuery, vector: Any) -> Answer:
-        """In the text batcher's thread: one query's hits, or the error that is its answer."""
+    def _answer_texts(self, queries: list[TextQuery], vectors: Any) -> list[Answer]:
+        """In the text batcher's thread: the hits of queries sharing searcher, k and filters, or the
+        error that is all of their answer (a bad filter is every such query's error)."""
+        s = queries[0].searcher
         try:
-            hits = query.searcher.by_vector(vector, query.k, self._filters(query.searcher, query.filters))
-        except Exception as exc:  # reported to that request alone
-            return exc
-        s, best = query.searcher, hits[0].score if hits else None
-        self.drift.record(s.store.generation, s.model_version, vector, best, "text")
-        return hits
+            answers = s.by_vectors(vectors, queries[0].k, self._filters(s, queries[0].filters))
+        except Exception as exc:  # reported to these requests alone
+            return [exc] * len(queries)
+        for vector, hits in zip(vectors, answers, strict=True):
+            best = hits[0].score if hits else None
+            self.drift.record(s.store.generation, s.model_version, vector, best, "text")
+        return list(answers)
 
     def search_image(self, image: Any, k: Any = 10, filters: Any = None) -> dict[str, Any]:
         return self._run(

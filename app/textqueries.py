@@ -14,9 +14,12 @@ the queries batched with it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from vitrine.encoder import Encoder
 from vitrine.search import Searcher
@@ -39,9 +42,22 @@ Answer = list[Hit] | Exception
 
 def encode_or_search(
     encoder: Encoder,
-    answer: Callable[[TextQuery, Any], Answer],
+    answer: Callable[[list[TextQuery], np.ndarray], list[Answer]],
     items: Sequence[str | TextQuery],
 ) -> list[Any]:
-    """The text batcher's function: a plain string gets its embedding, a TextQuery its answer."""
+    """The text batcher's function: a plain string gets its embedding, a TextQuery its answer.
+
+    Queries with the same searcher, k and filters are answered together (one FAISS call, one
+    metadata lookup for all of them).
+    """
     vectors = encoder.encode_texts([i if isinstance(i, str) else i.text for i in items])
-    return [v if isinstance(i, str) else answer(i, v) for i, v in zip(items, vectors, strict=True)]
+    out: list[Any] = list(vectors)
+    groups: dict[tuple, list[int]] = {}
+    for j, item in enumerate(items):
+        if isinstance(item, TextQuery):
+            key = (id(item.searcher), item.k, json.dumps(item.filters, sort_keys=True, default=str))
+            groups.setdefault(key, []).append(j)
+    for rows in groups.values():
+        for j, result in zip(rows, answer([items[j] for j in rows], vectors[rows]), strict=True):  # type: ignore[misc]
+            out[j] = result
+    return out

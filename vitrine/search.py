@@ -65,8 +65,14 @@ class Searcher:
         return mix(text_vec, None if image is None else self.image_vector(image), weight)
 
     def by_vector(self, vector: np.ndarray, k: int = 10, filters: dict[str, str] | None = None) -> list[Hit]:
+        return self.by_vectors(vector[None, :], k, filters)[0]
+
+    def by_vectors(
+        self, vectors: np.ndarray, k: int = 10, filters: dict[str, str] | None = None
+    ) -> list[list[Hit]]:
+        """Several queries in one FAISS call and one metadata lookup (a server's batch of queries)."""
         self._check_k(k)
-        return self.store.search(vector[None, :], k=k, filters=filters or None)[0]
+        return self.store.search(vectors, k=k, filters=filters or None)
 
     def search_text(self, text: str, k: int = 10, filters: dict[str, str] | None = None) -> list[Hit]:
         self._check_k(k)

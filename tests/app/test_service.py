@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -165,5 +166,44 @@ def test_server_settles_its_heap_and_gradio_does_not_resummarise_per_request(tmp
         queues = [o for o in gc.get_objects() if type(o) is Queue and id(o) not in before]
         assert queues and all(q.ANAYLTICS_CACHE_FREQUENCY >= 1000 for q in queues)
         assert all(q.ANALYTICS_MAX_EVENTS <= 2000 for q in queues)
+    finally:
+        service.close()
+
+
+def test_text_batch_answers_each_query_and_isolates_bad_ones(
+    photo_folder: Path, tmp_path: Path, clip_path: Path
+) -> None:
+    """The text batcher's work (app.textqueries): one forward for the batch, grouped searches, each
+    query its own answer; a bad filter is that query's error only. The async endpoint agrees with the
+    synchronous one."""
+    import asyncio
+
+    from app.textqueries import TextQuery, encode_or_search
+
+    settings = ServiceSettings(index=str(tmp_path / "index"), model=str(clip_path), refresh_seconds=0)
+    service = SearchService(settings)
+    try:
+        service.build_index([str(p) for p in sorted(photo_folder.rglob("*.jpg"))])
+        s = service.searcher
+        assert s is not None
+        items = [
+            TextQuery(s, "a photo", 3, {}), "plain text", TextQuery(s, "stripes", 5, None),
+            TextQuery(s, "a photo", 3, {"colour": "red"}), TextQuery(s, "dots", 3, {}),
+        ]  # fmt: skip
+        out = encode_or_search(s.encoder, service._answer_texts, items)
+        for i, (text, k) in {0: ("a photo", 3), 2: ("stripes", 5), 4: ("dots", 3)}.items():
+            assert [h.key for h in out[i]] == [h.key for h in s.search_text(text, k)]
+        np.testing.assert_allclose(out[1], s.encoder.encode_texts(["plain text"])[0], atol=1e-6)
+        assert isinstance(out[3], RequestRefused) and out[3].reason == "unknown_filter"
+
+        sync = service.search_text("stripes", 4)
+        by_loop = asyncio.run(service.search_text_async("stripes", 4))
+        assert [h["key"] for h in by_loop["hits"]] == [h["key"] for h in sync["hits"]]
+        assert by_loop["model_version"] == sync["model_version"]
+        with pytest.raises(RequestRefused, match="unknown"):
+            asyncio.run(service.search_text_async("stripes", 4, {"colour": "red"}))
+        with pytest.raises(RequestRefused) as empty:
+            asyncio.run(service.search_text_async("  ", 4))
+        assert empty.value.reason == "empty_query"
     finally:
         service.close()
