@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,25 +281,32 @@ class SearchService:
 
     # ------------------------------------------------------------------ search
     def search_text(self, text: str | None, k: Any = 10, filters: Any = None) -> dict[str, Any]:
-        return self._run(
-            "search_text", lambda s, f, kk: self._query(s, None, text, 1.0, kk, f, True), k, filters
-        )
+        start = time.perf_counter()
+        with self._handled("search_text", start):
+            searcher, kk, future = self._submit_text(text, k, filters)
+            hits = translate(lambda: _unwrap(future.result()))
+        return self._result("search_text", start, kk, hits, searcher)
 
     async def search_text_async(self, text: str | None, k: Any = 10, filters: Any = None) -> dict[str, Any]:
         """:meth:`search_text` for the event loop: same checks and result, no worker thread
         (:mod:`app.textqueries` says why)."""
         start = time.perf_counter()
         with self._handled("search_text", start):
-            searcher, kk = self._require(), number(k, "k", int)
-
-            def checked() -> list:
-                check_k(kk, self.limits)
-                return [TextQuery(searcher, check_text(text, self.limits), kk, filters)]
-
-            query = translate(checked)[0]
-            answer = await asyncio.wrap_future(self._batchers[id(searcher.encoder)][0].submit(query))
+            searcher, kk, future = self._submit_text(text, k, filters)
+            answer = await asyncio.wrap_future(future)
             hits = translate(lambda: _unwrap(answer))
         return self._result("search_text", start, kk, hits, searcher)
+
+    def _submit_text(self, text: str | None, k: Any, filters: Any) -> tuple[Searcher, int, Future]:
+        """Validate a text search and hand it to the text batcher, which answers it (hits or error)."""
+        searcher, kk = self._require(), number(k, "k", int)
+
+        def checked() -> list:
+            check_k(kk, self.limits)
+            return [TextQuery(searcher, check_text(text, self.limits), kk, filters)]
+
+        query = translate(checked)[0]
+        return searcher, kk, self._batchers[id(searcher.encoder)][0].submit(query)
 
     def _answer_texts(self, queries: list[TextQuery], vectors: Any) -> list[Answer]:
         """In the text batcher's thread: the hits of queries sharing searcher, k and filters, or the
@@ -330,7 +338,7 @@ class SearchService:
             photo = self._image(s, image, False)
             if photo is None and not (text or "").strip():
                 raise RequestRefused("empty_query", "give a photo, a text, or both")
-            return self._query(s, photo, text, w, kk, f, photo is None)
+            return self._query(s, photo, text, w, kk, f)
 
         return self._run("search", run, k, filters)
 
@@ -390,10 +398,10 @@ class SearchService:
 
     def _query(
         self, s: Searcher, image: Image.Image | None, text: str | None, weight: float, k: int,
-        filters: dict[str, str], text_only: bool = False,
+        filters: dict[str, str],
     ) -> list:  # fmt: skip
         has_text = bool((text or "").strip())
-        if text_only or has_text:
+        if has_text:
             text = check_text(text, self.limits)
         text_batcher, image_batcher = self._batchers[id(s.encoder)]
         pending = [] if image is None else [image_batcher.submit(s.encoder.preprocess([image]))]

@@ -50,7 +50,8 @@ def test_writer_excludes_readers_and_is_not_starved() -> None:
     reading.wait(5)
     w = threading.Thread(target=writer)
     w.start()
-    while not lock._writers_waiting:  # the writer now waits for reader 1
+    deadline = time.monotonic() + 5
+    while not lock._writers_waiting and time.monotonic() < deadline:  # the writer waits for reader 1
         time.sleep(0.001)
     r2 = threading.Thread(target=late_reader)
     r2.start()
