@@ -160,12 +160,11 @@ class SearchService:
         self._publish_index()
         if old is not None and old.store is not searcher.store:
             old.store.close()
-        if old is not None and old.encoder is not encoder:
-            settle_heap()  # the new model's objects join the frozen heap; the old one's can be freed
         if old is not None and old.encoder is not encoder:  # a new model: retire the old batchers later,
             retired = self._batchers.pop(id(old.encoder), ())  # once requests in flight are answered
             for batcher in retired:
                 threading.Timer(60, batcher.close).start()
+            settle_heap()  # the new model's objects join the frozen heap; the old one's can be freed
 
     def _publish_index(self) -> None:
         """Refresh the cached identity (per-request results must not run COUNT(*) over the index)."""

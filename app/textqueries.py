@@ -2,7 +2,7 @@
 
 Why: with Gradio's queue, a synchronous endpoint occupies a worker thread per request, and that thread
 then hands the text to the model thread and waits. Measured with a function that does no work at
-all, that hop alone cost ~1 ms of CPU per request and moved p99 from 164 to 208 ms under 16 clients
+all, that hop alone cost 0.8 ms of CPU per request and moved p99 from 164 to 208 ms under 16 clients
 on 2 cores (bench/RESULTS.md): most of a 250 ms budget. So ``search_text`` is a coroutine that puts a
 :class:`TextQuery` on the text batcher and awaits it. The batcher's thread encodes every text that
 arrived together in one forward (plain strings, from combined searches, share it) and answers each

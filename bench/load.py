@@ -7,7 +7,7 @@ through Gradio's HTTP API (``POST /gradio_api/call/<name>`` then read the event 
 keeping one session as a ``gradio_client.Client`` or a browser tab does (a new session per request
 makes Gradio rebuild the page's per-session state, about 10 ms of CPU) and one keep-alive connection.
 The clients share the server's cores, so they are kept light: a minimal HTTP/1.1 client on asyncio
-streams (about 1 ms of CPU per search; httpx cost 5-7, ``gradio_client``'s per-call threads more),
+streams (0.5-0.8 ms of CPU per search; httpx cost 5-7, ``gradio_client``'s per-call threads more),
 and their CPU per request is reported. It reports throughput, p50/p95/p99 latency and the error count.
 
 Baseline, measured in the same run: the same searches called in-process, one at a time, through
@@ -150,7 +150,7 @@ def baseline(searcher, n: int, photo: bytes) -> dict[str, list[float]]:  # type:
 class Connection:
     """One keep-alive HTTP/1.1 connection speaking just what the benchmark needs (JSON POST, a chunked
     event stream). The clients run on the server's own cores, so every millisecond they spend is taken
-    from the server: httpx cost 5-7 ms of CPU per search here, this about a fifth of that."""
+    from the server: httpx cost 5-7 ms of CPU per search here, this 0.5-0.8 ms."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
