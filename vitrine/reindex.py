@@ -218,11 +218,14 @@ class Reindexer:
                 "index a catalog with `python -m indexer build CATALOG --index DIR` first"
             )
         donor = live if live.fingerprint.get("id") == new.fingerprint.get("id") else None
+        excluded = live.exclusions()  # takedowns carry over to the new generation before anything is read
+        if excluded:
+            new.write(exclude=sorted(excluded.paths))
         totals: Counter[str] = Counter()
         keys: set[str] = set()
         for _source, spec in sorted(catalogs.items()):
             catalog = open_catalog(**spec)
-            keys.update(r.key for r in catalog)
+            keys.update(r.key for r in catalog if not excluded.covers(r.key))
             every = self.settings.commit_every
             ingest = Ingestor(new, self.encoder, commit_every=every, donor=donor, progress=self.progress)
             done = ingest.run(catalog).to_dict()
