@@ -296,4 +296,3 @@ def upsert_item(
     conn.execute("DELETE FROM failures WHERE key=?", (item.key,))
     if old is not None and old[0] != vid:
         candidates.add(old[0])
-
