@@ -5,6 +5,8 @@
     python -m indexer status --index DIR [--json]
     python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--filter key=value] [--json]
     python -m indexer remove --index DIR PATH...
+    python -m indexer restore --index DIR PATH...
+    python -m indexer repair --index DIR [--json]
     python -m indexer towers --vision-model V --text-model T --output DIR
     python -m indexer reindex --index DIR [--model M] [--if-drifted] [--retrain-ivf] [--rollback] [--every 1h]
     python -m indexer drift --index DIR [--window 24h] [--sample CATALOG] [--model M] [--json]
@@ -96,6 +98,23 @@ class RemoveArgs:
 
     paths: list[str] = arg([], "files or folders to remove", positional=True)
     index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
+
+
+@dataclass(kw_only=True)
+class RestoreArgs:
+    """Lift exclusions recorded by `remove`: the next build or reindex indexes those paths again."""
+
+    paths: list[str] = arg([], "files or folders to restore", positional=True)
+    index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
+
+
+@dataclass(kw_only=True)
+class RepairArgs:
+    """Repair a damaged index directory where it can be done exactly: CURRENT from HISTORY (or the newest
+    complete generation), manifest.json from its copy in meta.sqlite, the FAISS snapshot from SQLite."""
+
+    index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
+    json: bool = arg(False, "machine-readable output")
 
 
 @dataclass(kw_only=True)
@@ -219,6 +238,8 @@ def status_payload(index: str) -> dict[str, Any]:
             "model": store.fingerprint,
             "failed": failed,
             "catalogs": list(store.catalogs()),
+            "excluded": sorted(store.exclusions().paths),
+            "snapshot_damage": store.snapshot_damage,
             "index": str(Path(index).resolve()),
         }
     finally:
@@ -226,7 +247,14 @@ def status_payload(index: str) -> dict[str, Any]:
 
 
 def cmd_status(a: StatusArgs) -> int:
-    payload = status_payload(a.index)
+    from vitrine.errors import IndexDamaged
+
+    try:
+        payload = status_payload(a.index)
+    except IndexDamaged as exc:  # scripts get the diagnosis as JSON too; the error line follows
+        if a.json:
+            print(json.dumps({"index": str(Path(a.index).resolve()), **exc.state.to_dict()}))
+        raise
     _emit(
         payload,
         a.json,
@@ -282,11 +310,31 @@ def cmd_remove(a: RemoveArgs) -> int:
             for k in sorted(store.keys())
             if any(k == w or k.startswith(w.rstrip("/") + "/") for w in wanted)
         ]
-        if keys:
-            store.write(remove_keys=keys)
+        store.write(remove_keys=keys, exclude=wanted)  # excluded until `restore`: builds skip them
     finally:
         store.close()
-    print(f"removed {len(keys)} items")
+    print(f"removed {len(keys)} items; excluded until `indexer restore`: {' '.join(wanted)}")
+    return 0
+
+
+def cmd_restore(a: RestoreArgs) -> int:
+    from vitrine.store import IndexStore
+
+    if not a.paths:
+        return _fail("give at least one PATH to restore")
+    wanted = [str(Path(p).resolve()) for p in a.paths]
+    with IndexStore.open(a.index, writable=True) as store:
+        lifted = store.restore(wanted)
+    unknown = [w for w in wanted if w not in lifted]
+    print(f"restored {len(lifted)} of {len(wanted)} paths; the next build indexes them again")
+    return _fail(f"not excluded in this index: {' '.join(unknown)}") if unknown else 0
+
+
+def cmd_repair(a: RepairArgs) -> int:
+    from vitrine.repair import repair
+
+    report = repair(a.index).to_dict()
+    _emit(report, a.json, lambda r: "\n".join(r["actions"]) or f"nothing to repair: {r['index']} is ok")
     return 0
 
 
@@ -305,6 +353,8 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "status": (StatusArgs, cmd_status),
     "search": (SearchArgs, cmd_search),
     "remove": (RemoveArgs, cmd_remove),
+    "restore": (RestoreArgs, cmd_restore),
+    "repair": (RepairArgs, cmd_repair),
     "towers": (TowersArgs, cmd_towers),
     "reindex": (ReindexArgs, cmd_reindex),
     "drift": (DriftArgs, cmd_drift),

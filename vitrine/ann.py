@@ -26,13 +26,14 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from vitrine.errors import StoreError
+from vitrine.factories import describe
 from vitrine.gpu import GpuSearcher, gpu_training
 
 # Searches of at most this many queries run on one FAISS thread: waking an OpenMP team for a single
@@ -76,21 +77,14 @@ SHRINK_HYSTERESIS = 0.5
 #: it and 2x the minimum of 39 points per centroid gives stable centroids.
 TRAIN_SAMPLE_FACTOR, TRAIN_SAMPLE_FLOOR = 2, 100_000
 DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 256, 40, 8.0
-#: Read-only openers (store readers, via indexdir.load_ann) map snapshots of at least this many bytes
+#: Read-only openers (store readers, via snapshots.load_ann) map snapshots of at least this many bytes
 #: instead of reading them: opening no longer reads the whole file, every reader process of a snapshot
 #: shares the OS page cache instead of holding a private copy, and a snapshot larger than RAM stays
 #: searchable. Below it a private copy is cheap (256 MiB reads in well under a second from the page
 #: cache) while mapping still costs: cold-cache queries fault pages in from disk, and the first add or
 #: compacting remove copies the mapped structure into memory (see AnnIndex.load). Writers never map.
 MMAP_MIN_BYTES = 256 << 20
-SNAPSHOT_RE = re.compile(r"^index\.(\d+)\.faiss$")
 _PARAM_KEYS = {"nprobe", "efSearch", "efConstruction", "k_factor"}
-_SQ_NAMES = {
-    faiss.ScalarQuantizer.QT_8bit: "SQ8",
-    faiss.ScalarQuantizer.QT_4bit: "SQ4",
-    faiss.ScalarQuantizer.QT_6bit: "SQ6",
-    faiss.ScalarQuantizer.QT_fp16: "SQfp16",
-}
 
 
 def choose_factory(n: int, dim: int) -> str:
@@ -128,32 +122,6 @@ def _chain(index: faiss.Index) -> list[faiss.Index]:
         inner = out[-1].base_index if isinstance(out[-1], faiss.IndexRefine) else out[-1].index
         out.append(faiss.downcast_index(inner))
     return out
-
-
-def describe(index: faiss.Index) -> str:
-    """Factory-like name of a built structure (a snapshot file stores no factory string)."""
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexIDMap):
-        return describe(idx.index)
-    if isinstance(idx, faiss.IndexRefine):
-        tail = "RFlat" if isinstance(idx, faiss.IndexRefineFlat) else f"Refine({describe(idx.refine_index)})"
-        return f"{describe(idx.base_index)},{tail}"
-    if isinstance(idx, faiss.IndexPreTransform):
-        steps = [faiss.downcast_VectorTransform(idx.chain.at(i)) for i in range(idx.chain.size())]
-        names = [f"OPQ{t.M}" if isinstance(t, faiss.OPQMatrix) else type(t).__name__ for t in steps]
-        return ",".join([*names, describe(idx.index)])
-    if isinstance(idx, faiss.IndexHNSWFlat):
-        return f"HNSW{idx.hnsw.nb_neighbors(1)}"
-    prefix = f"IVF{idx.nlist}," if isinstance(idx, faiss.IndexIVF) else ""
-    if isinstance(idx, (faiss.IndexFlat, faiss.IndexIVFFlat)):
-        return prefix + "Flat"
-    if isinstance(idx, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):
-        return prefix + _SQ_NAMES.get(idx.sq.qtype, "SQ")
-    if isinstance(idx, (faiss.IndexPQFastScan, faiss.IndexIVFPQFastScan)):
-        return prefix + f"PQ{idx.pq.M}x{idx.pq.nbits}fs"
-    if isinstance(idx, (faiss.IndexPQ, faiss.IndexIVFPQ)):
-        return prefix + f"PQ{idx.pq.M}" + ("" if idx.pq.nbits == 8 else f"x{idx.pq.nbits}")
-    return prefix + type(idx).__name__
 
 
 class AnnIndex:
@@ -283,6 +251,15 @@ class AnnIndex:
             self._index.construct_rev_map()
             self._n_deleted += int(hit.size)
 
+    def stored(self, ids: np.ndarray) -> np.ndarray | None:
+        """The vectors held for ``ids`` where the structure keeps them exactly (flat storage), else None."""
+        if not re.fullmatch(r"HNSW\d+|(IVF\d+,)?Flat", self.effective_factory):
+            return None
+        try:
+            return self._index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+        except RuntimeError:  # e.g. IVF lists without a direct map
+            return None
+
     def _own(self) -> None:
         """Copy a mapped structure into memory before FAISS resizes it: growing or compacting mapped
         codes is a failed C++ assertion that aborts the process (faiss 1.15), not an exception. Costs a
@@ -368,12 +345,15 @@ class AnnIndex:
             params = faiss.SearchParameters()
         return params
 
-    def save(self, path: Path) -> None:
-        """Write atomically: a temporary file in the same folder, fsync, rename over ``path``."""
+    def save(self, path: Path, written: Callable[[Path], None] | None = None) -> None:
+        """Write atomically: a temporary file in the same folder, fsync, rename over ``path``;
+        ``written`` sees the complete temporary file before the rename (a checksum is taken there)."""
         path = Path(path)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
             faiss.write_index(self._index, str(tmp))
+            if written is not None:
+                written(tmp)
             _durable_replace(tmp, path)
         except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
@@ -442,12 +422,6 @@ def exact_search(
         top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
         scores[:, :kk], labels[:, :kk] = np.take_along_axis(sims, top, axis=1), ids[top]
     return scores, labels
-
-
-def snapshots(folder: Path) -> list[tuple[int, Path]]:
-    """``index.<seq>.faiss`` files in a folder as (seq, path), newest first."""
-    found = ((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := SNAPSHOT_RE.match(p.name)))
-    return sorted(found, reverse=True)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

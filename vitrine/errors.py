@@ -36,6 +36,15 @@ class StoreError(VitrineError):
     """The index directory cannot be created, opened or written."""
 
 
+class IndexDamaged(StoreError):
+    """An index directory is damaged; ``state`` is the :class:`vitrine.diagnosis.IndexState` (reasons and
+    the way out), and the message is the same one line for every command that meets it."""
+
+    def __init__(self, state: object) -> None:
+        self.state = state
+        super().__init__(state.message())  # type: ignore[attr-defined]
+
+
 class FingerprintMismatch(StoreError):
     """An index was built with a different model or preprocessing than the encoder offered to it.
 

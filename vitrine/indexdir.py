@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from vitrine.ann import AnnIndex, snapshots, write_atomic
+from vitrine.ann import AnnIndex, write_atomic
 from vitrine.errors import StoreError
 
 FORMAT = 1
@@ -296,34 +296,3 @@ def upsert_item(
     conn.execute("DELETE FROM failures WHERE key=?", (item.key,))
     if old is not None and old[0] != vid:
         candidates.add(old[0])
-
-
-def load_ann(
-    conn: sqlite3.Connection, path: Path, manifest: dict, dim: int
-) -> tuple[AnnIndex, int, int | None]:
-    """(ann, seq, snapshot seq): the newest readable snapshot plus a replay of later commits, or a full
-    build from SQLite when no snapshot fits (missing, unreadable, or disagreeing after replay).
-
-    Read-only connections (store readers, ``PRAGMA query_only``) map snapshots of at least
-    ``ann.MMAP_MIN_BYTES``; a writer always reads them, as it adds to the structure right away.
-    """
-    factory, params = manifest.get("factory"), manifest.get("search_params")
-    seq = scalar(conn, "SELECT value FROM state WHERE name='seq'")
-    readonly = bool(scalar(conn, "PRAGMA query_only"))
-    for snap_seq, snap in snapshots(path):
-        if snap_seq > seq:
-            continue
-        try:
-            ann = AnnIndex.load(snap, params, factory, mmap=readonly and AnnIndex.worth_mapping(snap))
-        except (StoreError, OSError):
-            continue  # unreadable, or replaced by the writer since it was listed
-        delta = changes(conn, snap_seq, dim)
-        if apply_delta(ann, delta):
-            return ann, delta[0], snap_seq
-        break
-    with reading(conn):
-        seq = scalar(conn, "SELECT value FROM state WHERE name='seq'")
-        ids, vectors = id_vectors(conn.execute("SELECT id, embedding FROM vectors"), dim)
-    ann = AnnIndex(dim, factory, params)
-    ann.rebuild(ids, vectors)
-    return ann, seq, None

@@ -103,6 +103,7 @@ class Ingestor:
         report = BuildReport()
         states = self.store.item_states(source)
         seen: set[str] = set()
+        self._excluded = self.store.exclusions()  # taken down with `indexer remove`: never read again
         jobs = self._jobs(catalog, states, seen, report)
         self._commit_stream(self.encoder.encode_stream(jobs, self._load), source, report)
         if self.prune:
@@ -117,7 +118,7 @@ class Ingestor:
 
     def _jobs(self, catalog: Catalog, states: dict, seen: set[str], report: BuildReport) -> Iterator[_Job]:
         for record in catalog:
-            if record.key in seen:
+            if record.key in seen or self._excluded.covers(record.key):
                 continue
             seen.add(record.key)
             job = _Job(record)

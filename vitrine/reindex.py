@@ -44,11 +44,11 @@ from vitrine.catalog import open_catalog
 from vitrine.encoder import Encoder
 from vitrine.errors import ReindexError, StoreError, ValidationFailed
 from vitrine.evaluate import recall_at_k
+from vitrine.generations import JOB_FILE, read_job
 from vitrine.ingest import Ingestor
 from vitrine.store import IndexStore
 from vitrine.workspace import encoder_fingerprint
 
-JOB_FILE = "reindex-job.json"
 LOG_FILE = "reindex.jsonl"
 RECALL_K = 10
 
@@ -218,11 +218,14 @@ class Reindexer:
                 "index a catalog with `python -m indexer build CATALOG --index DIR` first"
             )
         donor = live if live.fingerprint.get("id") == new.fingerprint.get("id") else None
+        excluded = live.exclusions()  # takedowns carry over to the new generation before anything is read
+        if excluded:
+            new.write(exclude=sorted(excluded.paths))
         totals: Counter[str] = Counter()
         keys: set[str] = set()
         for _source, spec in sorted(catalogs.items()):
             catalog = open_catalog(**spec)
-            keys.update(r.key for r in catalog)
+            keys.update(r.key for r in catalog if not excluded.covers(r.key))
             every = self.settings.commit_every
             ingest = Ingestor(new, self.encoder, commit_every=every, donor=donor, progress=self.progress)
             done = ingest.run(catalog).to_dict()
@@ -304,13 +307,13 @@ def eval_sample(store: IndexStore, size: int) -> dict[str, list[str]]:
 
 def _resume(root: Path, job: dict[str, Any]) -> str | None:
     """Under the writer lock: the unpublished generation building this same job, if any. Builds of
-    other jobs and rejected builds are deleted; folders without a job (generations rolled away from,
-    a job killed before it recorded itself) are left for the next publish to prune, so a name readers
+    other jobs and rejected builds are deleted; generations rolled away from and folders without a job
+    (a job killed before it recorded itself) are left for the next publish to prune, so a name readers
     may have seen is never reused for another generation."""
     found = None
     for name in generations.unpublished(root):
         recorded = read_job(root / name)
-        if recorded is not None and recorded.get("state") == "published":
+        if recorded is not None and recorded.get("state") in ("published", generations.ROLLED_BACK):
             continue
         if recorded is None:
             continue  # not a job's (or its job was never recorded): the next publish prunes it
@@ -325,15 +328,6 @@ def _resume(root: Path, job: dict[str, Any]) -> str | None:
 
 def _same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in ("model", "factory", "retrain_ivf"))
-
-
-def read_job(folder: Path) -> dict[str, Any] | None:
-    """The job recorded in a generation folder, or None (none, or unreadable)."""
-    try:
-        job = json.loads((folder / JOB_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return job if isinstance(job, dict) else None
 
 
 def write_job(folder: Path, job: dict[str, Any]) -> None:

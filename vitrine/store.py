@@ -25,37 +25,20 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-from vitrine import generations, indexdir
-from vitrine.ann import AnnIndex, exact_search, snapshots
-from vitrine.errors import FingerprintMismatch, QueryError, StoreError
+from vitrine import diagnosis, exclusions, generations, indexdir, snapshots
+from vitrine.ann import AnnIndex, exact_search
+from vitrine.errors import QueryError, StoreError
 from vitrine.indexdir import Failure, NewItem
 from vitrine.query import Hit, assemble_hits, check_queries, filter_sql
 from vitrine.rwlock import SharedLock
 
 EXACT_FILTER_MAX = 8192
 _T = TypeVar("_T")
-
-
-@dataclass
-class _Generation:
-    """Everything tied to one generation, swapped as a whole when CURRENT moves."""
-
-    name: str
-    path: Path
-    manifest: dict
-    ann: AnnIndex
-    seq: int
-    snapshot_seq: int | None
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["fingerprint"]["dim"])
 
 
 class IndexStore:
@@ -123,7 +106,8 @@ class IndexStore:
         require_new: bool,
         resume: Callable[[Path], str | None] | None = None,
     ) -> IndexStore:
-        lock, name = generations.start(root, fingerprint, factory, search_params, require_new, resume)
+        absent = diagnosis.require_absent if require_new else None
+        lock, name = generations.start(root, fingerprint, factory, search_params, absent, resume)
         try:
             return cls(root, name, writable=True, lock_fd=lock, expected=None)
         except BaseException:
@@ -144,27 +128,28 @@ class IndexStore:
     def open(
         cls, root: str | Path, *, expected_fingerprint: dict | None = None, writable: bool = False
     ) -> IndexStore:
-        """Open the live generation; FingerprintMismatch when it was built with another model."""
+        """Open the live generation; FingerprintMismatch when it was built with another model, and
+        :class:`IndexDamaged` (the shared diagnosis, with the way out) when the directory is damaged."""
         root = Path(root)
-        indexdir.read_current(root)  # fail before locking, naming the problem, when missing or corrupt
+        try:
+            indexdir.read_current(root)  # fail before locking, naming the problem, when missing or corrupt
+        except StoreError as exc:
+            raise diagnosis.explain(root, exc) from exc
         lock = indexdir.acquire_lock(root) if writable else None
         try:  # (re)read under the lock: a reindex may have published meanwhile
-            return cls(
-                root,
-                indexdir.read_current(root),
-                writable=writable,
-                lock_fd=lock,
-                expected=expected_fingerprint,
-            )
+            name = indexdir.read_current(root)
+            return cls(root, name, writable=writable, lock_fd=lock, expected=expected_fingerprint)
+        except StoreError as exc:
+            indexdir.release_lock(lock)
+            raise diagnosis.explain(root, exc) from exc
         except BaseException:
             indexdir.release_lock(lock)
             raise
 
     @staticmethod
     def exists(root: str | Path) -> bool:
-        with contextlib.suppress(StoreError):
-            return (Path(root) / indexdir.read_current(Path(root)) / "manifest.json").is_file()
-        return False
+        """True when ``root`` holds an index, healthy or damaged (:func:`vitrine.diagnosis.diagnose`)."""
+        return diagnosis.diagnose(root).kind != diagnosis.ABSENT
 
     @staticmethod
     def read_manifest(root: str | Path) -> dict:
@@ -213,28 +198,24 @@ class IndexStore:
         """The last SQLite commit reflected in memory."""
         return self._gen.seq
 
-    def _load_generation(self, name: str) -> _Generation:
-        path = self.root / name
-        manifest = indexdir.read_manifest(path)
-        if self._expected is not None and self._expected.get("id") != manifest["fingerprint"].get("id"):
-            raise FingerprintMismatch(manifest["fingerprint"], self._expected)
-        gen = _Generation(name, path, manifest, AnnIndex(int(manifest["fingerprint"]["dim"])), 0, None)
-        conn = indexdir.connect(path / "meta.sqlite", readonly=not self.writable)
-        try:
-            self._load_ann(conn, gen)
-        except sqlite3.Error as exc:
-            raise StoreError(f"index generation {path} has an unreadable meta.sqlite: {exc}") from exc
-        finally:
-            conn.close()
+    def _load_generation(self, name: str) -> snapshots.Generation:
+        gen = snapshots.load_generation(self.root, name, self._expected, self.writable)
+        if self.writable:
+            with indexdir.writing(self._conn_to(gen.path), self.root):
+                self._conn_to(gen.path).execute(exclusions.TABLE)
         return gen
 
-    def _load_ann(self, conn: sqlite3.Connection, gen: _Generation) -> None:
-        gen.ann, gen.seq, gen.snapshot_seq = indexdir.load_ann(conn, gen.path, gen.manifest, gen.dim)
+    @property
+    def snapshot_damage(self) -> list[str]:
+        """Why the snapshot on disk was refused at load (then rebuilt from SQLite); empty if it was not."""
+        return list(self._gen.damage)
 
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise StoreError(f"index {self.root} is closed")
-        path = self._gen.path
+        return self._conn_to(self._gen.path)
+
+    def _conn_to(self, path: Path) -> sqlite3.Connection:
         if getattr(self._local, "path", None) != path:
             self._local.conn, self._local.path = (
                 indexdir.connect(path / "meta.sqlite", not self.writable),
@@ -266,7 +247,7 @@ class IndexStore:
                 if indexdir.apply_delta(gen.ann, delta):
                     gen.seq = delta[0]
                 else:
-                    self._load_ann(conn, gen)
+                    gen.reload(conn)
                 self._cache = {}
             return True
 
@@ -403,11 +384,16 @@ class IndexStore:
 
     # ------------------------------------------------------------------ writes
     def write(
-        self, items: Sequence[NewItem] = (), failures: Sequence[Failure] = (), remove_keys: Sequence[str] = ()
+        self,
+        items: Sequence[NewItem] = (),
+        failures: Sequence[Failure] = (),
+        remove_keys: Sequence[str] = (),
+        exclude: Sequence[str] = (),
     ) -> int:
         """Apply one batch as ONE transaction and return the new seq.
 
-        Failures are recorded first, then items upserted by key (clearing their failure), then keys
+        ``exclude`` paths are recorded as exclusions first (:mod:`vitrine.exclusions`), then failures,
+        then items upserted by key (clearing their failure; excluded ones are left out), then keys
         removed; vectors no longer referenced by any item are deleted and tombstoned.
         """
         self._require_writable()
@@ -416,6 +402,9 @@ class IndexStore:
             conn = self._conn()
             with indexdir.writing(conn, self.root):
                 seq = indexdir.scalar(conn, "SELECT value FROM state WHERE name='seq'") + 1
+                exclusions.add(conn, exclude, now)
+                excluded = exclusions.read(conn)
+                items = [i for i in items if not excluded.covers(i.key)]
                 conn.executemany(
                     "INSERT OR REPLACE INTO failures(key, path, reason, time, source) VALUES (?,?,?,?,?)",
                     [(f.key, f.path, f.reason, now, f.source) for f in failures],
@@ -454,6 +443,21 @@ class IndexStore:
             )
         return vec / norm
 
+    def exclusions(self) -> exclusions.Exclusions:
+        """Paths removed from this index that builds must not add again (until :meth:`restore`)."""
+        return self._cached(("excluded",), lambda: exclusions.read(self._conn()))
+
+    def restore(self, paths: Sequence[str]) -> list[str]:
+        """Lift exclusions; returns those that were recorded (the next build indexes them again)."""
+        self._require_writable()
+        with self._write_lock:
+            conn = self._conn()
+            with indexdir.writing(conn, self.root):
+                lifted = exclusions.remove(conn, paths)
+                conn.execute("UPDATE state SET value=value+1 WHERE name='seq'")
+            self._gen.seq += 1
+            return lifted
+
     def record_catalog(self, source: str, spec: dict) -> None:
         """Remember how a catalog was indexed, so a reindex job can reopen it later."""
         self._require_writable()
@@ -481,13 +485,10 @@ class IndexStore:
                 fresh.rebuild(*indexdir.id_vectors(rows, gen.dim))
                 with self._ann_lock.exclusive():
                     gen.ann = fresh
-            if gen.snapshot_seq == gen.seq and not rebuild:
+            snapshots.mirror_manifest(self._conn(), self.root, gen.manifest)
+            if gen.snapshot_seq == gen.seq and gen.verified and not rebuild:
                 return
-            gen.ann.save(gen.path / f"index.{gen.seq}.faiss")
-            gen.snapshot_seq = gen.seq
-            for snap_seq, snap in snapshots(gen.path):
-                if snap_seq != gen.seq:
-                    snap.unlink(missing_ok=True)
+            snapshots.save(gen)  # with its checksum; also replaces a snapshot that failed its checks
 
     def _require_writable(self) -> None:
         if not self.writable or self._closed:

@@ -14,8 +14,9 @@ from typing import Any
 
 from vitrine import reference
 from vitrine.catalog import Catalog
+from vitrine.diagnosis import ABSENT, DAMAGED, diagnose
 from vitrine.encoder import DEFAULT_MODEL, Encoder
-from vitrine.errors import StoreError
+from vitrine.errors import IndexDamaged, StoreError
 from vitrine.ingest import BuildReport, Ingestor
 from vitrine.journal import IngestSampler, Journal
 from vitrine.search import Searcher, SearchLimits
@@ -23,17 +24,24 @@ from vitrine.store import IndexStore
 
 
 def require_index(index: str | Path) -> None:
-    """StoreError telling how to create an index when there is none at ``index``."""
-    if not IndexStore.exists(index):
-        raise StoreError(
-            f"no index at {str(index)!r}: create one with `python -m indexer build CATALOG --index DIR`"
-        )
+    """StoreError telling how to create an index when there is none at ``index``; IndexDamaged (the
+    shared diagnosis and its way out) when the one there is damaged."""
+    state = diagnose(index)
+    if state.kind == DAMAGED:
+        raise IndexDamaged(state)
+    if state.kind == ABSENT:
+        raise StoreError(state.message())
 
 
 def index_model(index: str | Path) -> tuple[str, dict[str, Any]] | None:
-    """(model name, encoder kwargs) recorded by an existing index, or None if there is no index."""
-    if not IndexStore.exists(index):
+    """(model name, encoder kwargs) recorded by an existing index, or None if there is no index.
+
+    A damaged index raises its diagnosis: guessing a model for it (the default one, downloaded) would
+    only end in a second, contradictory error."""
+    state = diagnose(index)
+    if state.kind == ABSENT:
         return None
+    require_index(index)
     fp = IndexStore.read_manifest(index)["fingerprint"]
     return fp["model"], {"draft_size": (fp.get("decode") or {}).get("draft")}
 
@@ -57,7 +65,7 @@ def encoder_fingerprint(encoder: Encoder) -> dict[str, Any]:
 
 def open_for_build(index: str | Path, encoder: Encoder, *, factory: str | None = None) -> IndexStore:
     """Writable store for ``encoder``: created on first use, fingerprint-checked afterwards."""
-    if IndexStore.exists(index):
+    if diagnose(index).kind != ABSENT:  # a damaged index raises its diagnosis here, never starts anew
         return IndexStore.open(index, expected_fingerprint=encoder.fingerprint, writable=True)
     try:
         return IndexStore.create(index, encoder_fingerprint(encoder), factory=factory)
