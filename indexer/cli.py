@@ -27,6 +27,7 @@ from indexer.drift import DriftArgs, cmd_drift
 from indexer.reindex import ReindexArgs, cmd_reindex
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_args, quiet_libraries
 from vitrine.errors import VitrineError
+from vitrine.files import DEFAULT_MAX_FILE_BYTES
 
 INDEX_HELP = f"index directory (default: $VITRINE_INDEX or {DEFAULT_INDEX})"
 
@@ -67,6 +68,17 @@ class BuildArgs(EncoderSettings):
         None, "auto-tune for this single-query search latency (e.g. 10ms), measured on the vectors"
     )
     target_recall: float = arg(0.95, "recall@10 against exact search that auto-tuning must reach")
+    max_file_mb: float = arg(
+        DEFAULT_MAX_FILE_BYTES / 2**20, "larger catalog files are recorded as failures, never read (MB)"
+    )
+
+    @property
+    def max_file_bytes(self) -> int:
+        if not self.max_file_mb > 0:
+            raise VitrineError(
+                f"--max-file-mb must be a positive number of megabytes, got {self.max_file_mb}"
+            )
+        return int(self.max_file_mb * 2**20)
 
 
 @dataclass(kw_only=True)
@@ -128,6 +140,7 @@ def cmd_build(a: BuildArgs) -> int:
     from vitrine.workspace import load_encoder, open_for_build, run_build
 
     tuning = _tuning_request(a)
+    max_file_bytes = a.max_file_bytes
     if a.engine == "ray":
         from indexer.ray_engine import require_ray
 
@@ -142,7 +155,13 @@ def cmd_build(a: BuildArgs) -> int:
             report, extra["shards"] = _build_ray(a, store, encoder, catalog, bar.update)
         else:
             report = run_build(
-                store, encoder, catalog, commit_every=a.commit_every, prune=a.prune, progress=bar.update
+                store,
+                encoder,
+                catalog,
+                commit_every=a.commit_every,
+                prune=a.prune,
+                progress=bar.update,
+                max_file_bytes=max_file_bytes,
             )
         if tuning is not None:
             from vitrine.autotune import tune_store
@@ -189,6 +208,7 @@ def _build_ray(
         encode_workers=a.encode_workers,
         shard_size=a.shard_size,
         window_shards=a.window_shards,
+        max_file_bytes=a.max_file_bytes,
     )
     kwargs = {"batch_size": a.batch_size, "num_workers": a.num_workers}
     report, run = build_with_ray(

@@ -24,6 +24,7 @@ from PIL import Image
 from vitrine.catalog import Catalog, Record, read_source
 from vitrine.encoder import Encoder
 from vitrine.errors import FingerprintMismatch, ImageDecodeError
+from vitrine.files import DEFAULT_MAX_FILE_BYTES
 from vitrine.store import Failure, IndexStore, NewItem
 
 
@@ -71,6 +72,7 @@ class Ingestor:
     ``donor``: another store in the same embedding space (same fingerprint id) whose stored vectors
     are reused for content it knows, so a rebuild with the same model never re-encodes.
     ``on_commit`` is called with the items of each batch once it is committed (drift sampling).
+    ``max_file_bytes``: larger files (and anything but a regular file) are recorded failures, never read.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Ingestor:
         progress: Callable[[int], None] | None = None,
         donor: IndexStore | None = None,
         on_commit: Callable[[list[NewItem]], None] | None = None,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         if donor is not None and donor.fingerprint.get("id") != store.fingerprint.get("id"):
             raise FingerprintMismatch(donor.fingerprint, store.fingerprint)
@@ -94,6 +97,7 @@ class Ingestor:
         self.commit_every = commit_every
         self.flush_seconds = flush_seconds
         self.prune = prune
+        self.max_file_bytes = max_file_bytes
         self.progress = progress or (lambda n: None)
 
     def run(self, catalog: Catalog) -> BuildReport:
@@ -141,7 +145,7 @@ class Ingestor:
         commit never depends on another item of the same run; copies inside one run are simply
         encoded twice and stored once.
         """
-        data = read_source(job.record.path)
+        data = read_source(job.record.path, self.max_file_bytes)
         job.size = job.size or len(data)
         job.sha256 = hashlib.sha256(data).hexdigest()
         job.stored = self.store.vector_for(job.sha256)

@@ -26,8 +26,8 @@ class Mount:
     def __init__(self, path: Path, size: str) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode}): needs root")
 
