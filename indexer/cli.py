@@ -3,7 +3,8 @@
     python -m indexer build CATALOG --index DIR [--model M] [--factory F] [--batch-size N]
         [--engine local|ray] [--memory-budget 2GB] [--latency-target 5ms]
     python -m indexer status --index DIR [--json]
-    python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--filter key=value] [--json]
+    python -m indexer search --index DIR (--text T | --image PATH | both) [-k K]
+        [--filter key=value | --filter '{"key": "value"}'] [--json]
     python -m indexer remove --index DIR PATH...
     python -m indexer towers --vision-model V --text-model T --output DIR
     python -m indexer reindex --index DIR [--model M] [--if-drifted] [--retrain-ivf] [--rollback] [--every 1h]
@@ -15,7 +16,9 @@ Exit status: 0 on success (a build that recorded some bad files still succeeded)
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -98,7 +101,12 @@ class SearchArgs(EncoderSettings):
     image: str | None = arg(None, "path of a query image")
     weight: float = arg(0.5, "share of the text when both are given (0 = image only, 1 = text only)")
     k: int = arg(10, "number of results", flag="-k")
-    filter: list[str] = arg([], "metadata filter key=value (repeatable; all must match)", nargs="*")
+    filter: list[str] = arg(
+        [],
+        'metadata filter key=value, or a JSON object {"key": "value"} for keys containing "=" '
+        "(repeatable; all must match)",
+        nargs="*",
+    )
     json: bool = arg(False, "machine-readable output")
 
 
@@ -137,9 +145,11 @@ def cmd_build(a: BuildArgs) -> int:
     from tqdm import tqdm
 
     from vitrine.catalog import open_catalog
+    from vitrine.indexdir import check_index_dir
     from vitrine.workspace import load_encoder, open_for_build, run_build
 
     tuning = _tuning_request(a)
+    check_index_dir(Path(a.index))  # before loading a model: nothing is written into a photo folder
     max_file_bytes = a.max_file_bytes
     if a.engine == "ray":
         from indexer.ray_engine import require_ray
@@ -340,8 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls, run = COMMANDS[argv[0]]
     args = parse_args(cls, argv[1:], prog=f"python -m indexer {argv[0]}")
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone away must cost no traceback
+        return code
+    except BrokenPipeError:  # `status --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush goes nowhere
+        return 1
     except VitrineError as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        return _fail(f"{exc.strerror} (writing {exc.filename or 'the index'})")
     except KeyboardInterrupt:
         return _fail("interrupted; committed work is kept and a re-run resumes")

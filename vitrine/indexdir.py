@@ -27,6 +27,8 @@ from vitrine.errors import StoreError
 FORMAT = 1
 CHUNK = 500
 GEN_RE = re.compile(r"^gen-(\d{6})$")
+#: Names only an index directory holds (any one of them marks a folder as an index, perhaps damaged).
+INDEX_ENTRY_RE = re.compile(r"^(CURRENT|HISTORY|\.lock|drift\.sqlite|reindex\.jsonl|gen-\d{6})$")
 SCHEMA = """
 CREATE TABLE vectors(id INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE,
     embedding BLOB NOT NULL, seq INTEGER NOT NULL);
@@ -247,6 +249,27 @@ def new_generation(root: Path, fingerprint: dict, factory: str | None, search_pa
     write_atomic(root / name / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
     AnnIndex(int(fingerprint["dim"]), factory, search_params).save(root / name / "index.0.faiss")
     return name
+
+
+def check_index_dir(root: Path) -> None:
+    """StoreError unless ``root`` may hold an index: absent, an empty folder, or an index's own layout.
+
+    A photo folder given as ``--index`` by mistake must be refused before anything is written into it.
+    """
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise StoreError(f"--index {root} is a file, not an index directory")
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as exc:
+        raise StoreError(f"cannot list index directory {root}: {exc.strerror}") from exc
+    if entries and not any(INDEX_ENTRY_RE.match(name) for name in entries):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise StoreError(
+            f"--index {root} is an existing folder that is not a Vitrine index (it holds {shown}); "
+            "give a new or empty folder"
+        )
 
 
 def read_current(root: Path) -> str:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vitrine import reference
+from vitrine import indexdir, reference
 from vitrine.catalog import Catalog
 from vitrine.encoder import DEFAULT_MODEL, Encoder
 from vitrine.errors import StoreError
@@ -59,6 +59,7 @@ def open_for_build(index: str | Path, encoder: Encoder, *, factory: str | None =
     """Writable store for ``encoder``: created on first use, fingerprint-checked afterwards."""
     if IndexStore.exists(index):
         return IndexStore.open(index, expected_fingerprint=encoder.fingerprint, writable=True)
+    indexdir.check_index_dir(Path(index))
     try:
         return IndexStore.create(index, encoder_fingerprint(encoder), factory=factory)
     except OSError as exc:
