@@ -186,7 +186,9 @@ def cmd_build(a: BuildArgs) -> int:
         lambda r: (
             f"indexed {r['count']} items in {r['seconds']:.1f}s: {r['added']} added, {r['updated']} updated, "
             f"{r['unchanged']} unchanged, {r['removed']} removed, {r['failed']} failed"
+            + (f", {r['conflicted']} kept by another catalog" if r["conflicted"] else "")
             + "".join(f"\n  failed: {f['path']}: {f['reason']}" for f in r["failures"][:20])
+            + "".join(f"\n  kept by {c['catalog']}: {c['path']}" for c in r["conflicts"][:20])
         ),
     )
     return 0

@@ -8,6 +8,11 @@ and encoded. Results
 are committed in batches of ``commit_every`` items, each one SQLite transaction, so a kill at any
 moment loses at most the batch in flight and a re-run resumes where the last commit ended. Files
 that cannot be read or decoded are recorded as failures with a reason and never stop the run.
+
+One file listed by two catalogs of an index is one item (its key is the resolved path), and it belongs
+to the catalog that indexed it first: a later catalog's build leaves its captions and metadata alone
+and reports it under ``conflicts``, so metadata never flips with the order of builds. When the owner
+stops listing the file (its build prunes it), the next build of another catalog that lists it takes it.
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ class BuildReport:
     donor_reused: int = 0
     removed: int = 0
     failed: int = 0
+    conflicted: int = 0
     count: int = 0
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)  # {"path", "catalog"}: kept by that catalog
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +114,8 @@ class Ingestor:
         report = BuildReport()
         states = self.store.item_states(source)
         seen: set[str] = set()
-        jobs = self._jobs(catalog, states, seen, report)
+        others = self.store.keys() - states.keys()  # items of other catalogs: theirs (module docstring)
+        jobs = self._jobs(catalog, states, seen, others, report)
         self._commit_stream(self.encoder.encode_stream(jobs, self._load), source, report)
         if self.prune:
             gone = sorted(set(states) - seen)
@@ -119,11 +127,19 @@ class Ingestor:
         report.seconds = round(time.perf_counter() - start, 3)
         return report
 
-    def _jobs(self, catalog: Catalog, states: dict, seen: set[str], report: BuildReport) -> Iterator[_Job]:
+    def _jobs(
+        self, catalog: Catalog, states: dict, seen: set[str], others: set[str], report: BuildReport
+    ) -> Iterator[_Job]:
         for record in catalog:
             if record.key in seen:
                 continue
             seen.add(record.key)
+            if record.key in others:
+                owner = (self.store.get(record.key) or {}).get("source", "")
+                report.conflicted += 1
+                report.conflicts.append({"path": record.key, "catalog": owner})
+                self.progress(1)
+                continue
             job = _Job(record)
             try:
                 stat = os.stat(record.path)
