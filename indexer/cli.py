@@ -3,7 +3,8 @@
     python -m indexer build CATALOG --index DIR [--model M] [--factory F] [--batch-size N]
         [--engine local|ray] [--memory-budget 2GB] [--latency-target 5ms]
     python -m indexer status --index DIR [--json]
-    python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--filter key=value] [--json]
+    python -m indexer search --index DIR (--text T | --image PATH | both) [-k K]
+        [--filter key=value | --filter '{"key": "value"}'] [--json]
     python -m indexer remove --index DIR PATH...
     python -m indexer restore --index DIR PATH...
     python -m indexer repair --index DIR [--json]
@@ -17,7 +18,9 @@ Exit status: 0 on success (a build that recorded some bad files still succeeded)
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +32,7 @@ from indexer.drift import DriftArgs, cmd_drift
 from indexer.reindex import ReindexArgs, cmd_reindex
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_args, quiet_libraries
 from vitrine.errors import VitrineError
+from vitrine.files import DEFAULT_MAX_FILE_BYTES
 
 INDEX_HELP = f"index directory (default: $VITRINE_INDEX or {DEFAULT_INDEX})"
 
@@ -69,6 +73,17 @@ class BuildArgs(EncoderSettings):
         None, "auto-tune for this single-query search latency (e.g. 10ms), measured on the vectors"
     )
     target_recall: float = arg(0.95, "recall@10 against exact search that auto-tuning must reach")
+    max_file_mb: float = arg(
+        DEFAULT_MAX_FILE_BYTES / 2**20, "larger catalog files are recorded as failures, never read (MB)"
+    )
+
+    @property
+    def max_file_bytes(self) -> int:
+        if not self.max_file_mb > 0:
+            raise VitrineError(
+                f"--max-file-mb must be a positive number of megabytes, got {self.max_file_mb}"
+            )
+        return int(self.max_file_mb * 2**20)
 
 
 @dataclass(kw_only=True)
@@ -88,7 +103,12 @@ class SearchArgs(EncoderSettings):
     image: str | None = arg(None, "path of a query image")
     weight: float = arg(0.5, "share of the text when both are given (0 = image only, 1 = text only)")
     k: int = arg(10, "number of results", flag="-k")
-    filter: list[str] = arg([], "metadata filter key=value (repeatable; all must match)", nargs="*")
+    filter: list[str] = arg(
+        [],
+        'metadata filter key=value, or a JSON object {"key": "value"} for keys containing "=" '
+        "(repeatable; all must match)",
+        nargs="*",
+    )
     json: bool = arg(False, "machine-readable output")
 
 
@@ -144,9 +164,12 @@ def cmd_build(a: BuildArgs) -> int:
     from tqdm import tqdm
 
     from vitrine.catalog import open_catalog
+    from vitrine.indexdir import check_index_dir
     from vitrine.workspace import load_encoder, open_for_build, run_build
 
     tuning = _tuning_request(a)
+    check_index_dir(Path(a.index))  # before loading a model: nothing is written into a photo folder
+    max_file_bytes = a.max_file_bytes
     if a.engine == "ray":
         from indexer.ray_engine import require_ray
 
@@ -161,7 +184,13 @@ def cmd_build(a: BuildArgs) -> int:
             report, extra["shards"] = _build_ray(a, store, encoder, catalog, bar.update)
         else:
             report = run_build(
-                store, encoder, catalog, commit_every=a.commit_every, prune=a.prune, progress=bar.update
+                store,
+                encoder,
+                catalog,
+                commit_every=a.commit_every,
+                prune=a.prune,
+                progress=bar.update,
+                max_file_bytes=max_file_bytes,
             )
         if tuning is not None:
             from vitrine.autotune import tune_store
@@ -176,7 +205,9 @@ def cmd_build(a: BuildArgs) -> int:
         lambda r: (
             f"indexed {r['count']} items in {r['seconds']:.1f}s: {r['added']} added, {r['updated']} updated, "
             f"{r['unchanged']} unchanged, {r['removed']} removed, {r['failed']} failed"
+            + (f", {r['conflicted']} kept by another catalog" if r["conflicted"] else "")
             + "".join(f"\n  failed: {f['path']}: {f['reason']}" for f in r["failures"][:20])
+            + "".join(f"\n  kept by {c['catalog']}: {c['path']}" for c in r["conflicts"][:20])
         ),
     )
     return 0
@@ -208,6 +239,7 @@ def _build_ray(
         encode_workers=a.encode_workers,
         shard_size=a.shard_size,
         window_shards=a.window_shards,
+        max_file_bytes=a.max_file_bytes,
     )
     kwargs = {"batch_size": a.batch_size, "num_workers": a.num_workers}
     report, run = build_with_ray(
@@ -370,8 +402,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls, run = COMMANDS[argv[0]]
     args = parse_args(cls, argv[1:], prog=f"python -m indexer {argv[0]}")
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone away must cost no traceback
+        return code
+    except BrokenPipeError:  # `status --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush goes nowhere
+        return 1
     except VitrineError as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        return _fail(f"{exc.strerror} (writing {exc.filename or 'the index'})")
     except KeyboardInterrupt:
         return _fail("interrupted; committed work is kept and a re-run resumes")

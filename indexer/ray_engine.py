@@ -32,6 +32,7 @@ import vitrine
 from vitrine.catalog import Catalog
 from vitrine.encoder import Encoder
 from vitrine.errors import MissingDependency, StoreError
+from vitrine.files import DEFAULT_MAX_FILE_BYTES
 from vitrine.ingest import BuildReport, catalog_source
 from vitrine.shards import (
     EncodeStage,
@@ -59,7 +60,7 @@ class RayOptions:
     ``encode_workers``: encoder actors (None: one per GPU group when GPUs are asked for, else 1).
     ``cpus_per_worker``: CPUs each actor reserves (and torch threads it uses). ``shard_size``: records
     per shard file. ``window_shards``: shards per Ray Data run, which bounds driver memory on huge
-    catalogs. ``prep_batch``: records per decode task.
+    catalogs. ``prep_batch``: records per decode task. ``max_file_bytes``: larger files are failures.
     """
 
     address: str | None = None
@@ -70,6 +71,7 @@ class RayOptions:
     window_shards: int = 256
     prep_batch: int = 64
     keep_shards: bool = False
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     init_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,9 +150,10 @@ def encode_shards(
         "device": "cuda" if opts.num_gpus_per_worker > 0 else "cpu",
         "draft_size": encoder.draft_size,
     }
+    prep = PixelPrep.of(encoder, opts.max_file_bytes)
     for begin in range(0, len(todo), opts.window_shards):
         window = todo[begin : begin + opts.window_shards]
-        _run_window(ray, window, PixelPrep.of(encoder), encoder, actor_kwargs, opts, run, progress)
+        _run_window(ray, window, prep, encoder, actor_kwargs, opts, run, progress)
     run.seconds = round(time.perf_counter() - start, 3)
     return run
 
@@ -231,7 +234,12 @@ def build_with_ray(
             ray.shutdown()
     replay = ShardReplay(store, encoder, run.plans, run.folder)
     # ShardReplay stands in for the Encoder; flush_seconds=inf: FAISS is (re)trained once, at the end.
-    options = {"commit_every": commit_every, "prune": prune, "flush_seconds": math.inf}
+    options = {
+        "commit_every": commit_every,
+        "prune": prune,
+        "flush_seconds": math.inf,
+        "max_file_bytes": opts.max_file_bytes,
+    }
     report = run_build(store, replay, catalog, **options)  # type: ignore[arg-type]
     if not opts.keep_shards:
         shutil.rmtree(run.folder, ignore_errors=True)

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from vitrine.errors import CatalogError
-from vitrine.images import IMAGE_EXTENSIONS, read_image_file
+from vitrine.files import DEFAULT_MAX_FILE_BYTES, read_regular_file
+from vitrine.images import IMAGE_EXTENSIONS
 
 # Columns tried in order (case-insensitively) when none is given; a caption column is optional.
 IMAGE_COLUMN_CANDIDATES = ("image", "file_name", "filename", "path", "image_path", "filepath")
@@ -107,6 +108,8 @@ def open_catalog(
         if image_column or caption_column:
             raise CatalogError(f"{resolved} is a plain folder of images: it has no columns to choose")
         return FolderCatalog(resolved)
+    if not resolved.is_file():  # a FIFO named list.csv would block the reader forever
+        raise CatalogError(f"catalog {resolved} is neither a folder nor a regular file")
     if resolved.suffix.lower() not in MANIFEST_FORMATS:
         expected = ", ".join(MANIFEST_FORMATS)
         raise CatalogError(
@@ -115,20 +118,21 @@ def open_catalog(
     return ManifestCatalog(resolved, "manifest", image_column, caption_column)
 
 
-def read_source(path: str) -> bytes:
-    """Return the encoded bytes behind a :attr:`Record.path`.
+def read_source(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """Return the encoded bytes behind a :attr:`Record.path`, at most ``max_bytes`` of them.
 
-    Plain files are read from disk; ``<dataset dir>#<row>[#<column>]`` reads one image out of a saved
-    dataset. Failures raise :class:`ImageDecodeError` with a short reason ("file not found", ...), as
-    :func:`~vitrine.images.decode_image` does, so the indexer records them per item and goes on.
+    Plain files are read from disk, regular files only (:mod:`vitrine.files`: never a device, FIFO or
+    socket); ``<dataset dir>#<row>[#<column>]`` reads one image out of a saved dataset. Failures raise
+    :class:`ImageDecodeError` with a short reason ("file not found", "not a regular file (a FIFO)", ...),
+    as :func:`~vitrine.images.decode_image` does, so the indexer records them per item and goes on.
     """
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         match = _DATASET_KEY.fullmatch(path)
         if match and _is_saved_dataset(Path(match["dir"])):
             from vitrine.hfdataset import read_dataset_image
 
-            return read_dataset_image(match["dir"], int(match["row"]), match["column"], path)
-    return read_image_file(path)
+            return read_dataset_image(match["dir"], int(match["row"]), match["column"], path, max_bytes)
+    return read_regular_file(path, max_bytes)
 
 
 class FolderCatalog(Catalog):

@@ -22,7 +22,7 @@ from vitrine.catalog import (
     pick_column,
 )
 from vitrine.errors import CatalogError, ImageDecodeError
-from vitrine.images import read_image_file
+from vitrine.files import read_regular_file
 
 
 class DatasetCatalog(Catalog):
@@ -138,7 +138,7 @@ def _label_name(feature: Any, value: Any) -> Any:
     return value
 
 
-def read_dataset_image(split_dir: str, row: int, column: str | None, source: str) -> bytes:
+def read_dataset_image(split_dir: str, row: int, column: str | None, source: str, max_bytes: int) -> bytes:
     try:
         dataset = _load_dataset(split_dir)
         column = column or _first_image_column(dataset.features)
@@ -152,5 +152,5 @@ def read_dataset_image(split_dir: str, row: int, column: str | None, source: str
     if cell and cell.get("bytes") is not None:
         return bytes(cell["bytes"])
     if cell and cell.get("path"):
-        return read_image_file(cell["path"])
+        return read_regular_file(cell["path"], max_bytes)
     raise ImageDecodeError("no image in this row", source)

@@ -27,6 +27,8 @@ from vitrine.errors import StoreError
 FORMAT = 1
 CHUNK = 500
 GEN_RE = re.compile(r"^gen-(\d{6})$")
+#: Names only an index directory holds (any one of them marks a folder as an index, perhaps damaged).
+INDEX_ENTRY_RE = re.compile(r"^(CURRENT|HISTORY|\.lock|drift\.sqlite|reindex\.jsonl|gen-\d{6})$")
 SCHEMA = """
 CREATE TABLE vectors(id INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE,
     embedding BLOB NOT NULL, seq INTEGER NOT NULL);
@@ -47,26 +49,97 @@ INSERT INTO state(name, value) VALUES ('seq', 0), ('schema', 1);
 
 #: Address space a read-only connection maps of its database (shared page cache, not private memory).
 READER_MMAP_BYTES = 1 << 30
+#: Below this much free space, a failed open or write is reported as a full disk.
+MIN_FREE_BYTES = 1 << 20
 
 
 def connect(db: Path, readonly: bool, create: bool = False) -> sqlite3.Connection:
+    """A connection to ``db``; readers fall back to read-only opening where the normal one fails.
+
+    Why the fallback: a WAL database is normally read through its ``-shm`` file, which a reader
+    creates (and writes) beside the database. On a read-only mount, or a full disk, that fails with
+    "unable to open database file" / "disk I/O error" although every byte of the index is readable.
+    """
     try:
-        conn = sqlite3.connect(
-            f"file:{quote(str(db))}?mode={'rwc' if create else 'rw'}",
-            uri=True,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=30.0,
-        )
-        conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
+        conn = _open(db, "rwc" if create else "rw", readonly)
+        if readonly:
+            _probe(conn)
+        return conn
+    except sqlite3.Error as exc:
+        if not readonly:
+            raise StoreError(f"cannot open index database {db}: {exc}{space_note(db.parent)}") from exc
+        return _connect_fallback(db, exc)
+
+
+def space_note(folder: Path) -> str:
+    """``"; no space left on device ..."`` when ``folder``'s file system is full, else ``""``: SQLite
+    reports a full disk as "disk I/O error" when it cannot grow its ``-shm`` file."""
+    try:
+        free = os.statvfs(folder)
+    except OSError:
+        return ""
+    if free.f_bavail * free.f_frsize >= MIN_FREE_BYTES:
+        return ""
+    return (
+        f"; no space left on device: the disk holding {folder} has {free.f_bavail * free.f_frsize} bytes free"
+    )
+
+
+def _open(db: Path, mode: str, readonly: bool, immutable: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        f"file:{quote(str(db))}?mode={mode}" + ("&immutable=1" if immutable else ""),
+        uri=True,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=30.0,
+    )
+    try:
+        if not immutable:
+            conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
         if readonly:
             conn.execute("PRAGMA query_only=1")
             # Searches read ~10 random rows each: through the OS page cache by mmap that took 0.11 ms
             # per 10-hit lookup at 100k items, against 0.39 ms through SQLite's read() + 2 MB cache.
             conn.execute(f"PRAGMA mmap_size={READER_MMAP_BYTES}")
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open index database {db}: {exc}") from exc
+    except sqlite3.Error:
+        conn.close()
+        raise
     return conn
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    """SQLite opens lazily: read the schema now so a failure shows here, not in the first search."""
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        conn.close()
+        raise
+
+
+def _connect_fallback(db: Path, first: sqlite3.Error) -> sqlite3.Connection:
+    """``mode=ro`` (works while ``-wal`` and ``-shm`` exist), else ``immutable=1``, but only when the
+    ``-wal`` file is absent or empty: immutable ignores the WAL, so with commits still in it the reader
+    would see an older (or broken) database. With an empty WAL the main file holds every commit.
+    Immutable skips locking, so it assumes no writer: true where this fallback is needed (no writer
+    can create its ``-wal``/``-shm`` on a read-only mount or a full disk either); a writer appearing
+    later is not seen by this connection until the reader reopens.
+    """
+    with contextlib.suppress(sqlite3.Error):
+        conn = _open(db, "ro", True)
+        _probe(conn)
+        return conn
+    wal = Path(f"{db}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StoreError(
+            f"cannot open index database {db} read-only: {first}; its write-ahead log {wal.name} holds "
+            "commits that SQLite can only read with write access to that folder (or a -shm file beside it)"
+        ) from first
+    try:
+        conn = _open(db, "ro", True, immutable=True)
+        _probe(conn)
+        return conn
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open index database {db}: {first}; read-only: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -90,7 +163,7 @@ def writing(conn: sqlite3.Connection, root: Path) -> Iterator[None]:
             raise
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
-        raise StoreError(f"cannot write index {root}: {exc}") from exc
+        raise StoreError(f"cannot write index {root}: {exc}{space_note(root)}") from exc
 
 
 def scalar(conn: sqlite3.Connection, sql: str) -> int:
@@ -176,6 +249,27 @@ def new_generation(root: Path, fingerprint: dict, factory: str | None, search_pa
     write_atomic(root / name / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
     AnnIndex(int(fingerprint["dim"]), factory, search_params).save(root / name / "index.0.faiss")
     return name
+
+
+def check_index_dir(root: Path) -> None:
+    """StoreError unless ``root`` may hold an index: absent, an empty folder, or an index's own layout.
+
+    A photo folder given as ``--index`` by mistake must be refused before anything is written into it.
+    """
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise StoreError(f"--index {root} is a file, not an index directory")
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as exc:
+        raise StoreError(f"cannot list index directory {root}: {exc.strerror}") from exc
+    if entries and not any(INDEX_ENTRY_RE.match(name) for name in entries):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise StoreError(
+            f"--index {root} is an existing folder that is not a Vitrine index (it holds {shown}); "
+            "give a new or empty folder"
+        )
 
 
 def read_current(root: Path) -> str:

@@ -8,6 +8,11 @@ and encoded. Results
 are committed in batches of ``commit_every`` items, each one SQLite transaction, so a kill at any
 moment loses at most the batch in flight and a re-run resumes where the last commit ended. Files
 that cannot be read or decoded are recorded as failures with a reason and never stop the run.
+
+One file listed by two catalogs of an index is one item (its key is the resolved path), and it belongs
+to the catalog that indexed it first: a later catalog's build leaves its captions and metadata alone
+and reports it under ``conflicts``, so metadata never flips with the order of builds. When the owner
+stops listing the file (its build prunes it), the next build of another catalog that lists it takes it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from PIL import Image
 from vitrine.catalog import Catalog, Record, read_source
 from vitrine.encoder import Encoder
 from vitrine.errors import FingerprintMismatch, ImageDecodeError
+from vitrine.files import DEFAULT_MAX_FILE_BYTES
 from vitrine.store import Failure, IndexStore, NewItem
 
 
@@ -38,9 +44,11 @@ class BuildReport:
     donor_reused: int = 0
     removed: int = 0
     failed: int = 0
+    conflicted: int = 0
     count: int = 0
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)  # {"path", "catalog"}: kept by that catalog
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +79,7 @@ class Ingestor:
     ``donor``: another store in the same embedding space (same fingerprint id) whose stored vectors
     are reused for content it knows, so a rebuild with the same model never re-encodes.
     ``on_commit`` is called with the items of each batch once it is committed (drift sampling).
+    ``max_file_bytes``: larger files (and anything but a regular file) are recorded failures, never read.
     """
 
     def __init__(
@@ -84,6 +93,7 @@ class Ingestor:
         progress: Callable[[int], None] | None = None,
         donor: IndexStore | None = None,
         on_commit: Callable[[list[NewItem]], None] | None = None,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
         if donor is not None and donor.fingerprint.get("id") != store.fingerprint.get("id"):
             raise FingerprintMismatch(donor.fingerprint, store.fingerprint)
@@ -94,6 +104,7 @@ class Ingestor:
         self.commit_every = commit_every
         self.flush_seconds = flush_seconds
         self.prune = prune
+        self.max_file_bytes = max_file_bytes
         self.progress = progress or (lambda n: None)
 
     def run(self, catalog: Catalog) -> BuildReport:
@@ -104,7 +115,8 @@ class Ingestor:
         states = self.store.item_states(source)
         seen: set[str] = set()
         self._excluded = self.store.exclusions()  # taken down with `indexer remove`: never read again
-        jobs = self._jobs(catalog, states, seen, report)
+        others = self.store.keys() - states.keys()  # items of other catalogs: theirs (module docstring)
+        jobs = self._jobs(catalog, states, seen, others, report)
         self._commit_stream(self.encoder.encode_stream(jobs, self._load), source, report)
         if self.prune:
             gone = sorted(set(states) - seen)
@@ -116,11 +128,19 @@ class Ingestor:
         report.seconds = round(time.perf_counter() - start, 3)
         return report
 
-    def _jobs(self, catalog: Catalog, states: dict, seen: set[str], report: BuildReport) -> Iterator[_Job]:
+    def _jobs(
+        self, catalog: Catalog, states: dict, seen: set[str], others: set[str], report: BuildReport
+    ) -> Iterator[_Job]:
         for record in catalog:
             if record.key in seen or self._excluded.covers(record.key):
                 continue
             seen.add(record.key)
+            if record.key in others:
+                owner = (self.store.get(record.key) or {}).get("source", "")
+                report.conflicted += 1
+                report.conflicts.append({"path": record.key, "catalog": owner})
+                self.progress(1)
+                continue
             job = _Job(record)
             try:
                 stat = os.stat(record.path)
@@ -142,7 +162,7 @@ class Ingestor:
         commit never depends on another item of the same run; copies inside one run are simply
         encoded twice and stored once.
         """
-        data = read_source(job.record.path)
+        data = read_source(job.record.path, self.max_file_bytes)
         job.size = job.size or len(data)
         job.sha256 = hashlib.sha256(data).hexdigest()
         job.stored = self.store.vector_for(job.sha256)

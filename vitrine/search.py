@@ -7,6 +7,7 @@ validates every query before any model work: bad input is normal traffic and get
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -142,11 +143,34 @@ def mix(text_vec: np.ndarray | None, image_vec: np.ndarray | None, weight: float
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
-    """``["color=red", "size=M"]`` → ``{"color": "red", "size": "M"}`` (values may contain '=')."""
+    """``["color=red", "size=M"]`` → ``{"color": "red", "size": "M"}`` (values may contain '=').
+
+    An item that starts with ``{`` is a JSON object of fields and values, the form for keys that contain
+    ``=`` (``{"a=b": "c"}``); it is also the form a richer filter language would extend.
+    """
     filters: dict[str, str] = {}
     for pair in pairs or []:
+        if pair.lstrip().startswith("{"):
+            filters.update(filter_object(pair))
+            continue
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise QueryError(f"filter {pair!r} is not of the form key=value")
+            raise QueryError(f'filter {pair!r} is not of the form key=value or {{"key": "value"}}')
         filters[key.strip()] = value
     return filters
+
+
+def filter_object(text: str) -> dict[str, str]:
+    """A JSON object of field -> scalar value, as the strings filters compare (booleans as true/false)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QueryError(f"filter {text!r} is not valid JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise QueryError(f'filter {text!r} must be a JSON object such as {{"color": "red"}}')
+    out: dict[str, str] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict | list) or value is None:
+            raise QueryError(f"filter field {key!r} must have a single text, number or boolean value")
+        out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out

@@ -36,6 +36,7 @@ from PIL import Image
 from vitrine.catalog import Catalog, Record, read_source
 from vitrine.encoder import Encoder, FastPreprocess
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, StoreError
+from vitrine.files import DEFAULT_MAX_FILE_BYTES
 from vitrine.images import DEFAULT_MAX_PIXELS, decode_image
 from vitrine.store import IndexStore
 
@@ -170,16 +171,18 @@ def read_shard(path: Path) -> dict[str, dict[str, Any]]:
 class PixelPrep:
     """Read, hash, decode and preprocess exactly as :class:`~vitrine.encoder.Encoder` does, without the
     model (so CPU workers stay light): ``image_processor``, ``fast`` (the verified fast path or None),
-    ``draft_size`` and ``max_pixels`` come from the driver's encoder."""
+    ``draft_size`` and ``max_pixels`` come from the driver's encoder; ``max_file_bytes`` from the build."""
 
     image_processor: Any
     fast: FastPreprocess | None
     draft_size: int | None
     max_pixels: int | None = None
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     @classmethod
-    def of(cls, encoder: Encoder) -> PixelPrep:
-        return cls(encoder.image_processor, encoder._fast, encoder.draft_size, encoder.max_pixels)
+    def of(cls, encoder: Encoder, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> PixelPrep:
+        fast = encoder._fast
+        return cls(encoder.image_processor, fast, encoder.draft_size, encoder.max_pixels, max_file_bytes)
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """One preprocessed (3, H, W) float32 array, same rule as :meth:`Encoder.preprocess`."""
@@ -193,7 +196,7 @@ class PixelPrep:
         """sha256/size/pixels of one file, or ``reason`` with the single-process build's wording."""
         out: dict[str, Any] = {"sha256": "", "size": size, "reason": "", "pixels": b"", "shape": ""}
         try:
-            data = read_source(path)
+            data = read_source(path, self.max_file_bytes)
             out["size"] = size or len(data)
             out["sha256"] = hashlib.sha256(data).hexdigest()
             limit = self.max_pixels or DEFAULT_MAX_PIXELS

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vitrine import reference
+from vitrine import indexdir, reference
 from vitrine.catalog import Catalog
 from vitrine.diagnosis import ABSENT, DAMAGED, diagnose
 from vitrine.encoder import DEFAULT_MODEL, Encoder
@@ -67,6 +67,7 @@ def open_for_build(index: str | Path, encoder: Encoder, *, factory: str | None =
     """Writable store for ``encoder``: created on first use, fingerprint-checked afterwards."""
     if diagnose(index).kind != ABSENT:  # a damaged index raises its diagnosis here, never starts anew
         return IndexStore.open(index, expected_fingerprint=encoder.fingerprint, writable=True)
+    indexdir.check_index_dir(Path(index))
     try:
         return IndexStore.create(index, encoder_fingerprint(encoder), factory=factory)
     except OSError as exc:
