@@ -223,7 +223,7 @@ class Reindexer:
             new.write(exclude=sorted(excluded.paths))
         totals: Counter[str] = Counter()
         keys: set[str] = set()
-        for _source, spec in sorted(catalogs.items()):
+        for spec in catalogs.values():  # first-indexed first, so each file keeps its owner
             catalog = open_catalog(**spec)
             keys.update(r.key for r in catalog if not excluded.covers(r.key))
             every = self.settings.commit_every

@@ -307,7 +307,9 @@ class IndexStore:
         return [dict(zip(("key", "path", "reason", "time", "source"), r, strict=True)) for r in rows]
 
     def catalogs(self) -> dict[str, dict]:
-        return {r[0]: json.loads(r[1]) for r in self._conn().execute("SELECT source, spec FROM catalogs")}
+        """source -> spec in the order catalogs were first indexed (the first to claim a file owns it)."""
+        rows = self._conn().execute("SELECT source, spec FROM catalogs ORDER BY rowid")
+        return {source: json.loads(spec) for source, spec in rows}
 
     def metadata_fields(self, limit_values: int = 50) -> dict[str, list[str]]:
         """field -> up to ``limit_values`` distinct scalar values, as the strings filters compare."""
@@ -465,7 +467,8 @@ class IndexStore:
             conn = self._conn()
             with indexdir.writing(conn, self.root):
                 conn.execute(
-                    "INSERT OR REPLACE INTO catalogs(source, spec, updated) VALUES (?,?,?)",
+                    "INSERT INTO catalogs(source, spec, updated) VALUES (?,?,?) ON CONFLICT(source) "
+                    "DO UPDATE SET spec=excluded.spec, updated=excluded.updated",  # keeps first-seen order
                     (source, json.dumps(spec, sort_keys=True, default=str), time.time()),
                 )
                 conn.execute("UPDATE state SET value=value+1 WHERE name='seq'")

@@ -8,6 +8,8 @@ from pathlib import Path
 from tests.conftest import pattern_image
 from vitrine.catalog import open_catalog
 from vitrine.ingest import Ingestor, catalog_source
+from vitrine.reindex import Reindexer
+from vitrine.store import IndexStore
 from vitrine.workspace import open_for_build
 
 
@@ -49,3 +51,28 @@ def test_a_file_in_two_catalogs_keeps_its_first_catalogs_metadata(clip_encoder, 
     assert taken.added == 1 and taken.conflicted == 0
     assert store.get(key)["metadata"] == {"shop": "beta"} and store.get(key)["source"] == catalog_source(b)
     store.close()
+
+
+def test_a_reindex_keeps_each_file_with_the_catalog_that_indexed_it_first(
+    clip_encoder, tmp_path: Path
+) -> None:
+    """Catalogs are replayed in the order they were first indexed, not by name: "zeta" came first."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shared, own = photos / "shared.jpg", photos / "own.jpg"
+    pattern_image(0).save(shared)
+    pattern_image(1).save(own)
+    zeta = open_catalog(_manifest(tmp_path / "zeta" / "list.csv", [shared], "zeta"))
+    alpha = open_catalog(_manifest(tmp_path / "alpha" / "list.csv", [shared, own], "alpha"))
+    index = tmp_path / "index"
+    store = open_for_build(index, clip_encoder)
+    Ingestor(store, clip_encoder).run(zeta)
+    Ingestor(store, clip_encoder).run(alpha)
+    Ingestor(store, clip_encoder).run(zeta)  # re-registering a catalog keeps its place
+    store.close()
+
+    assert Reindexer(index, clip_encoder).run().status == "published"
+    with IndexStore.open(index) as new:
+        item = new.get(str(shared.resolve()))
+        assert item["source"] == catalog_source(zeta) and item["metadata"] == {"shop": "zeta"}
+        assert list(new.catalogs()) == [catalog_source(zeta), catalog_source(alpha)]
