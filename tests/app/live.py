@@ -76,14 +76,18 @@ def build_index(manifest: Path, index: Path, model: Path) -> None:
         store.close()
 
 
-def start_server(index: Path, log: Path, *extra: str, timeout: float = 90.0) -> tuple[str, subprocess.Popen]:
-    """``python -m app`` on a free port; returns once ``/healthz`` answers (200 or 503)."""
+def start_server(
+    index: Path, log: Path, *extra: str, timeout: float = 90.0, env: dict[str, str] | None = None
+) -> tuple[str, subprocess.Popen]:
+    """``python -m app`` on a free port; returns once ``/healthz`` answers (200 or 503). ``env`` adds
+    environment variables (``GRADIO_TEMP_DIR``: a private upload folder a test can inspect)."""
     port = free_port()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "GRADIO_ANALYTICS_ENABLED": "False",
+        **(env or {}),
     }
     cmd = [sys.executable, "-m", "app", "--index", str(index), "--port", str(port), "--device", "cpu",
            "--refresh-seconds", "0.5", *extra]  # fmt: skip
