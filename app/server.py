@@ -2,10 +2,10 @@
 
 Gradio owns ``/`` and ``/gradio_api/*`` (page, uploads, queue, API); the two operations routes live on
 the parent FastAPI app so they answer even while the queue is busy, and stay open when the page has a
-login (probes and Prometheus scrapers do not log in). ``/api/v1/items/{key}/image`` (``app.items_api``)
-serves an indexed item's thumbnail, the ``url`` of every hit. Uploads larger than ``max_upload_mb`` are refused
-by Gradio before they reach disk (413), and such refusals are counted under ``errors_total`` with reason
-``upload_too_large``.
+login (probes and Prometheus scrapers do not log in). ``/api/v1/items/{key}/image``
+(``app.items_api``) serves an indexed item's thumbnail, the ``url`` of every hit. Uploads larger than
+``max_upload_mb`` are refused by Gradio before they reach disk (413), and such refusals are counted under
+``errors_total`` with reason ``upload_too_large``.
 
 Queueing: Gradio runs at most ``concurrency`` requests at once (default: two model batches' worth) and
 holds the rest in its queue (``max_queue`` long, then refused). Running requests do not compete for the

@@ -21,6 +21,7 @@ from typing import Any
 
 import gradio as gr
 from gradio.utils import get_upload_folder
+from pydantic import ValidationError
 
 REFUSED = (
     "only files uploaded to this server can be used: upload the photo first (POST /gradio_api/upload, "
@@ -76,13 +77,27 @@ def only_uploads(blocks: gr.Blocks) -> None:
 
     A per-instance wrapper of ``Blocks.preprocess_data``: the one step every event's inputs pass through
     before Gradio touches a file. ``has_launched`` is set too, as ``launch()`` would, so Gradio's own
-    check also applies to anything our wrapper would let through.
+    check also applies to anything our wrapper would let through. Values of the wrong shape for their
+    component (a list of numbers for a file list) or too few values get one short message instead of
+    pydantic's report or Gradio's listing of component objects.
     """
     original = blocks.preprocess_data
 
     async def preprocess_data(block_fn: Any, inputs: list[Any], *args: Any, **kwargs: Any) -> Any:
+        if len(inputs) < len(block_fn.inputs):  # Gradio's own message lists its objects' reprs
+            message = f"this event takes {len(block_fn.inputs)} input values, got {len(inputs)}"
+            raise gr.Error(message, title="Refused", print_exception=False)
         check_inputs(blocks, [b._id for b in block_fn.inputs], inputs)
-        return await original(block_fn, inputs, *args, **kwargs)
+        try:
+            return await original(block_fn, inputs, *args, **kwargs)
+        except gr.Error as exc:  # a component refused a value (a dropdown choice): the client's error,
+            exc.print_exception = False  # not the server's, so no traceback in the log per request
+            raise
+        except ValidationError as exc:  # a value of the wrong shape for its component: say so briefly
+            first = exc.errors()[0].get("msg", "") if exc.error_count() else ""
+            raise gr.Error(
+                f"malformed input: {first[:200]}", title="Refused", print_exception=False
+            ) from None
 
     blocks.preprocess_data = preprocess_data  # type: ignore[method-assign]
     blocks.has_launched = True

@@ -34,6 +34,7 @@ class LiveServer:
     model: Path
     log: Path
     process: subprocess.Popen
+    uploads: Path  # the server's own GRADIO_TEMP_DIR: its upload cache, for tests to inspect
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -123,9 +124,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, clip_path: Path) -> It
     root = tmp_path_factory.mktemp("live")
     manifest = make_catalog(root / "catalog")
     build_index(manifest, root / "index", clip_path)
-    log = root / "server.log"
-    url, proc = start_server(root / "index", log)
+    log, uploads = root / "server.log", root / "uploads"
+    uploads.mkdir()
+    url, proc = start_server(root / "index", log, env={"GRADIO_TEMP_DIR": str(uploads)})
     try:
-        yield LiveServer(url, root / "index", root / "catalog", clip_path, log, proc)
+        yield LiveServer(url, root / "index", root / "catalog", clip_path, log, proc, uploads)
     finally:
         stop(proc)
