@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections.abc import Callable
 from typing import Any
 
@@ -49,10 +50,22 @@ def normalise_filters(filters: Any) -> dict[str, str]:
             if value is None or value == "":
                 continue
             if isinstance(value, dict | list):
-                raise RequestRefused("bad_filter", f"filter {key!r} must be a single value")
+                raise RequestRefused("bad_filter", f"filter {short(key)} must be a single value")
             out[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
     raise RequestRefused("bad_filter", 'filters must be an object such as {"folder": "red"}')
+
+
+def known_filters(parsed: dict[str, str], known: dict[str, list[str]]) -> dict[str, str]:
+    """``parsed`` when every key is a known metadata field, else an error that lists the known ones."""
+    unknown = sorted(set(parsed) - set(known))
+    if unknown:
+        raise RequestRefused(
+            "unknown_filter",
+            f"unknown filter key(s) {', '.join(short(u)[1:-1] for u in unknown[:5])}; "
+            f"known keys: {', '.join(sorted(known)) or 'none'}",
+        )
+    return parsed
 
 
 def translate(call: Callable[[], list]) -> list:
@@ -69,14 +82,31 @@ def translate(call: Callable[[], list]) -> list:
 
 def number(value: Any, name: str, kind: type) -> Any:
     if isinstance(value, bool):
-        raise RequestRefused(f"bad_{name}", f"{name} must be a number, got {value!r}")
+        raise RequestRefused(f"bad_{name}", f"{name} must be a number, got {short(value)}")
     try:
         number = kind(value)
-    except (TypeError, ValueError):
-        raise RequestRefused(f"bad_{name}", f"{name} must be a number, got {value!r}") from None
-    if kind is int and float(value) != number:
-        raise RequestRefused(f"bad_{name}", f"{name} must be a whole number, got {value!r}")
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity as an int
+        raise RequestRefused(f"bad_{name}", f"{name} must be a number, got {short(value)}") from None
+    if kind is int and isinstance(value, float) and value != number:  # never float() a 400-digit int
+        raise RequestRefused(f"bad_{name}", f"{name} must be a whole number, got {short(value)}")
     return number
+
+
+def optional_text(text: Any) -> str | None:
+    """The text of a query as sent, refused unless it is a string (a list is not stringified)."""
+    if text is None or isinstance(text, str):
+        return text
+    raise RequestRefused("bad_text", f"the text query must be a string, got {type(text).__name__}")
+
+
+def short(value: Any) -> str:
+    """``repr`` cut to a readable length: messages echo what the client sent, not a megabyte of it."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
 
 
 def file_size(path: Any) -> int:

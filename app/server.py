@@ -2,9 +2,10 @@
 
 Gradio owns ``/`` and ``/gradio_api/*`` (page, uploads, queue, API); the two operations routes live on
 the parent FastAPI app so they answer even while the queue is busy, and stay open when the page has a
-login (probes and Prometheus scrapers do not log in). Uploads larger than ``max_upload_mb`` are refused
-by Gradio before they reach disk (413), and such refusals are counted under ``errors_total`` with reason
-``upload_too_large``.
+login (probes and Prometheus scrapers do not log in). ``/api/v1/items/{key}/image``
+(``app.items_api``) serves an indexed item's thumbnail, the ``url`` of every hit. Uploads larger than
+``max_upload_mb`` are refused by Gradio before they reach disk (413), and such refusals are counted under
+``errors_total`` with reason ``upload_too_large``.
 
 Queueing: Gradio runs at most ``concurrency`` requests at once (default: two model batches' worth) and
 holds the rest in its queue (``max_queue`` long, then refused). Running requests do not compete for the
@@ -27,6 +28,7 @@ import gradio as gr
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
+from app.items_api import add_item_routes
 from app.service import SearchService, settle_heap
 from app.ui import CSS, build_demo
 from vitrine.metrics import Metrics
@@ -67,6 +69,7 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
+    add_item_routes(app, service, settings.auth)
     app.add_middleware(RefusedUploads, metrics=service.metrics)
     concurrency = settings.concurrency or 2 * service.settings.max_batch
     for name, value in GRADIO_ANALYTICS.items():

@@ -9,9 +9,9 @@ are validated, timed, logged and counted identically. Its jobs:
   generation built with another model is opened beside the old one and swapped in whole.
 * **Bad input is normal traffic.** Every refusal raises :class:`RequestRefused` with a short ``reason``
   (the ``errors_total`` label) and a message for a person; nothing a client sends can stop the server.
-* **Serve only catalog files.** :meth:`SearchService.open_source` refuses any path whose real location
-  is outside the roots of the catalogs the index was built from (``..``, symlinks and crafted metadata
-  included).
+* **Serve only indexed items.** Pictures are found by key (:meth:`SearchService.thumbnail`): the index
+  says where an item's image is, so no path a client sends is ever opened. Hits carry ``file`` (a name
+  for display) and ``url`` (the item's image), never the server's path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,8 +35,16 @@ from PIL import Image
 from app.batcher import MicroBatcher
 from app.indexing import IndexBuilder
 from app.monitor import DriftMonitor
-from app.requests import RequestRefused, file_size, normalise_filters, number, translate
-from app.sources import SourceGuard
+from app.requests import (
+    RequestRefused,
+    file_size,
+    known_filters,
+    normalise_filters,
+    number,
+    optional_text,
+    translate,
+)
+from app.sources import ItemImages, public_hit
 from app.textqueries import Answer, TextQuery, encode_or_search
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, VitrineError
 from vitrine.metrics import Metrics
@@ -102,7 +109,7 @@ class SearchService:
         self._decode_slots = threading.BoundedSemaphore(max(1, len(os.sched_getaffinity(0))))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.guard = SourceGuard(max_pixels=settings.max_pixels)
+        self.images = ItemImages(max_pixels=settings.max_pixels)
         self.builder = IndexBuilder(settings.index, settings.model, settings.encoder_kwargs)
         self.drift = DriftMonitor(
             settings.index, self.metrics, record_queries=settings.record_queries,
@@ -155,7 +162,7 @@ class SearchService:
         with self._swap_lock:
             old, self._searcher = self._searcher, searcher
         self.load_error = None
-        self.guard.forget()
+        self.images.forget()
         self.metrics.set_model(searcher.encoder.fingerprint.get("model", ""), searcher.model_version)
         self._publish_index()
         if old is not None and old.store is not searcher.store:
@@ -189,7 +196,7 @@ class SearchService:
             else:
                 changed = searcher.store.refresh()
                 if changed:
-                    self.guard.forget()
+                    self.images.forget()
                     self._publish_index()
         except FingerprintMismatch:
             log.info("index now uses another model: loading it")
@@ -245,7 +252,6 @@ class SearchService:
         searcher = self._searcher
         body: dict[str, Any] = {
             "ok": searcher is not None,
-            "index": str(Path(self.settings.index).resolve()),
             "index_loaded": searcher is not None,
             "model_loaded": searcher is not None,
         }
@@ -302,7 +308,7 @@ class SearchService:
 
         def checked() -> list:
             check_k(kk, self.limits)
-            return [TextQuery(searcher, check_text(text, self.limits), kk, filters)]
+            return [TextQuery(searcher, check_text(optional_text(text), self.limits), kk, filters)]
 
         query = translate(checked)[0]
         return searcher, kk, self._batchers[id(searcher.encoder)][0].submit(query)
@@ -332,18 +338,18 @@ class SearchService:
         self, image: Any, text: str | None, weight: Any = 0.5, k: Any = 10, filters: Any = None
     ) -> dict:
         def run(s: Searcher, f: dict[str, str], kk: int) -> list:
-            w = number(weight, "weight", float)
+            w, words = number(weight, "weight", float), optional_text(text)
             check_weight(w)
             photo = self._image(s, image, False)
-            if photo is None and not (text or "").strip():
+            if photo is None and not (words or "").strip():
                 raise RequestRefused("empty_query", "give a photo, a text, or both")
-            return self._query(s, photo, text, w, kk, f)
+            return self._query(s, photo, words, w, kk, f)
 
         return self._run("search", run, k, filters)
 
     def more_like(self, key: str | None, k: Any = 10, filters: Any = None) -> dict[str, Any]:
         def run(s: Searcher, f: dict[str, str], kk: int) -> list:
-            if not key:
+            if not key or not isinstance(key, str):
                 raise RequestRefused("empty_query", "choose a result to search for more like it")
             return s.more_like(key, kk, f)
 
@@ -385,9 +391,9 @@ class SearchService:
     def _result(self, endpoint: str, start: float, k: int, hits: list, searcher: Searcher) -> dict:
         took = _ms(start)
         log.info("%s ok %.1fms k=%d hits=%d", endpoint, took, k, len(hits))
-        info = self.info()
+        info, folders = self.info(), self.images.folders(searcher.store)
         return {
-            "hits": [h.to_dict() for h in hits],
+            "hits": [public_hit(h.to_dict(), folders) for h in hits],
             "model": info["model"],
             "model_version": searcher.model_version,
             "generation": hits[0].generation if hits else info["generation"],
@@ -433,33 +439,21 @@ class SearchService:
             raise RequestRefused("bad_image", f"cannot read the uploaded image: {exc.reason}") from None
 
     def _filters(self, searcher: Searcher, filters: Any) -> dict[str, str]:
-        parsed = normalise_filters(filters)
-        if not parsed:
-            return parsed
-        known = searcher.store.metadata_fields()  # cached by the store until the index changes
-        unknown = sorted(set(parsed) - set(known))
-        if unknown:
-            raise RequestRefused(
-                "unknown_filter",
-                f"unknown filter key(s) {', '.join(unknown)}; "
-                f"known keys: {', '.join(sorted(known)) or 'none'}",
-            )
-        return parsed
+        # the store caches its metadata fields until the index changes
+        return known_filters(normalise_filters(filters), searcher.store.metadata_fields())
 
     # ------------------------------------------------------------------ files and indexing
-    def open_source(self, path: str) -> bytes:
-        """Bytes of a catalog file, only when it lies under a catalog root (RequestRefused otherwise)."""
+    def item(self, key: Any) -> dict | None:
+        """The indexed item ``key`` (path, captions, metadata), or None: unknown, not a string, no index."""
         searcher = self._searcher
-        if searcher is None:
-            raise RequestRefused("no_index", self.empty_message())
-        return self.guard.read(path, searcher.store.catalogs())
-
-    def thumbnail(self, path: str, size: int = 320) -> Image.Image | None:
-        """A small RGB picture of a hit, or None when it cannot be shown (missing, refused, undecodable)."""
-        searcher = self._searcher
-        if searcher is None:
+        if searcher is None or not isinstance(key, str) or not key:
             return None
-        return self.guard.thumbnail(path, searcher.store.catalogs(), size)
+        return searcher.store.get(key)
+
+    def thumbnail(self, key: Any, size: int = 320) -> Image.Image | None:
+        """A small RGB picture of the indexed item ``key``, or None (not indexed, missing, undecodable)."""
+        searcher = self._searcher
+        return None if searcher is None else self.images.thumbnail(searcher.store, key, size)
 
     def build_index(self, files: list[str], progress: Callable[[int, int], None] | None = None) -> dict:
         """Index uploaded images into this service's index (creating it), then load it."""

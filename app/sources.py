@@ -1,122 +1,153 @@
-"""SourceGuard: read catalog images for display, and nothing else.
+"""ItemImages: pictures of indexed items, found by key, and nothing else.
 
-Hit paths come from the index, and the index's metadata came from catalogs that other people wrote, so
-a path is never trusted: it is resolved (``..`` and symlinks followed) and served only when the real
-location lies under the root of one of the catalogs the index was built from (``Catalog.root``, found by
-reopening each recorded catalog spec). Saved-dataset rows (``<dir>#<row>``) are checked by their folder.
-Gradio itself is given no ``allowed_paths``, so it serves only its own upload cache.
+What the server may show is exactly the set of indexed items: a client names an item by its ``key``, the
+index (SQLite, the source of truth) says where its image is, and only that file is read. No path from a
+client is ever opened, and no directory is "allowed" as a whole, so neither a forged hit nor a manifest
+row pointing elsewhere makes any other file servable. Only regular files are read (a FIFO or a device
+swapped in after indexing is refused without opening it), up to ``max_bytes``; saved-dataset rows
+(``<dir>#<row>``) are read through :func:`vitrine.catalog.read_source`.
 
 Knobs: ``max_pixels`` bounds decoding (a bomb hidden in a catalog is refused like an upload);
-``cache_size`` thumbnails are kept in memory, keyed by path and modification time.
+``cache_size`` thumbnails are kept in memory, keyed by key, size and the file's modification time.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import stat
 import threading
 from collections import OrderedDict
-from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from PIL import Image
 
-from vitrine.catalog import open_catalog, read_source
-from vitrine.errors import ImageDecodeError, VitrineError
-from vitrine.images import DEFAULT_MAX_PIXELS, decode_image
+from vitrine.catalog import read_source
+from vitrine.errors import ImageDecodeError
+from vitrine.images import DEFAULT_MAX_PIXELS, decode_image, read_image_file
+from vitrine.store import IndexStore
 
 log = logging.getLogger("vitrine.app")
 
-
-class PathRefused(VitrineError):
-    """A path outside every catalog root (``reason`` is the metric label)."""
-
-    reason = "forbidden_path"
+MIN_SIZE, DEFAULT_SIZE, MAX_SIZE = 16, 320, 1024
 
 
-class SourceGuard:
-    """Resolve, check and read catalog files; see the module docstring."""
+def clamp_size(size: Any) -> int:
+    """A thumbnail edge in pixels from loose input: numbers are clamped, anything else is the default."""
+    try:
+        value = int(float(size))
+    except (TypeError, ValueError, OverflowError):
+        return DEFAULT_SIZE
+    return min(MAX_SIZE, max(MIN_SIZE, value))
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, cache_size: int = 512) -> None:
-        self.max_pixels = max_pixels
-        self.cache_size = cache_size
-        self._roots: tuple[frozenset, list[Path]] | None = None
+
+class ItemImages:
+    """Read and shrink the images of indexed items, by key; see the module docstring."""
+
+    def __init__(
+        self, max_pixels: int = DEFAULT_MAX_PIXELS, cache_size: int = 512, max_bytes: int = 256 << 20
+    ) -> None:
+        self.max_pixels, self.cache_size, self.max_bytes = max_pixels, cache_size, max_bytes
         self._thumbs: OrderedDict[tuple, Image.Image] = OrderedDict()
+        self._folders: list[str] | None = None
         self._lock = threading.Lock()
 
     def forget(self) -> None:
-        """Drop cached roots and thumbnails (the index changed)."""
+        """Drop cached thumbnails and catalog folders (the index changed)."""
         with self._lock:
-            self._roots = None
             self._thumbs.clear()
+            self._folders = None
 
-    def roots(self, catalogs: dict[str, dict]) -> list[Path]:
-        """Real root folders of ``catalogs`` (source -> spec), computed once per set of catalogs."""
-        ident = frozenset(catalogs)
-        cached = self._roots
-        if cached is not None and cached[0] == ident:
-            return cached[1]
-        roots = [_catalog_root(source, spec) for source, spec in sorted(catalogs.items())]
-        with self._lock:
-            self._roots = (ident, roots)
-        return roots
+    def folders(self, store: IndexStore) -> list[str]:
+        """:func:`catalog_folders` of the store, computed once per index change."""
+        folders = self._folders
+        if folders is None:
+            folders = self._folders = catalog_folders(store.catalogs())
+        return folders
 
-    def check(self, path: str, catalogs: dict[str, dict]) -> str:
-        """``path`` if its real location is under a catalog root, else PathRefused."""
-        if not path or "\x00" in path:
-            raise PathRefused("empty or invalid path")
-        real = os.path.realpath(_file_part(path))
-        for root in self.roots(catalogs):
-            if real == str(root) or real.startswith(str(root).rstrip(os.sep) + os.sep):
-                return path
-        raise PathRefused(f"{path!r} is not inside any indexed catalog: refused")
-
-    def read(self, path: str, catalogs: dict[str, dict]) -> bytes:
-        """Encoded bytes of a catalog file (PathRefused outside the roots, ImageDecodeError if unreadable)."""
-        return read_source(self.check(path, catalogs))
-
-    def thumbnail(self, path: str, catalogs: dict[str, dict], size: int = 320) -> Image.Image | None:
-        """Small RGB picture, or None when the file is refused, missing or undecodable (logged)."""
-        try:
-            self.check(path, catalogs)
-            stamp = os.stat(_file_part(path)).st_mtime_ns
-        except PathRefused as exc:
-            log.warning("no thumbnail for %r: %s", path, exc)
+    def thumbnail(self, store: IndexStore, key: Any, size: int = DEFAULT_SIZE) -> Image.Image | None:
+        """Small RGB picture of the item ``key``, or None when it is not indexed or cannot be shown."""
+        item = store.get(key) if isinstance(key, str) and key else None
+        if item is None:
             return None
-        except (OSError, ValueError):
-            stamp = 0
-        key = (path, stamp, size)
+        path = item["path"]
+        cache_key = (key, path, _mtime(path), size)
         with self._lock:
-            if key in self._thumbs:
-                self._thumbs.move_to_end(key)
-                return self._thumbs[key]
+            if cache_key in self._thumbs:
+                self._thumbs.move_to_end(cache_key)
+                return self._thumbs[cache_key]
         try:
-            data = self.read(path, catalogs)
-            image = decode_image(data, max_pixels=self.max_pixels, draft_size=size)
-        except (PathRefused, ImageDecodeError, OSError) as exc:
-            log.warning("no thumbnail for %s: %s", path, exc)
+            image = decode_image(self._read(path), max_pixels=self.max_pixels, draft_size=size)
+        except (ImageDecodeError, OSError) as exc:
+            log.warning("no thumbnail for %s: %s", key, getattr(exc, "reason", exc))
             return None
         image.thumbnail((size, size))
         with self._lock:
-            self._thumbs[key] = image
+            self._thumbs[cache_key] = image
             while len(self._thumbs) > self.cache_size:
                 self._thumbs.popitem(last=False)
         return image
 
+    def _read(self, path: str) -> bytes:
+        """The item's encoded bytes: a regular file within ``max_bytes``, or a saved-dataset row."""
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError):
+            return read_source(path)  # a dataset row, or a clear "file not found"
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError("not a regular file", path)
+        if info.st_size > self.max_bytes:
+            raise ImageDecodeError(f"file too large ({info.st_size} bytes)", path)
+        return read_image_file(path)
 
-def _file_part(path: str) -> str:
-    """The filesystem part of a hit path: ``<dataset dir>#<row>`` → ``<dataset dir>``."""
-    if "#" in path and not os.path.exists(path):
-        return path.split("#", 1)[0]
-    return path
+
+def jpeg(image: Image.Image, quality: int = 85) -> bytes:
+    """``image`` encoded as a JPEG (what the item-image endpoint serves)."""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
-def _catalog_root(source: str, spec: dict) -> Path:
-    """The real folder a catalog's images live under; the spec's own folder when it cannot be reopened."""
+def _mtime(path: str) -> int:
     try:
-        args = {k: spec.get(k) for k in ("image_column", "caption_column")}
-        root = open_catalog(spec.get("path", source), **args).root
-    except (VitrineError, OSError, ValueError) as exc:
-        log.warning("catalog %s cannot be reopened (%s): serving its own folder only", source, exc)
-        given = Path(spec.get("path", source))
-        root = given if given.is_dir() else given.parent
-    return Path(os.path.realpath(root))
+        return os.stat(path).st_mtime_ns
+    except (OSError, ValueError):
+        return 0
+
+
+def item_url(key: str, size: int | None = None) -> str:
+    """Server-relative URL of an item's image (``GET /api/v1/items/{key}/image``)."""
+    return f"/api/v1/items/{quote(key, safe='')}/image" + ("" if size is None else f"?size={size}")
+
+
+def catalog_folders(catalogs: dict[str, dict]) -> list[str]:
+    """Real folders of the indexed catalogs (the manifest's folder for a manifest), deepest first."""
+    folders = set()
+    for source, spec in catalogs.items():
+        given = str(spec.get("path") or source)
+        folders.add(os.path.realpath(given if os.path.isdir(given) else os.path.dirname(given)))
+    return sorted(folders, key=len, reverse=True)
+
+
+def display_name(path: str, folders: list[str]) -> str:
+    """A hit's file name for people: relative to its catalog's folder, else the last path component; never
+    the server's absolute path."""
+    for folder in folders:
+        prefix = folder.rstrip(os.sep) + os.sep
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path.rsplit("/", 1)[-1]
+
+
+def public_hit(hit: dict, folders: list[str]) -> dict:
+    """A hit as clients see it: ``file`` (display name) and ``url`` (its image) instead of ``path``.
+
+    ``gradio_client`` takes any object with a string ``path`` for a file to download (and fails with 403),
+    and the absolute path tells strangers how the server's disks are laid out.
+    """
+    out = {k: v for k, v in hit.items() if k != "path"}
+    out["file"] = display_name(hit["path"], folders)
+    out["url"] = item_url(hit["key"])
+    return out

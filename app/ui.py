@@ -25,6 +25,7 @@ from PIL import Image
 
 from app.drift_tab import drift_tab
 from app.service import RequestRefused, SearchService
+from app.uploads import REFUSED, in_upload_folder, only_uploads
 
 FILTER_SLOTS = 2
 DEFAULT_K = 12
@@ -55,7 +56,9 @@ def _upload_path(payload: ImageData | None) -> Any:
     """
     if payload is None:
         return None
-    if payload.path:
+    if payload.path:  # only_uploads already refused anything else; this keeps the rule local too
+        if not in_upload_folder(payload.path):
+            raise gr.Error(REFUSED, title="Refused", print_exception=False)
         return str(payload.path)
     if payload.url and payload.url.startswith("data:"):
         try:
@@ -90,11 +93,11 @@ def build_demo(service: SearchService) -> gr.Blocks:
                             label="Photo", type="filepath", sources=["upload", "clipboard"], height=240,
                             elem_id="query-image",
                         ), _upload_path)  # fmt: skip
-                        text = gr.Textbox(
+                        text = _unchecked(gr.Textbox(  # a list must be refused, not stringified
                             label="Description",
                             placeholder="a dog running on the beach — or, with a photo: 'but in red'",
                             lines=1, max_lines=3, elem_id="query-text",
-                        )  # fmt: skip
+                        ))  # fmt: skip
                         weight = _unchecked(
                             gr.Slider(0, 1, value=0.5, step=0.05, label="Text weight (photo + text)")
                         )
@@ -167,6 +170,7 @@ def build_demo(service: SearchService) -> gr.Blocks:
         )  # fmt: skip
         index_ev.then(**refresh_page, **private)
         demo.load(**refresh_page, **private)
+    only_uploads(demo)
     return demo
 
 
@@ -203,28 +207,63 @@ def _api_async(method: Any) -> Any:
     return call
 
 
-def _picked(hits: list[dict], evt: gr.SelectData) -> str:
-    if not hits or evt.index is None:
-        raise gr.Error("nothing to search from", print_exception=False)
-    index = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
-    return hits[int(index)]["key"]
+def _picked(hits: list[dict], evt: gr.EventData) -> str:
+    """The key of the clicked result. The event's data is read raw (``gr.SelectData`` would fail inside
+    Gradio on a client that sends none) and the index must name one of this session's results."""
+    data = getattr(evt, "_data", None)
+    index = data.get("index") if isinstance(data, dict) else None
+    index = index[0] if isinstance(index, list) and index else index
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(hits or []):
+        raise gr.Error("choose one of the results shown to search for more like it", print_exception=False)
+    return hits[index]["key"]
 
 
-def _render(service: SearchService, result: dict | None) -> tuple[list, str, str, list]:
-    hits = (result or {}).get("hits") or []
-    items = []
-    for hit in hits:
-        thumb = service.thumbnail(hit["path"]) or Image.new("RGB", (320, 240), _PLACEHOLDER)
-        caption = hit["captions"][0] if hit["captions"] else hit["path"].rsplit("/", 1)[-1]
-        items.append((thumb, f"{hit['score']:.3f} · {caption}"))
-    took = (result or {}).get("took_ms")
+def _render(service: SearchService, result: Any) -> tuple[list, str, str, list]:
+    """Gallery, status and table of a result. The result comes back from the client, so only its keys
+    and scores are used: each key is looked up in the index, and unknown keys are left out."""
+    sent = result.get("hits") if isinstance(result, dict) else None
+    shown = []
+    for hit in (sent if isinstance(sent, list) else [])[: service.limits.max_k]:
+        key = hit.get("key") if isinstance(hit, dict) else None
+        item = service.item(key)
+        if item is not None:
+            shown.append({**item, "score": _score(hit.get("score"))})
+    items = [
+        (service.thumbnail(h["key"]) or Image.new("RGB", (320, 240), _PLACEHOLDER), _caption(h))
+        for h in shown
+    ]
+    took = result.get("took_ms") if isinstance(result, dict) else None
     status = (
-        f"**{len(hits)} matches** in {took:.0f} ms · model `{result.get('model_version')}` · "
-        f"index `{result.get('generation')}`"
-        if hits
+        f"**{len(shown)} matches**{_took(took)} · model `{_plain(result.get('model_version'))}` · "
+        f"index `{_plain(result.get('generation'))}`"
+        if shown
         else "No matches (try removing filters)."
     )
-    return items, status, _table(hits), [{"key": h["key"], "path": h["path"]} for h in hits]
+    return items, status, _table(shown), [{"key": h["key"]} for h in shown]
+
+
+def _score(value: Any) -> float:
+    try:
+        return float(value) if isinstance(value, int | float) else 0.0
+    except OverflowError:  # a client's 400-digit integer
+        return 0.0
+
+
+def _caption(hit: dict) -> str:
+    return f"{hit['score']:.3f} · {hit['captions'][0] if hit['captions'] else _file_name(hit)}"
+
+
+def _file_name(hit: dict) -> str:
+    return str(hit["path"]).rsplit("/", 1)[-1]
+
+
+def _took(took: Any) -> str:
+    return f" in {took:.0f} ms" if isinstance(took, int | float) and not isinstance(took, bool) else ""
+
+
+def _plain(value: Any) -> str:
+    """A client-sent label for Markdown: short, no backticks."""
+    return str(value)[:40].replace("`", "'")
 
 
 def _table(hits: list[dict]) -> str:
@@ -233,7 +272,7 @@ def _table(hits: list[dict]) -> str:
     rows = "".join(
         f"<tr><td>{i + 1}</td><td>{h['score']:.3f}</td><td>{html.escape('; '.join(h['captions'][:2]))}</td>"
         f"<td>{html.escape(json.dumps(h['metadata'], ensure_ascii=False))}</td>"
-        f"<td><code>{html.escape(h['path'].rsplit('/', 1)[-1])}</code></td></tr>"
+        f"<td><code>{html.escape(_file_name(h))}</code></td></tr>"
         for i, h in enumerate(hits)
     )
     head = "<tr><th>#</th><th>score</th><th>captions</th><th>metadata</th><th>file</th></tr>"

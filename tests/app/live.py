@@ -34,6 +34,7 @@ class LiveServer:
     model: Path
     log: Path
     process: subprocess.Popen
+    uploads: Path  # the server's own GRADIO_TEMP_DIR: its upload cache, for tests to inspect
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -76,14 +77,18 @@ def build_index(manifest: Path, index: Path, model: Path) -> None:
         store.close()
 
 
-def start_server(index: Path, log: Path, *extra: str, timeout: float = 90.0) -> tuple[str, subprocess.Popen]:
-    """``python -m app`` on a free port; returns once ``/healthz`` answers (200 or 503)."""
+def start_server(
+    index: Path, log: Path, *extra: str, timeout: float = 90.0, env: dict[str, str] | None = None
+) -> tuple[str, subprocess.Popen]:
+    """``python -m app`` on a free port; returns once ``/healthz`` answers (200 or 503). ``env`` adds
+    environment variables (``GRADIO_TEMP_DIR``: a private upload folder a test can inspect)."""
     port = free_port()
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "GRADIO_ANALYTICS_ENABLED": "False",
+        **(env or {}),
     }
     cmd = [sys.executable, "-m", "app", "--index", str(index), "--port", str(port), "--device", "cpu",
            "--refresh-seconds", "0.5", *extra]  # fmt: skip
@@ -119,9 +124,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, clip_path: Path) -> It
     root = tmp_path_factory.mktemp("live")
     manifest = make_catalog(root / "catalog")
     build_index(manifest, root / "index", clip_path)
-    log = root / "server.log"
-    url, proc = start_server(root / "index", log)
+    log, uploads = root / "server.log", root / "uploads"
+    uploads.mkdir()
+    url, proc = start_server(root / "index", log, env={"GRADIO_TEMP_DIR": str(uploads)})
     try:
-        yield LiveServer(url, root / "index", root / "catalog", clip_path, log, proc)
+        yield LiveServer(url, root / "index", root / "catalog", clip_path, log, proc, uploads)
     finally:
         stop(proc)

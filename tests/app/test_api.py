@@ -25,12 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.app.live import LiveServer
 from tests.hostile import make_hostile_folder
 
-HIT_KEYS = {"key", "path", "score", "captions", "metadata", "model", "generation"}
+HIT_KEYS = {"key", "file", "url", "score", "captions", "metadata", "model", "generation"}
 
 
 @pytest.fixture(scope="module")
 def client(live_server: LiveServer) -> Client:
-    return Client(live_server.url, verbose=False, download_files=False)
+    return Client(live_server.url, verbose=False)  # the default client: results hold no file to download
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -58,7 +58,7 @@ def metric(server: LiveServer, name: str, **labels: str) -> float:
 def test_text_search_returns_json_hits_with_versions(client: Client, live_server: LiveServer) -> None:
     result = client.predict("pattern number 5", 5, {}, api_name="/search_text")
     assert len(result["hits"]) == 5
-    assert set(result["hits"][0]) >= HIT_KEYS
+    assert set(result["hits"][0]) >= HIT_KEYS and "path" not in result["hits"][0]
     scores = [h["score"] for h in result["hits"]]
     assert scores == sorted(scores, reverse=True)
     h = health(live_server)
@@ -69,7 +69,8 @@ def test_text_search_returns_json_hits_with_versions(client: Client, live_server
 def test_image_search_finds_the_same_photo_first(client: Client, live_server: LiveServer) -> None:
     photo = live_server.catalog / "images" / "p007.jpg"
     result = client.predict(handle_file(str(photo)), 3, None, api_name="/search_image")
-    assert result["hits"][0]["path"] == str(photo.resolve())
+    assert result["hits"][0]["key"] == str(photo.resolve())
+    assert result["hits"][0]["file"] == "images/p007.jpg"  # relative to the catalog, not the server's path
     assert result["hits"][0]["score"] == pytest.approx(1.0, abs=1e-3)
     assert result["hits"][0]["captions"] == ["pattern number 7"]
 
@@ -107,11 +108,12 @@ BAD_TEXT = [
     ("red", 0, {}, "bad_k", "k must be between 1 and 100"),
     ("red", 5000, {}, "bad_k", "k must be between 1 and 100"),
     ("red", 5, "{not json", "bad_filter", "not valid JSON"),
+    (["red"], 5, {}, "bad_text", "the text query must be a string, got list"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("text", "k", "filters", "reason", "message"), BAD_TEXT, ids=[str(i) for i in range(7)]
+    ("text", "k", "filters", "reason", "message"), BAD_TEXT, ids=[str(i) for i in range(len(BAD_TEXT))]
 )
 def test_bad_text_requests_get_clear_errors(
     client: Client, live_server: LiveServer, text: str, k: int, filters: object, reason: str, message: str
@@ -177,6 +179,7 @@ def test_healthz_and_metrics(client: Client, live_server: LiveServer) -> None:
     client.predict("pattern number 2", 3, {}, api_name="/search_text")
     body = health(live_server)
     assert body["ok"] and body["index_loaded"] and body["model_loaded"] and body["count"] == 24
+    assert "index" not in body and str(live_server.index) not in json.dumps(body)
     assert body["forwards"] == {"text": "traced", "image": "traced"}  # the server's default
     status, _ = get(live_server.url + "/metrics")
     assert status == 200
@@ -190,7 +193,7 @@ def test_healthz_and_metrics(client: Client, live_server: LiveServer) -> None:
 
 def test_concurrent_mixed_traffic_is_all_answered(live_server: LiveServer) -> None:
     def one(i: int) -> str:
-        c = Client(live_server.url, verbose=False, download_files=False)
+        c = Client(live_server.url, verbose=False)
         text = "" if i % 3 == 0 else f"pattern number {i}"
         try:
             return str(len(c.predict(text, 4, {}, api_name="/search_text")["hits"]))
@@ -200,6 +203,16 @@ def test_concurrent_mixed_traffic_is_all_answered(live_server: LiveServer) -> No
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one, range(16)))
     assert answers.count("empty") == 6 and answers.count("4") == 10, answers
+
+
+def test_hits_carry_the_url_of_their_item_image(client: Client, live_server: LiveServer) -> None:
+    hits = client.predict(text="pattern number 4", k=3, filters={}, api_name="/search_text")["hits"]
+    assert all("path" not in h and str(live_server.catalog) not in h["file"] for h in hits)
+    response = httpx.get(live_server.url + hits[0]["url"] + "?size=48", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(response.content)).size) == 48
+    missing = httpx.get(f"{live_server.url}/api/v1/items/no-such-key/image", timeout=10)
+    assert missing.status_code == 404 and missing.json() == {"error": "no such item", "key": "no-such-key"}
 
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "{catalog}/images/p001.jpg", "{catalog}/../../etc/passwd"])

@@ -87,7 +87,7 @@ def test_index_appears_and_grows_without_restart(tmp_path: Path, clip_path: Path
             worker.join(timeout=30)
         assert failures == [] and answered[0] > 0
         hits = client.predict("pattern", 24, {}, api_name="/search_text")["hits"]
-        assert sum(str((tmp_path / "second").resolve()) in h["path"] for h in hits) == 12
+        assert sum(str((tmp_path / "second").resolve()) in h["key"] for h in hits) == 12
         metrics = httpx.get(url + "/metrics").text  # open without the login, like /healthz
         refreshes = re.search(r"^vitrine_index_refreshes_total (\S+)$", metrics, flags=re.M)
         assert refreshes and float(refreshes.group(1)) >= 2

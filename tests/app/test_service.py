@@ -1,4 +1,4 @@
-"""In-process checks of the app's non-UI parts: filter parsing, the file guard, metrics, settings."""
+"""In-process checks of the app's non-UI parts: filter parsing, item images by key, metrics, settings."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.cli import AppArgs, server_settings
 from app.requests import RequestRefused, normalise_filters
 from app.service import SearchService, ServiceSettings
-from app.sources import PathRefused, SourceGuard
+from app.sources import ItemImages
 from tests.app.live import build_index
-from vitrine.catalog import open_catalog
 from vitrine.config import parse_args
 from vitrine.errors import VitrineError
 from vitrine.metrics import Metrics
+from vitrine.store import IndexStore
 
 
 @pytest.mark.parametrize(
@@ -42,45 +42,69 @@ def test_bad_filters_are_refused_with_a_reason(bad: object) -> None:
     assert info.value.reason == "bad_filter"
 
 
-def test_guard_serves_only_files_under_catalog_roots(photo_folder: Path, tmp_path: Path) -> None:
-    catalog = open_catalog(photo_folder)
-    catalogs = {str(catalog.root): catalog.spec}
-    guard = SourceGuard()
-    inside = next(photo_folder.rglob("*.jpg"))
-    assert guard.read(str(inside), catalogs) == inside.read_bytes()
+def test_item_images_are_found_by_key_and_only_indexed_regular_files_are_read(
+    photo_folder: Path, tmp_path: Path, clip_path: Path
+) -> None:
     secret = tmp_path / "secret.jpg"
-    secret.write_bytes(inside.read_bytes())
-    (photo_folder / "red" / "link.jpg").symlink_to(secret)
-    for path in [
-        "/etc/passwd",
-        f"{photo_folder}/../secret.jpg",
-        f"{photo_folder}/red/link.jpg",
-        "",
-        "a\x00b",
-    ]:
-        with pytest.raises(PathRefused):
-            guard.check(path, catalogs)
-        assert guard.thumbnail(path, catalogs) is None
-    assert guard.check(f"{photo_folder}/ds#3", catalogs)  # dataset rows are checked by their folder
-    thumb = guard.thumbnail(str(inside), catalogs, size=32)
-    assert thumb is not None and max(thumb.size) <= 32
+    inside = sorted(photo_folder.rglob("*.jpg"))
+    secret.write_bytes(inside[0].read_bytes())
+    (photo_folder / "red" / "link.jpg").symlink_to(secret)  # indexed: its key is the real path
+    build_index(photo_folder, tmp_path / "index", clip_path)
+    store = IndexStore.open(str(tmp_path / "index"))
+    images = ItemImages()
+    try:
+        key = str(inside[1].resolve())
+        thumb = images.thumbnail(store, key, size=32)
+        assert thumb is not None and max(thumb.size) <= 32
+        refused = [
+            "/etc/passwd",
+            f"{photo_folder}/../secret.jpg",
+            str(photo_folder),
+            "",
+            "a\x00b",
+            ["x"],
+            None,
+        ]
+        for bad in refused:
+            assert images.thumbnail(store, bad) is None, bad
+        fifo_key = str(inside[2].resolve())
+        os.unlink(fifo_key)
+        os.mkfifo(fifo_key)  # swapped in after indexing: refused without opening it (no hang)
+        assert images.thumbnail(store, fifo_key) is None
+    finally:
+        store.close()
 
 
-def test_service_refuses_paths_from_crafted_requests(
+def test_service_answers_by_key_and_refuses_loose_input(
     photo_folder: Path, tmp_path: Path, clip_path: Path
 ) -> None:
     build_index(photo_folder, tmp_path / "index", clip_path)
     service = SearchService(ServiceSettings(index=str(tmp_path / "index"), refresh_seconds=0))
     try:
         assert service.ready and service.health()["count"] == 12
+        assert "index" not in service.health()  # the server's layout is not shown to anyone
         hit = service.search_text("a photo", k=1)["hits"][0]
-        assert service.open_source(hit["path"]) == Path(hit["path"]).read_bytes()
-        with pytest.raises(PathRefused):
-            service.open_source(os.path.join(str(photo_folder), "..", "..", "etc", "passwd"))
+        assert (
+            "path" not in hit and hit["url"].startswith("/api/v1/items/%2F") and hit["url"].endswith("/image")
+        )
+        assert hit["file"] == str(Path(service.item(hit["key"])["path"]).relative_to(photo_folder.resolve()))
+        assert service.thumbnail(hit["key"]) is not None
+        assert service.item("/etc/passwd") is None and service.thumbnail("/etc/passwd") is None
+        for text in (["a photo"], {"a": 1}, 3):
+            with pytest.raises(RequestRefused, match="text query must be a string") as info:
+                service.search_text(text, k=3)
+            assert info.value.reason == "bad_text"
+        with pytest.raises(RequestRefused, match="text query must be a string"):
+            service.search(None, ["a photo"], weight=1, k=3)
+        with pytest.raises(RequestRefused, match="k must be a number, got inf"):
+            service.search_text("a photo", k=float("inf"))
         with pytest.raises(RequestRefused, match="k must be a whole number"):
             service.search_text("a photo", k=2.5)
         with pytest.raises(RequestRefused, match="weight must be between 0 and 1"):
             service.search(None, "a photo", weight=2, k=3)
+        long_key = r"unknown filter key\(s\) x{20,40}\.\.\.x{20,40}; known keys: filename, folder$"
+        with pytest.raises(RequestRefused, match=long_key):  # the message does not echo 100,000 x's
+            service.search_text("a photo", k=3, filters={"x" * 100_000: "1"})
         assert service.refresh() is False  # nothing changed
     finally:
         service.close()
@@ -140,8 +164,8 @@ def test_uploaded_photos_create_the_index(photo_folder: Path, tmp_path: Path, cl
         assert report["added"] == 12 and seen[-1] == (12, 12)
         assert service.ready and service.health()["count"] == 12
         hit = service.search_text("a photo", k=1)["hits"][0]
-        assert hit["path"].startswith(str((tmp_path / "data" / "uploads").resolve()))
-        assert service.thumbnail(hit["path"]) is not None  # copies live under a catalog root
+        assert service.item(hit["key"])["path"].startswith(str((tmp_path / "data" / "uploads").resolve()))
+        assert service.thumbnail(hit["key"]) is not None
     finally:
         service.close()
 
