@@ -4,8 +4,8 @@ What the server may show is exactly the set of indexed items: a client names an 
 index (SQLite, the source of truth) says where its image is, and only that file is read. No path from a
 client is ever opened, and no directory is "allowed" as a whole, so neither a forged hit nor a manifest
 row pointing elsewhere makes any other file servable. Only regular files are read (a FIFO or a device
-swapped in after indexing is refused without opening it), up to ``max_bytes``; saved-dataset rows
-(``<dir>#<row>``) are read through :func:`vitrine.catalog.read_source`.
+swapped in after indexing is refused without blocking on it), up to ``max_bytes``, and saved-dataset
+rows (``<dir>#<row>``): both through :func:`vitrine.catalog.read_source`, as the indexer reads them.
 
 Knobs: ``max_pixels`` bounds decoding (a bomb hidden in a catalog is refused like an upload);
 ``cache_size`` thumbnails are kept in memory, keyed by key, size and the file's modification time.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -26,7 +25,7 @@ from PIL import Image
 
 from vitrine.catalog import read_source
 from vitrine.errors import ImageDecodeError
-from vitrine.images import DEFAULT_MAX_PIXELS, decode_image, read_image_file
+from vitrine.images import DEFAULT_MAX_PIXELS, decode_image
 from vitrine.store import IndexStore
 
 log = logging.getLogger("vitrine.app")
@@ -92,15 +91,7 @@ class ItemImages:
 
     def _read(self, path: str) -> bytes:
         """The item's encoded bytes: a regular file within ``max_bytes``, or a saved-dataset row."""
-        try:
-            info = os.stat(path)
-        except (OSError, ValueError):
-            return read_source(path)  # a dataset row, or a clear "file not found"
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageDecodeError("not a regular file", path)
-        if info.st_size > self.max_bytes:
-            raise ImageDecodeError(f"file too large ({info.st_size} bytes)", path)
-        return read_image_file(path)
+        return read_source(path, self.max_bytes)
 
 
 def jpeg(image: Image.Image, quality: int = 85) -> bytes:
