@@ -116,7 +116,7 @@ def build_demo(service: SearchService) -> gr.Blocks:
                         table = gr.HTML("")
                         with gr.Accordion("API response (JSON)", open=False):
                             result = gr.JSON(label="result")
-                with gr.Accordion("Index photos", open=not service.ready):
+                with gr.Accordion("Index photos", open=not service.ready, visible=service.settings.admin):
                     gr.Markdown(
                         "Add photos to the index (it is created on first use); a search sees them at once."
                     )
@@ -161,10 +161,11 @@ def build_demo(service: SearchService) -> gr.Blocks:
         for comp in filter_inputs:
             comp.change(_compose, inputs=filter_inputs, outputs=[filters], queue=False, **private)
 
-        index_ev = index_btn.click(
-            lambda a, b, progress=gr.Progress(): _index(service, (a or []) + (b or []), progress),  # noqa: B008
-            inputs=[files, folder], outputs=[index_status], **private,
-        )  # fmt: skip
+        def index(a: Any, b: Any, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
+            sent = [*(a if isinstance(a, list) else [a]), *(b if isinstance(b, list) else [b])]
+            return _index(service, [f for f in sent if f is not None], progress, request)
+
+        index_ev = index_btn.click(index, inputs=[files, folder], outputs=[index_status], **private)
         index_ev.then(**refresh_page, **private)
         demo.load(**refresh_page, **private)
     return demo
@@ -267,8 +268,9 @@ def _empty_state(service: SearchService) -> str:
     return (
         f"<div class='vitrine-empty'><h3>{title}</h3><p>{body}</p>"
         f"<p>Build it from a terminal: <code>python -m indexer build path/to/photos --index {index}</code> — "
-        "this page picks it up within seconds, no restart needed. Or upload photos under "
-        "<b>Index photos</b> below.</p></div>"
+        "this page picks it up within seconds, no restart needed."
+        + (" Or upload photos under <b>Index photos</b> below." if service.settings.admin else "")
+        + "</p></div>"
     )
 
 
@@ -291,9 +293,11 @@ def _compose(*pairs: Any) -> dict[str, str]:
     return out
 
 
-def _index(service: SearchService, files: list[str], progress: gr.Progress) -> str:
+def _index(service: SearchService, files: list, progress: gr.Progress, request: gr.Request) -> str:
+    client = request.client.host if request.client else ""
     try:
-        report = service.build_index(files, lambda done, total: progress((done, total), desc="indexing"))
+        step = lambda done, total: progress((done, total), desc="indexing")  # noqa: E731
+        report = service.build_index(files, step, client)
     except RequestRefused as exc:
         raise gr.Error(str(exc), title="Cannot index", print_exception=False) from None
     failed = "".join(f"\n- {f['path'].rsplit('/', 1)[-1]}: {f['reason']}" for f in report["failures"][:10])
