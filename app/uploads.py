@@ -33,7 +33,7 @@ def received_upload(path: object, received: Collection[str], folder: str | None 
         raise UploadRefused(f"expected an uploaded file, got {type(path).__name__}")
     name = os.fspath(path)
     if not isinstance(name, str) or not name or "\x00" in name or name not in received:
-        raise UploadRefused("not a file uploaded to this server: upload it first (refused, nothing read)")
+        raise UploadRefused("not a file uploaded to this server: upload it first")
     try:
         info = os.lstat(name)
     except OSError:
