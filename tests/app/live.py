@@ -120,7 +120,9 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, clip_path: Path) -> It
     manifest = make_catalog(root / "catalog")
     build_index(manifest, root / "index", clip_path)
     log = root / "server.log"
-    url, proc = start_server(root / "index", log)
+    # Many tests share this server from one address: its upload rate is not limited (test_abuse.py and
+    # test_limits.py check the limits on their own servers).
+    url, proc = start_server(root / "index", log, "--rate-uploads", "0")
     try:
         yield LiveServer(url, root / "index", root / "catalog", clip_path, log, proc)
     finally:
