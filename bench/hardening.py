@@ -210,7 +210,7 @@ def report(a: Args, command: str, text_table: str, load_before: str) -> str:
         f"`.venv/bin/python bench/hardening.py {command}`".replace(" `", "`") + f" — model {a.model}, "
         f"{a.items:,} synthetic items, {a.clients} text clients, {a.burst} large-image clients in the "
         f"burst, {a.seconds:g} s per phase; server and clients share this machine.\n\n"
-        f"Machine: {machine()}. Load average before / after the run: {load_before} / {loadavg()}.\n\n"
+        f"Machine: {machine()}. Load average (1/5/15 min) before the run: {load_before}; after: {loadavg()}.\n\n"
         f"{text_table}\n\n"
         "Each large-image client alternates a one-colour 99 MP PNG (~300 KB; refused from its header by "
         "the query pixel limit, 40 MP by default) and a 38.9 MP one (decoded: reduced before conversion, "
