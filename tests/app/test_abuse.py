@@ -152,14 +152,15 @@ def test_admin_indexing_takes_only_real_uploads_within_caps_at_a_limited_rate(
     assert "Indexed **2** new photos" in json.dumps(done["output"])
     client = Client(admin.url, auth=USER, verbose=False, download_files=False)
     assert client.predict(api_name="/check_drift")["generation"]  # the fifth write of this minute
-    for _ in range(int((time.monotonic() - start) / 12) + 1):  # plus the tokens refilled meanwhile
+    extra = 0  # 5 a minute: one token back every 12 s, so only the ones refilled meanwhile pass
+    while True:
         try:
             client.predict(api_name="/check_drift")
         except Exception as exc:
             assert "too many write requests from this client: try again in" in str(exc)
             break
-    else:
-        raise AssertionError("writes were not rate-limited")
+        extra += 1
+        assert extra <= (time.monotonic() - start) / 12 + 1, "writes were not rate-limited"
 
 
 def test_logins_are_rate_limited_with_a_json_429(admin: Server) -> None:
