@@ -120,9 +120,12 @@ def decode_image(
     data = bytes(source) if not label else read_image_file(label)
     try:
         return _decode_bytes(
-            data, max_pixels=max_pixels, draft_size=draft_size,
-            max_decoded_pixels=max_decoded_pixels, admit=admit,
-        )  # fmt: skip
+            data,
+            max_pixels=max_pixels,
+            draft_size=draft_size,
+            max_decoded_pixels=max_decoded_pixels,
+            admit=admit,
+        )
     except ImageDecodeError as exc:
         raise ImageDecodeError(exc.reason, label) from None
 
@@ -149,9 +152,13 @@ def image_size(source: Source) -> tuple[int, int]:
 
 
 def _decode_bytes(
-    data: bytes, *, max_pixels: int, draft_size: int | None, max_decoded_pixels: int | None,
+    data: bytes,
+    *,
+    max_pixels: int,
+    draft_size: int | None,
+    max_decoded_pixels: int | None,
     admit: Admit | None,
-) -> Image.Image:  # fmt: skip
+) -> Image.Image:
     im = _open(data, max_pixels)
     try:
         im.seek(0)
