@@ -48,6 +48,12 @@ class AppArgs(EncoderSettings):
         "largest image (width*height) decoded; bigger ones are refused as bombs",
         env="MAX_PIXELS",
     )
+    max_query_pixels: int = arg(
+        40_000_000,
+        "largest query image decoded at full size (width*height; JPEGs count after their reduced-scale "
+        "decode); decodes in flight share this many pixels",
+        env="MAX_QUERY_PIXELS",
+    )
     max_text_chars: int = arg(1000, "longest accepted text query", env="MAX_TEXT_CHARS")
     max_k: int = arg(100, "largest top-k a request may ask for", env="MAX_K")
     torch_threads: int = arg(
@@ -71,7 +77,25 @@ class AppArgs(EncoderSettings):
         False, "keep query texts with the samples (off: embeddings only; images are never kept)",
         env="STORE_QUERY_TEXT",
     )  # fmt: skip
-    admin: bool = arg(False, "allow starting a reindex job from the Drift tab and its API", env="ADMIN")
+    admin: bool = arg(
+        False,
+        "allow the page and API to write: index uploaded photos, run drift checks, start reindex jobs",
+        env="ADMIN",
+    )
+    max_index_files: int = arg(
+        1000, "most photos indexed by one 'Index photos' request", env="MAX_INDEX_FILES"
+    )
+    max_index_mb: float = arg(2000.0, "most MB indexed by one 'Index photos' request", env="MAX_INDEX_MB")
+    rate_uploads: float = arg(120.0, "uploads per minute per client (0: unlimited)", env="RATE_UPLOADS")
+    rate_logins: float = arg(10.0, "login attempts per minute per client (0: unlimited)", env="RATE_LOGINS")
+    rate_writes: float = arg(
+        10.0,
+        "indexing, drift checks and reindex starts per minute per client (0: unlimited)",
+        env="RATE_WRITES",
+    )
+    upload_ttl_minutes: float = arg(
+        10.0, "uploads are deleted from the server's cache once this old", env="UPLOAD_TTL_MINUTES"
+    )
     reindex_flags: str = arg(
         "", "extra flags for reindex jobs started from the page, e.g. '--model M'", env="REINDEX_FLAGS"
     )
@@ -79,6 +103,8 @@ class AppArgs(EncoderSettings):
 
 
 def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
+    from app.indexing import IndexLimits
+    from app.ratelimit import Rates
     from app.service import SearchService, ServiceSettings
 
     return SearchService(
@@ -90,6 +116,9 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
             max_k=a.max_k,
             max_upload_mb=a.max_upload_mb,
             max_pixels=a.max_pixels,
+            max_query_pixels=a.max_query_pixels,
+            rates=Rates(upload=a.rate_uploads, login=a.rate_logins, write=a.rate_writes),
+            index_limits=IndexLimits(max_files=a.max_index_files, max_total_mb=a.max_index_mb),
             refresh_seconds=a.refresh_seconds,
             max_batch=a.max_batch,
             batch_wait_ms=a.batch_wait_ms,
@@ -114,6 +143,7 @@ def server_settings(a: AppArgs):  # type: ignore[no-untyped-def]
     return ServerSettings(
         host=a.host, port=a.port, concurrency=a.concurrency, max_queue=a.max_queue,
         max_upload_mb=a.max_upload_mb, auth=auth, switch_interval_ms=a.switch_interval_ms,
+        upload_ttl_minutes=a.upload_ttl_minutes,
     )  # fmt: skip
 
 

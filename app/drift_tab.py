@@ -1,9 +1,10 @@
 """The Drift tab: is the index stale, what happened to it, and (admin) rebuild it.
 
-Drawn over ``service.drift`` (:class:`app.monitor.DriftMonitor`) and ``service.check_drift``. Public API
-endpoints: ``/drift_status`` (status JSON), ``/check_drift`` (run a check now), ``/start_reindex``
-(admin setting only; refused otherwise). A timer refreshes the status every ``REFRESH_SECONDS`` so a
-running reindex and reports from cron jobs show up without reloading.
+Drawn over ``service.drift`` (:class:`app.monitor.DriftMonitor`) and ``service.check_drift``. API
+endpoints: ``/drift_status`` (status JSON, read-only, public), ``/check_drift`` (run a check now: it writes
+a report) and ``/start_reindex``; the two that write need the ``--admin`` setting and a ``write`` token of
+the client's rate limit (refused otherwise, nothing done). A timer refreshes the status every
+``REFRESH_SECONDS`` so a running reindex and reports from cron jobs show up without reloading.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from app.monitor import JobRefused
 from app.service import RequestRefused, SearchService
 from vitrine.errors import VitrineError
 
@@ -39,11 +41,11 @@ def drift_tab(service: SearchService) -> None:
             title="Drift history", height=260, y_lim=[0, 1], elem_id="drift-plot",
         )  # fmt: skip
         with gr.Row():
-            check_btn = gr.Button("Check drift now", elem_id="drift-check")
+            check_btn = gr.Button("Check drift now", interactive=service.drift.admin, elem_id="drift-check")
             reindex_btn = gr.Button(
                 "Start reindex", variant="stop", interactive=service.drift.admin, elem_id="drift-reindex"
             )
-        note = gr.Markdown("" if service.drift.admin else "_Reindexing from the page needs `--admin`._")
+        note = gr.Markdown("" if service.drift.admin else "_Checks and reindexing need `--admin`._")
         with gr.Accordion("Latest report (JSON)", open=False):
             report = gr.JSON(label="report")
         outputs = [summary, plot, report]
@@ -53,10 +55,11 @@ def drift_tab(service: SearchService) -> None:
             return _summary(status), _history(status), status["latest"] or {}
 
         gr.Timer(REFRESH_SECONDS).tick(refresh, outputs=outputs, api_visibility="private")
-        check = check_btn.click(_guarded(service.check_drift), outputs=[report], api_name="check_drift")
+        check_fn = _writer(service, service.check_drift)
+        check = check_btn.click(check_fn, outputs=[report], api_name="check_drift")
         check.then(refresh, outputs=outputs, api_visibility="private")
         start = reindex_btn.click(
-            _guarded(service.drift.start_reindex), outputs=[report], api_name="start_reindex"
+            _writer(service, service.drift.start_reindex), outputs=[report], api_name="start_reindex"
         )
         start.then(
             lambda: f"Reindex started at {time.strftime('%H:%M:%S')}.",
@@ -68,9 +71,14 @@ def drift_tab(service: SearchService) -> None:
         status_btn.click(refresh, outputs=outputs, api_visibility="private")
 
 
-def _guarded(method: Any) -> Any:
-    def call() -> dict:
+def _writer(service: SearchService, method: Any) -> Any:
+    """An event that writes: refused unless ``--admin``, then rate-limited per client, then ``method``."""
+
+    def call(request: gr.Request) -> dict:
         try:
+            if not service.settings.admin:
+                raise JobRefused("this writes to the index directory: start the app with --admin")
+            service.limiter.take("write", request.client.host if request.client else "")
             return method()
         except (RequestRefused, VitrineError) as exc:
             raise gr.Error(str(exc), title="Drift", print_exception=False) from None

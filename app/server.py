@@ -4,8 +4,12 @@ Gradio owns ``/`` and ``/gradio_api/*`` (page, uploads, queue, API); the two ope
 the parent FastAPI app so they answer even while the queue is busy, and stay open when the page has a
 login (probes and Prometheus scrapers do not log in). ``/api/v1/items/{key}/image``
 (``app.items_api``) serves an indexed item's thumbnail, the ``url`` of every hit. Uploads larger than
-``max_upload_mb`` are refused by Gradio before they reach disk (413), and such refusals are counted under
-``errors_total`` with reason ``upload_too_large``.
+``max_upload_mb`` are refused by Gradio before they reach disk (413); an upload request larger than one
+file (or, with ``--admin``, than one "Index photos" batch) or without a ``Content-Length`` is refused
+before Gradio reads it (413/411). Refusals are counted under ``errors_total`` with reason
+``upload_too_large``. Uploads and logins are rate-limited per client (:mod:`app.ratelimit`, 429), and
+Gradio deletes uploads from its cache once they are ``upload_ttl_minutes`` old (its ``delete_cache``,
+which also works mounted: the mounted app's lifespan runs it).
 
 Queueing: Gradio runs at most ``concurrency`` requests at once (default: two model batches' worth) and
 holds the rest in its queue (``max_queue`` long, then refused). Running requests do not compete for the
@@ -27,8 +31,10 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from gradio.utils import get_upload_folder
 
 from app.items_api import add_item_routes
+from app.ratelimit import RateLimits, refuse
 from app.service import SearchService, settle_heap
 from app.ui import CSS, build_demo
 from vitrine.metrics import Metrics
@@ -53,6 +59,7 @@ class ServerSettings:
     max_upload_mb: float = 20.0
     auth: tuple[str, str] | None = None
     switch_interval_ms: float = 1.0
+    upload_ttl_minutes: float = 10.0
 
 
 def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
@@ -70,11 +77,15 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
         return Response(body, media_type=content_type)
 
     add_item_routes(app, service, settings.auth)
-    app.add_middleware(RefusedUploads, metrics=service.metrics)
+    app.add_middleware(RefusedUploads, metrics=service.metrics, limit=_upload_request_limit(service))
+    app.add_middleware(RateLimits, limiter=service.limiter)
     concurrency = settings.concurrency or 2 * service.settings.max_batch
     for name, value in GRADIO_ANALYTICS.items():
         os.environ.setdefault(name, value)
     demo = build_demo(service)
+    ttl = max(1, int(settings.upload_ttl_minutes * 60))
+    demo.delete_cache = (min(60, ttl), ttl)  # every minute, uploads older than the TTL are deleted
+    service.uploads.attach(demo.upload_file_set, get_upload_folder())
     demo.queue(default_concurrency_limit=concurrency, max_size=settings.max_queue)
     service.start()
     mounted = gr.mount_gradio_app(
@@ -90,20 +101,37 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
     return mounted
 
 
+def _upload_request_limit(service: SearchService) -> int:
+    """Largest upload request body: one file plus multipart framing, or an admin's indexing batch."""
+    mb = service.settings.max_upload_mb
+    if service.settings.admin:
+        mb = max(mb, service.settings.index_limits.max_total_mb)
+    return int(mb * 1024 * 1024) + 1024 * 1024
+
+
 class RefusedUploads:
-    """Counts uploads Gradio refused as too large (413) under ``errors_total{reason="upload_too_large"}``.
+    """Refuses upload requests over ``limit`` bytes (by ``Content-Length``, required) and counts them,
+    with the uploads Gradio refused as too large (413), under ``errors_total{reason="upload_too_large"}``.
 
     A plain ASGI wrapper that only looks at each response's start message: Starlette's
     ``@app.middleware("http")`` would re-stream every server-sent event of the queue through an extra
     task and memory stream, which cost a measurable share of the server's CPU under load.
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]], metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: Metrics, limit: int) -> None:
+        self.app, self.metrics, self.limit = app, metrics, limit
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope.get("path", "").endswith("/upload"):
             await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if scope.get("method") == "POST" and (not length.isdigit() or int(length) > self.limit):
+            self.metrics.observe("upload", 0.0, "upload_too_large")
+            if length.isdigit():
+                await refuse(send, 413, f"upload request over the {self.limit / 1e6:.0f} MB limit")
+            else:
+                await refuse(send, 411, "an upload needs a Content-Length header")
             return
 
         async def watch(message: Message) -> None:

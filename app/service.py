@@ -21,7 +21,6 @@ import contextlib
 import functools
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +32,10 @@ import torch
 from PIL import Image
 
 from app.batcher import MicroBatcher
-from app.indexing import IndexBuilder
+from app.indexing import IndexBuilder, IndexLimits, Progress
+from app.memory import QueryDecodes
 from app.monitor import DriftMonitor
+from app.ratelimit import RateLimiter, Rates
 from app.requests import (
     RequestRefused,
     file_size,
@@ -46,6 +47,7 @@ from app.requests import (
 )
 from app.sources import ItemImages, public_hit
 from app.textqueries import Answer, TextQuery, encode_or_search
+from app.uploads import Uploads
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, VitrineError
 from vitrine.metrics import Metrics
 from vitrine.search import Searcher, SearchLimits, check_k, check_text, check_weight, mix
@@ -68,6 +70,9 @@ class ServiceSettings:
     max_k: int = 100
     max_upload_mb: float = 20.0
     max_pixels: int = 100_000_000
+    max_query_pixels: int = 40_000_000
+    rates: Rates = field(default_factory=Rates)
+    index_limits: IndexLimits = field(default_factory=IndexLimits)
     refresh_seconds: float = 2.0
     max_batch: int = 16
     batch_wait_ms: float = 2.0
@@ -103,14 +108,15 @@ class SearchService:
         self._searcher: Searcher | None = None
         self._swap_lock = threading.Lock()
         # Model calls go through one MicroBatcher per modality (batched, and serialised as fast tokenizers
-        # need); decoding runs in the request threads, at most one per core at a time (memory: a
-        # 50-megapixel upload decodes to 150 MB).
+        # need); decoding runs in the request threads within app.memory's limits.
         self._batchers: dict[int, tuple[MicroBatcher, MicroBatcher]] = {}
-        self._decode_slots = threading.BoundedSemaphore(max(1, len(os.sched_getaffinity(0))))
+        self.decodes = QueryDecodes(settings.max_query_pixels)
+        self.limiter = RateLimiter(settings.rates)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.images = ItemImages(max_pixels=settings.max_pixels)
-        self.builder = IndexBuilder(settings.index, settings.model, settings.encoder_kwargs)
+        self.uploads = Uploads()  # Gradio's record of received uploads, attached by the server
+        self.builder = IndexBuilder(settings, self.limiter, self.uploads)
         self.drift = DriftMonitor(
             settings.index, self.metrics, record_queries=settings.record_queries,
             store_query_text=settings.store_query_text, admin=settings.admin,
@@ -433,8 +439,7 @@ class SearchService:
                 f"the upload is {size / 1e6:.1f} MB; the limit is {self.settings.max_upload_mb:g} MB",
             )
         try:
-            with self._decode_slots:
-                return s.encoder.load_image(image)
+            return self.decodes.load(s.encoder, image)
         except ImageDecodeError as exc:
             raise RequestRefused("bad_image", f"cannot read the uploaded image: {exc.reason}") from None
 
@@ -455,10 +460,10 @@ class SearchService:
         searcher = self._searcher
         return None if searcher is None else self.images.thumbnail(searcher.store, key, size)
 
-    def build_index(self, files: list[str], progress: Callable[[int, int], None] | None = None) -> dict:
-        """Index uploaded images into this service's index (creating it), then load it."""
+    def build_index(self, files: list[str], progress: Progress | None = None, client: str = "") -> dict:
+        """Index uploaded images into this service's index (creating it), then load it (admin only)."""
         try:
-            report = self.builder.build(files, self._searcher, progress)
+            report = self.builder.build(files, self._searcher, progress, client)
         except VitrineError as exc:
             raise RequestRefused(getattr(exc, "reason", "build_failed"), str(exc)) from None
         if self._searcher is None:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from app.drift_tab import drift_tab
 from app.service import RequestRefused, SearchService
-from app.uploads import REFUSED, in_upload_folder, only_uploads
+from app.upload_gate import REFUSED, is_upload, only_uploads
 
 FILTER_SLOTS = 2
 DEFAULT_K = 12
@@ -48,7 +48,7 @@ CSS = """
 """
 
 
-def _upload_path(payload: ImageData | None) -> Any:
+def _upload_path(payload: ImageData | None, blocks: gr.Blocks) -> Any:
     """Replacement ``preprocess`` for the query image: the upload's path (or data-URL bytes), undecoded.
 
     The stock ``gr.Image`` opens every upload with PIL before our code runs, so a bomb or a text file would
@@ -57,7 +57,7 @@ def _upload_path(payload: ImageData | None) -> Any:
     if payload is None:
         return None
     if payload.path:  # only_uploads already refused anything else; this keeps the rule local too
-        if not in_upload_folder(payload.path):
+        if not is_upload(blocks, payload.path):
             raise gr.Error(REFUSED, title="Refused", print_exception=False)
         return str(payload.path)
     if payload.url and payload.url.startswith("data:"):
@@ -92,7 +92,7 @@ def build_demo(service: SearchService) -> gr.Blocks:
                         image = _unchecked(gr.Image(
                             label="Photo", type="filepath", sources=["upload", "clipboard"], height=240,
                             elem_id="query-image",
-                        ), _upload_path)  # fmt: skip
+                        ), lambda payload: _upload_path(payload, demo))  # fmt: skip
                         text = _unchecked(gr.Textbox(  # a list must be refused, not stringified
                             label="Description",
                             placeholder="a dog running on the beach — or, with a photo: 'but in red'",
@@ -119,7 +119,7 @@ def build_demo(service: SearchService) -> gr.Blocks:
                         table = gr.HTML("")
                         with gr.Accordion("API response (JSON)", open=False):
                             result = gr.JSON(label="result")
-                with gr.Accordion("Index photos", open=not service.ready):
+                with gr.Accordion("Index photos", open=not service.ready, visible=service.settings.admin):
                     gr.Markdown(
                         "Add photos to the index (it is created on first use); a search sees them at once."
                     )
@@ -164,10 +164,11 @@ def build_demo(service: SearchService) -> gr.Blocks:
         for comp in filter_inputs:
             comp.change(_compose, inputs=filter_inputs, outputs=[filters], queue=False, **private)
 
-        index_ev = index_btn.click(
-            lambda a, b, progress=gr.Progress(): _index(service, (a or []) + (b or []), progress),  # noqa: B008
-            inputs=[files, folder], outputs=[index_status], **private,
-        )  # fmt: skip
+        def index(a: Any, b: Any, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
+            sent = [*(a if isinstance(a, list) else [a]), *(b if isinstance(b, list) else [b])]
+            return _index(service, [f for f in sent if f is not None], progress, request)
+
+        index_ev = index_btn.click(index, inputs=[files, folder], outputs=[index_status], **private)
         index_ev.then(**refresh_page, **private)
         demo.load(**refresh_page, **private)
     only_uploads(demo)
@@ -306,8 +307,9 @@ def _empty_state(service: SearchService) -> str:
     return (
         f"<div class='vitrine-empty'><h3>{title}</h3><p>{body}</p>"
         f"<p>Build it from a terminal: <code>python -m indexer build path/to/photos --index {index}</code> — "
-        "this page picks it up within seconds, no restart needed. Or upload photos under "
-        "<b>Index photos</b> below.</p></div>"
+        "this page picks it up within seconds, no restart needed."
+        + (" Or upload photos under <b>Index photos</b> below." if service.settings.admin else "")
+        + "</p></div>"
     )
 
 
@@ -330,9 +332,11 @@ def _compose(*pairs: Any) -> dict[str, str]:
     return out
 
 
-def _index(service: SearchService, files: list[str], progress: gr.Progress) -> str:
+def _index(service: SearchService, files: list, progress: gr.Progress, request: gr.Request) -> str:
+    client = request.client.host if request.client else ""
     try:
-        report = service.build_index(files, lambda done, total: progress((done, total), desc="indexing"))
+        step = lambda done, total: progress((done, total), desc="indexing")  # noqa: E731
+        report = service.build_index(files, step, client)
     except RequestRefused as exc:
         raise gr.Error(str(exc), title="Cannot index", print_exception=False) from None
     failed = "".join(f"\n- {f['path'].rsplit('/', 1)[-1]}: {f['reason']}" for f in report["failures"][:10])

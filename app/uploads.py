@@ -1,103 +1,67 @@
-"""Client file references: only files this server received as uploads may be read.
+"""Which client-sent file paths are real uploads this server received (no gradio imports here).
 
-A Gradio client names a file by sending a ``FileData``-shaped object (``{"path": ..., "meta": {"_type":
-"gradio.FileData"}}``) as an event input. Gradio then copies (and hashes) that file into its cache before
-any of our code runs, and its own check that the path is an upload (``processing_utils._check_allowed``)
-returns early unless ``Blocks.has_launched`` is set, which ``gr.mount_gradio_app`` never does. Even with
-it set, that check covers neither a payload without ``meta`` (``gr.Image``'s data model accepts it and
-hands the raw path to ``preprocess``) nor http(s) URLs (downloaded by the server).
-
-So :func:`only_uploads` puts one check in front of every event's preprocessing, for every component:
-every file reference in the inputs must resolve into Gradio's upload folder (where ``/gradio_api/upload``
-writes), otherwise the event is refused with :data:`REFUSED`, one message whatever the path names (no
-"not found" vs "not an image" oracle). The check only resolves the path string (``realpath``): nothing is
-opened, hashed or copied, so ``/dev/zero`` or a FIFO cannot block the event loop.
+A Gradio ``FileData`` value carries a ``path`` chosen by the client, so a path in an event's input says
+nothing by itself: it may name ``/etc/passwd``, a FIFO or ``/dev/zero``. Gradio records every file its
+``/upload`` route wrote in ``Blocks.upload_file_set`` (and forgets the ones its cache cleaning deletes);
+that set, and nothing on disk, decides. :func:`received_upload` looks the string up *before* touching
+the filesystem, then checks that it is still a regular file (not a symlink, FIFO or device) under the
+upload folder, so nothing else is ever opened, hashed or read.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import stat
+from collections.abc import Collection
 
-import gradio as gr
-from gradio.utils import get_upload_folder
-from pydantic import ValidationError
-
-REFUSED = (
-    "only files uploaded to this server can be used: upload the photo first (POST /gradio_api/upload, "
-    "or gradio_client's handle_file); server paths and URLs are refused"
-)
-
-#: Components whose whole value is file data: any object with a ``path`` in it names a file.
-_FILE_TYPES = ("image", "file", "gallery", "video", "audio", "model3d", "uploadbutton", "imageeditor")
+from vitrine.errors import VitrineError
 
 
-def in_upload_folder(path: Any) -> bool:
-    """True when ``path`` (a string) resolves to a file inside Gradio's upload folder; never opens it."""
-    if not isinstance(path, str) or not path or "\x00" in path:
-        return False
-    try:
-        root = os.path.realpath(get_upload_folder())
-        real = os.path.realpath(path)
-    except (OSError, ValueError):
-        return False
-    return real.startswith(root.rstrip(os.sep) + os.sep)
+class UploadRefused(VitrineError):
+    """A path that is not a file this server received as an upload (``reason`` is the metric label)."""
+
+    reason = "not_an_upload"
 
 
-def file_references(value: Any, whole_value_is_file: bool) -> list[Any]:
-    """``path`` values a Gradio preprocessing step would treat as files, found without recursion (a
-    deeply nested input costs a loop, not the stack). For a file component every object with a
-    ``path`` counts; elsewhere only objects marked as ``gradio.FileData``, as Gradio itself decides."""
-    found, stack = [], [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            meta = item.get("meta")
-            marked = isinstance(meta, dict) and meta.get("_type") == "gradio.FileData"
-            if "path" in item and (whole_value_is_file or marked):
-                found.append(item["path"])
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return found
+def received_upload(path: object, received: Collection[str], folder: str | None = None) -> str:
+    """``path`` when it names a regular file this server received as an upload, else UploadRefused.
 
-
-def check_inputs(blocks: gr.Blocks, input_ids: list[int], inputs: list[Any]) -> None:
-    """gr.Error(REFUSED) when any input names a file that is not an upload (``None`` paths are absent)."""
-    for block_id, value in zip(input_ids, inputs, strict=False):
-        block = blocks.blocks.get(block_id)
-        is_file = getattr(block, "get_block_name", lambda: "")() in _FILE_TYPES
-        for path in file_references(value, is_file):
-            if path is not None and not in_upload_folder(path):
-                raise gr.Error(REFUSED, title="Refused", print_exception=False)
-
-
-def only_uploads(blocks: gr.Blocks) -> None:
-    """Refuse every event whose inputs name a file that was not uploaded here (module docstring).
-
-    A per-instance wrapper of ``Blocks.preprocess_data``: the one step every event's inputs pass through
-    before Gradio touches a file. ``has_launched`` is set too, as ``launch()`` would, so Gradio's own
-    check also applies to anything our wrapper would let through. Values of the wrong shape for their
-    component (a list of numbers for a file list) or too few values get one short message instead of
-    pydantic's report or Gradio's listing of component objects.
+    ``received`` is the server's record of its uploads (Gradio's ``Blocks.upload_file_set``); ``folder``,
+    when given, is the upload cache the file must really lie in (symlinks and ``..`` resolved).
     """
-    original = blocks.preprocess_data
+    if not isinstance(path, str | os.PathLike):
+        raise UploadRefused(f"expected an uploaded file, got {type(path).__name__}")
+    name = os.fspath(path)
+    if not isinstance(name, str) or not name or "\x00" in name or name not in received:
+        raise UploadRefused("not a file uploaded to this server: upload it first")
+    try:
+        info = os.lstat(name)
+    except OSError:
+        raise UploadRefused("the upload is gone (uploads are kept a limited time): send it again") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UploadRefused("the upload is not a regular file")
+    if folder is not None:
+        real, root = os.path.realpath(name), os.path.realpath(folder)
+        if not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise UploadRefused("not a file uploaded to this server (outside the upload folder)")
+    return name
 
-    async def preprocess_data(block_fn: Any, inputs: list[Any], *args: Any, **kwargs: Any) -> Any:
-        if len(inputs) < len(block_fn.inputs):  # Gradio's own message lists its objects' reprs
-            message = f"this event takes {len(block_fn.inputs)} input values, got {len(inputs)}"
-            raise gr.Error(message, title="Refused", print_exception=False)
-        check_inputs(blocks, [b._id for b in block_fn.inputs], inputs)
-        try:
-            return await original(block_fn, inputs, *args, **kwargs)
-        except gr.Error as exc:  # a component refused a value (a dropdown choice): the client's error,
-            exc.print_exception = False  # not the server's, so no traceback in the log per request
-            raise
-        except ValidationError as exc:  # a value of the wrong shape for its component: say so briefly
-            first = exc.errors()[0].get("msg", "") if exc.error_count() else ""
-            raise gr.Error(
-                f"malformed input: {first[:200]}", title="Refused", print_exception=False
-            ) from None
 
-    blocks.preprocess_data = preprocess_data  # type: ignore[method-assign]
-    blocks.has_launched = True
+def upload_bytes(paths: list[str]) -> int:
+    """Total size of already-checked uploads (``lstat``: nothing is read)."""
+    return sum(os.lstat(p).st_size for p in paths)
+
+
+class Uploads:
+    """This server's record of received uploads, attached once the page exists (empty until then)."""
+
+    def __init__(self) -> None:
+        self.received: Collection[str] = frozenset()
+        self.folder: str | None = None
+
+    def attach(self, received: Collection[str], folder: str) -> None:
+        self.received, self.folder = received, folder
+
+    def check(self, path: object) -> str:
+        """:func:`received_upload` against this record."""
+        return received_upload(path, self.received, self.folder)

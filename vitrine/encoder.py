@@ -236,11 +236,12 @@ class Encoder:
         return self.fingerprint["id"]
 
     # -- images -------------------------------------------------------------------------------------
-    def load_image(self, source: str | os.PathLike | bytes | Image.Image) -> Image.Image:
-        """Decode with the same safety rules and draft setting used at index time."""
+    def load_image(self, source: str | os.PathLike | bytes | Image.Image, **limits: Any) -> Image.Image:
+        """Decode with the same safety rules and draft setting used at index time; ``limits`` are
+        :func:`~vitrine.images.decode_image`'s ``max_decoded_pixels`` and ``admit`` (for queries)."""
         if isinstance(source, Image.Image):
             return source if source.mode == "RGB" else source.convert("RGB")
-        kwargs: dict[str, Any] = {"draft_size": self.draft_size}
+        kwargs: dict[str, Any] = {"draft_size": self.draft_size, **limits}
         if self.max_pixels:
             kwargs["max_pixels"] = self.max_pixels
         return decode_image(source, **kwargs)

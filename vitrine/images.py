@@ -18,8 +18,11 @@ Pillow still refuses images above twice that value while *opening* them; those a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -43,6 +46,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 """Lowercase file extensions (with the dot) that catalogs treat as images."""
 
 Source = str | os.PathLike | bytes
+Admit = Callable[[int], AbstractContextManager[object]]
+
+REDUCE_GAP: int = 3
+"""Reduce images by whole factors while both sides stay at least this many times the draft size."""
 
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"heif"})
@@ -81,7 +88,12 @@ def read_image_file(path: str | os.PathLike) -> bytes:
 
 
 def decode_image(
-    source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+    source: Source,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    max_decoded_pixels: int | None = None,
+    admit: Admit | None = None,
 ) -> Image.Image:
     """Decode ``source`` (a path, or the encoded bytes themselves) into a loaded RGB image.
 
@@ -93,14 +105,27 @@ def decode_image(
       keeps both sides >= ``draft_size``. This makes indexing large photos several times faster, but the
       pixels differ slightly from a full decode followed by a resize, so the same setting must be used at
       index time and at query time (it belongs in the encoder's preprocessing fingerprint). Other formats
-      ignore it.
+      ignore it. Every format is then reduced by a whole factor (``Image.reduce``, before any mode
+      conversion) while both sides stay >= ``REDUCE_GAP * draft_size``: Pillow's own two-step resize
+      rule: after the resize to ``draft_size`` the pixels differ from a direct resize by at most one
+      grey level, and a huge PNG is converted and preprocessed at a fraction of its size.
+    * ``max_decoded_pixels``: refuse images that would still decode to more pixels than this after the
+      JPEG draft (a tighter limit for untrusted queries than ``max_pixels``).
+    * ``admit``: called with the number of pixels about to be decoded; the context manager it returns is
+      held while they are decoded, reduced and converted (a server bounds decodes in flight with it).
 
     Raises :class:`ImageDecodeError` for anything that is not a decodable image.
     """
     label = "" if isinstance(source, bytes | bytearray | memoryview) else os.fspath(source)
     data = bytes(source) if not label else read_image_file(label)
     try:
-        return _decode_bytes(data, max_pixels=max_pixels, draft_size=draft_size)
+        return _decode_bytes(
+            data,
+            max_pixels=max_pixels,
+            draft_size=draft_size,
+            max_decoded_pixels=max_decoded_pixels,
+            admit=admit,
+        )
     except ImageDecodeError as exc:
         raise ImageDecodeError(exc.reason, label) from None
 
@@ -126,26 +151,56 @@ def image_size(source: Source) -> tuple[int, int]:
         im.close()
 
 
-def _decode_bytes(data: bytes, *, max_pixels: int, draft_size: int | None) -> Image.Image:
+def _decode_bytes(
+    data: bytes,
+    *,
+    max_pixels: int,
+    draft_size: int | None,
+    max_decoded_pixels: int | None,
+    admit: Admit | None,
+) -> Image.Image:
     im = _open(data, max_pixels)
     try:
-        try:
-            im.seek(0)
-            if draft_size and im.format in _JPEG_FORMATS:
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-        except MemoryError:
-            raise ImageDecodeError("out of memory while decoding") from None
-        except Exception:
-            raise ImageDecodeError("truncated or corrupt image data") from None
-        out = _to_rgb(_apply_orientation(im))
-        return out.copy() if out is im else out
+        im.seek(0)
+        if draft_size and im.format in _JPEG_FORMATS:
+            im.draft("RGB", (draft_size, draft_size))
+        pixels = im.size[0] * im.size[1]
+        if max_decoded_pixels is not None and pixels > max_decoded_pixels:
+            raise ImageDecodeError(_too_many_pixels(im.size, max_decoded_pixels))
+        with admit(pixels) if admit is not None else contextlib.nullcontext():
+            out = _load_rgb(im, draft_size)
+            out = im.copy() if out is im else out  # a plain loaded image, independent of the file
+            im.close()  # the full-size decode is freed before admit() is released
     except ImageDecodeError:
         raise
     except Exception as exc:
         raise ImageDecodeError(f"cannot convert image ({type(exc).__name__})") from None
     finally:
         im.close()
+    return out
+
+
+def _load_rgb(im: Image.Image, draft_size: int | None) -> Image.Image:
+    """Decode, reduce (see :func:`decode_image`), orient and convert to RGB."""
+    try:
+        im.load()
+    except MemoryError:
+        raise ImageDecodeError("out of memory while decoding") from None
+    except Exception:
+        raise ImageDecodeError("truncated or corrupt image data") from None
+    reduced = _reduce(im, draft_size)
+    out = _to_rgb(_apply_orientation(reduced))
+    return _reduce(out, draft_size) if reduced is im else out  # modes reduce() cannot take: after RGB
+
+
+def _reduce(im: Image.Image, draft_size: int | None) -> Image.Image:
+    """``im`` reduced by the largest whole factor that keeps both sides >= REDUCE_GAP * draft_size."""
+    if not draft_size:
+        return im
+    factor = min(im.size) // (REDUCE_GAP * draft_size)
+    if factor < 2 or im.mode in ("P", "1") or im.mode.startswith("I;16"):
+        return im
+    return im.reduce(factor)
 
 
 def _open(data: bytes, max_pixels: int | None = None) -> Image.Image:

@@ -126,7 +126,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory, clip_path: Path) -> It
     build_index(manifest, root / "index", clip_path)
     log, uploads = root / "server.log", root / "uploads"
     uploads.mkdir()
-    url, proc = start_server(root / "index", log, env={"GRADIO_TEMP_DIR": str(uploads)})
+    # Many tests share this server from one address: its upload rate is not limited (test_abuse.py and
+    # test_limits.py check the limits on their own servers).
+    env = {"GRADIO_TEMP_DIR": str(uploads)}
+    url, proc = start_server(root / "index", log, "--rate-uploads", "0", env=env)
     try:
         yield LiveServer(url, root / "index", root / "catalog", clip_path, log, proc, uploads)
     finally:

@@ -153,10 +153,13 @@ def test_cli_settings_from_flags_and_environment(monkeypatch: pytest.MonkeyPatch
 
 def test_uploaded_photos_create_the_index(photo_folder: Path, tmp_path: Path, clip_path: Path) -> None:
     index = tmp_path / "data" / "index"
-    service = SearchService(ServiceSettings(index=str(index), model=str(clip_path), refresh_seconds=0))
+    settings = ServiceSettings(index=str(index), model=str(clip_path), refresh_seconds=0, admin=True)
+    service = SearchService(settings)
     try:
         assert not service.ready
+        (tmp_path / "notes.txt").write_text("not a photo")
         uploads = [str(p) for p in sorted(photo_folder.rglob("*.jpg"))] + [str(tmp_path / "notes.txt")]
+        service.uploads.attach(set(uploads), str(tmp_path))  # as if Gradio had received them
         with pytest.raises(RequestRefused, match="no image files"):
             service.build_index([str(tmp_path / "notes.txt")])
         seen: list[tuple[int, int]] = []
@@ -204,10 +207,10 @@ def test_text_batch_answers_each_query_and_isolates_bad_ones(
 
     from app.textqueries import TextQuery, encode_or_search
 
+    build_index(photo_folder, tmp_path / "index", clip_path)
     settings = ServiceSettings(index=str(tmp_path / "index"), model=str(clip_path), refresh_seconds=0)
     service = SearchService(settings)
     try:
-        service.build_index([str(p) for p in sorted(photo_folder.rglob("*.jpg"))])
         s = service.searcher
         assert s is not None
         items = [

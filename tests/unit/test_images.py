@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,7 +190,7 @@ def test_draft_size_decodes_large_jpegs_at_reduced_scale() -> None:
     assert decode_image(data, draft_size=1000).size == (2000, 1500)  # half would make 750 < 1000
 
 
-def test_draft_size_is_a_no_op_for_png() -> None:
+def test_draft_size_leaves_a_png_under_three_times_that_size_alone() -> None:
     data = _png(Image.fromarray(pattern(600, 400, seed=6)))
     assert decode_image(data, draft_size=100).tobytes() == decode_image(data).tobytes()
 
@@ -227,3 +228,37 @@ def test_randomly_corrupted_files_only_raise_image_decode_error() -> None:
             assert decode_image(bytes(data)).mode == "RGB"
         except ImageDecodeError as exc:
             assert exc.reason
+
+
+def test_large_images_are_reduced_before_conversion_and_match_a_direct_resize() -> None:
+    """A 12x-too-large PNG comes back reduced (both sides still >= 3x the draft size), and resized to
+    the draft size it is within one grey level of the full decode resized directly."""
+    photo = Image.fromarray(pattern(2700, 2016, seed=3))
+    data = _png(photo)
+    reduced = decode_image(data, draft_size=224)
+    assert reduced.mode == "RGB" and reduced.size == (900, 672)  # factor 3: 672 // 224 = 3
+    full = decode_image(data)
+    assert full.size == (2700, 2016)
+    a = np.asarray(reduced.resize((300, 224), Image.Resampling.BICUBIC), np.int16)
+    b = np.asarray(full.resize((300, 224), Image.Resampling.BICUBIC), np.int16)
+    assert int(np.abs(a - b).max()) <= 1
+    palette = decode_image(_png(photo.convert("P")), draft_size=224)  # reduce() cannot take P: after RGB
+    assert palette.size == (900, 672) and palette.mode == "RGB"
+
+
+def test_decoded_pixel_limit_counts_after_the_jpeg_draft_and_admit_sees_the_pixels() -> None:
+    big = Image.fromarray(pattern(4000, 3000, seed=4))
+    seen: list[int] = []
+
+    @contextlib.contextmanager
+    def admit(pixels: int):  # type: ignore[no-untyped-def]
+        seen.append(pixels)
+        yield
+
+    limit = r"too many pixels: 4000x3000 \(12 MP\) exceeds the limit of 10 MP"
+    with pytest.raises(ImageDecodeError, match=limit):
+        decode_image(_png(big), max_decoded_pixels=10_000_000, admit=admit)
+    assert seen == []  # refused from the header: nothing admitted, nothing decoded
+    jpeg = jpeg_bytes(big, quality=80)  # the draft decodes it at 1/8 scale: 500x375
+    assert decode_image(jpeg, draft_size=224, max_decoded_pixels=10_000_000, admit=admit).size == (500, 375)
+    assert seen == [500 * 375]
