@@ -21,6 +21,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
+from app.upload_gate import REFUSED
 from tests.app.live import build_index, make_catalog, start_server, stop
 from tests.conftest import pattern_image
 
@@ -122,8 +123,8 @@ def test_anonymous_indexing_and_writing_endpoints_are_refused(public: Server, tm
     uploaded = public.upload(*photos(tmp_path, 1)).json()
     result = public.call(index_event, [[file_data(uploaded[0])], None])
     assert "indexing from the page is disabled: start the app with --admin" in error_of(result)
-    # (a special file such as /dev/zero is item 1's: Gradio itself reads FileData inputs before events run)
-    assert "--admin" in error_of(public.call(index_event, [[file_data("/etc/passwd")], None]))
+    # a server path never reaches the event: the upload gate refuses it first (test_query_files.py)
+    assert REFUSED in error_of(public.call(index_event, [[file_data("/etc/passwd")], None]))
     client = Client(public.url, verbose=False, download_files=False)
     for endpoint in ("/check_drift", "/start_reindex"):
         with pytest.raises(Exception, match="start the app with --admin"):
@@ -142,7 +143,7 @@ def test_admin_indexing_takes_only_real_uploads_within_caps_at_a_limited_rate(
     big = admin.upload(photos(tmp_path / "big", 1, (600, 400))[0]).json()[0]  # ~0.3 MB > 0.05 MB in all
 
     outside = error_of(admin.call(index_event, [[file_data("/etc/passwd")], None]))
-    assert "not a file uploaded to this server: upload it first" in outside
+    assert REFUSED in outside
     assert "index at most 3 at once" in error_of(
         admin.call(index_event, [[file_data(p) for p in small], None])
     )

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.uploads import REFUSED
+from app.upload_gate import REFUSED
 from tests.app.live import build_index, make_catalog, start_server, stop
 from tests.app.raw import call_api, dependencies, join_queue
 

@@ -184,6 +184,7 @@ def test_server_settles_its_heap_and_gradio_does_not_resummarise_per_request(tmp
     from app.server import ServerSettings, create_app
 
     service = SearchService(ServiceSettings(index=str(tmp_path / "none"), refresh_seconds=0))
+    gc.unfreeze()  # queues of apps built by earlier tests must be seen (frozen objects are invisible)
     before = {id(o) for o in gc.get_objects() if type(o) is Queue}
     try:
         create_app(service, ServerSettings())
