@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from vitrine.errors import ImageDecodeError
+from vitrine.files import read_regular_file
 
 __all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "image_size", "read_image_file"]
 
@@ -72,19 +73,9 @@ if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < DEFAULT_MAX_P
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
-    """Read a file's bytes, turning filesystem errors into :class:`ImageDecodeError` reasons."""
-    name = os.fspath(path)
-    try:
-        with open(name, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found", name) from None
-    except IsADirectoryError:
-        raise ImageDecodeError("not a file (is a directory)", name) from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied", name) from None
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file ({exc.strerror or exc})", name) from None
+    """A file's bytes as :func:`vitrine.files.read_regular_file` reads them (regular files only, bounded),
+    with filesystem errors as :class:`ImageDecodeError` reasons."""
+    return read_regular_file(path)
 
 
 def decode_image(

@@ -153,7 +153,7 @@ def test_bytes_and_path_give_identical_pixels(hostile: tuple[Path, dict[str, boo
 def test_filesystem_and_sniffing_reasons(tmp_path: Path) -> None:
     cases = {
         tmp_path / "missing.jpg": "file not found",
-        tmp_path: "not a file",
+        tmp_path: "not a regular file (a directory)",  # one reason, as catalogs report it
     }
     for path, reason in cases.items():
         with pytest.raises(ImageDecodeError) as caught:
