@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from vitrine.encoder import DEFAULT_MODEL
-
+# Constants live here, not in the modules that use them, so that building a parser (``--help``) imports
+# nothing heavy: this module must never import torch, transformers, faiss or gradio.
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_INDEX = "vitrine-data/index"
 ENV_PREFIX = "VITRINE_"
 C = TypeVar("C")
@@ -81,15 +83,17 @@ def parse_duration(text: str) -> float:
 
 
 def quiet_libraries() -> None:
-    """Silence transformers' load reports and progress bars (entry points call this once)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as hf_logging
+    """Silence transformers' load reports and progress bars (entry points call this once).
 
+    Environment variables, not transformers calls, so that an entry point stays light until a command
+    needs the model (``--help`` must not import transformers); both libraries read them at import.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:  # already imported (in-process callers): the variables came too late
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
 
 
 def _unwrap(tp: Any) -> tuple[type, bool]:
