@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INDEX ?= vitrine-data/index
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev run test lint format bench browser clean
+.PHONY: setup setup-dev run test test-fast lint format bench browser clean
 
 $(VENV)/.main: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ browser:
 
 test: setup-dev browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The edit loop: everything but the tests marked slow in tests/conftest.py (no browser needed).
+test-fast: setup-dev
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: setup-dev
 	$(BIN)/ruff check .

@@ -62,10 +62,14 @@ class AppArgs(EncoderSettings):
         "(at least 1): more threads than cores makes torch spin and slows every request",
         env="TORCH_THREADS",
     )
-    trace: bool = arg(
-        True, "run the towers as traced graphs (same outputs, checked at start-up; the request threads "
-        "then cannot stall model calls on the GIL)", env="TRACE",
-    )  # fmt: skip
+    torchscript: bool = arg(
+        True,
+        "run the towers as TorchScript graphs (same outputs, checked at start-up; the request threads "
+        "then cannot stall model calls on the GIL)",
+        env="TORCHSCRIPT",
+        old_flag="--trace",
+        old_env="TRACE",
+    )
     refresh_seconds: float = arg(
         2.0, "how often to look for index changes (builds, reindex swaps); 0 disables", env="REFRESH_SECONDS"
     )
@@ -122,7 +126,7 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
             refresh_seconds=a.refresh_seconds,
             max_batch=a.max_batch,
             batch_wait_ms=a.batch_wait_ms,
-            trace=a.trace,
+            trace=a.torchscript,
             record_queries=a.record_queries,
             store_query_text=a.store_query_text,
             admin=a.admin,

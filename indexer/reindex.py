@@ -22,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from indexer.common import emit, fail
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg
 from vitrine.errors import ValidationFailed, VitrineError
 
@@ -48,12 +49,11 @@ class ReindexArgs(EncoderSettings):
 
 
 def cmd_reindex(a: ReindexArgs) -> int:
-    from indexer.cli import _fail
     from vitrine.reindex import rollback
 
     if a.rollback:
         if a.every or a.if_drifted or a.retrain_ivf:
-            return _fail("--rollback cannot be combined with --every, --if-drifted or --retrain-ivf")
+            return fail("--rollback cannot be combined with --every, --if-drifted or --retrain-ivf")
         _print(rollback(a.index).to_dict(), a.json)
         return 0
     if a.every:
@@ -97,9 +97,7 @@ def _job(a: ReindexArgs) -> Any:
 
 
 def _print(record: dict[str, Any], as_json: bool) -> None:
-    from indexer.cli import _emit
-
-    _emit(record, as_json, _describe)
+    emit(record, as_json, _describe)
     sys.stdout.flush()
 
 
@@ -125,14 +123,13 @@ def _rejected(exc: ValidationFailed, as_json: bool) -> None:
 def _schedule(a: ReindexArgs) -> int:
     """``--every``: run now and then at a fixed rate; SIGTERM and Ctrl-C stop it cleanly (exit 0),
     even mid-job, since an interrupted job resumes at the next run."""
-    from indexer.cli import _fail
     from vitrine.config import parse_duration
     from vitrine.reindex import run_every
 
     try:
         interval = parse_duration(a.every or "")
     except ValueError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     runs = 0
 
     def once() -> None:

@@ -20,6 +20,45 @@ FLICKR = SHARED / "datasets" / "flickr8k"
 DEIT = SHARED / "models" / "deit-tiny-patch16-224"
 
 
+# Test tiers. `make test` runs everything; `make test-fast` (pytest -m "not slow") is the edit loop. What is
+# slow is decided here, from what a test drives, so that no test file needs a marker: a browser, a notebook
+# kernel, a training run, a Ray cluster, a process killed with -9, a web server or the indexer started as
+# subprocesses, or an exhaustive index-structure sweep.
+SLOW_PATHS = (
+    "tests/e2e/",  # headless Chromium
+    "tests/train/",  # fine-tuning runs, some under accelerate launch
+    "tests/integration/test_notebooks.py",
+    "tests/integration/test_ray.py",
+    "tests/integration/test_store_crash.py",  # kill -9 of a writer
+    "tests/integration/test_indexer_cli.py",  # the indexer as a subprocess, end to end
+    "tests/integration/test_indexer_autotune_cli.py",
+    "tests/app/test_refresh.py",  # starts its own server
+)
+SLOW_FIXTURES = {"live_server"}  # one real server subprocess for the API, README and drift-page tests
+SLOW_TESTS = {  # one long scenario each, in files that are otherwise quick
+    "test_kill_9_keeps_the_old_generation_serving_and_a_rerun_completes",
+    "test_lost_current_is_refused_then_repaired_and_history_survives",  # five indexer subprocesses
+    "test_a_model_change_is_reported_from_the_fingerprint",  # encodes the catalog with a second model
+    "test_opq_refine_candidate_is_measured_and_can_be_chosen",  # trains and sweeps OPQ on 10k vectors
+    "test_refine_structures_sweep_k_factor_with_nprobe",
+}
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    path = Path(str(item.path)).resolve().relative_to(REPO).as_posix()
+    return (
+        path.startswith(SLOW_PATHS)
+        or bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
+        or getattr(item, "originalname", item.name) in SLOW_TESTS
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
 def require_shared(path: Path) -> Path:
     """Skip (with the reason) where ../shared is not beside the checkout."""
     if not path.exists():

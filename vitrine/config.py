@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from vitrine.encoder import DEFAULT_MODEL
-
+# Constants live here, not in the modules that use them, so that building a parser (``--help``) imports
+# nothing heavy: this module must never import torch, transformers, faiss or gradio.
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_INDEX = "vitrine-data/index"
 ENV_PREFIX = "VITRINE_"
 C = TypeVar("C")
@@ -26,17 +28,43 @@ C = TypeVar("C")
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
     """A dataclass field with command-line metadata: ``help``, ``flag`` (extra alias), ``positional``,
-    ``env`` (environment variable name without prefix), ``choices``, ``nargs``."""
+    ``env`` (environment variable name without prefix), ``choices``, ``nargs``, and for a renamed
+    boolean ``old_flag`` / ``old_env``: the former names, still accepted with a deprecation warning."""
     factory = dataclasses.MISSING
     if isinstance(default, list):
         factory, default = (lambda d=default: list(d)), dataclasses.MISSING
     return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, **meta})
 
 
-def env_default(name: str, default: Any, environ: typing.Mapping[str, str] | None = None) -> Any:
-    """``VITRINE_<NAME>`` if set, else ``default``."""
+def env_default(
+    name: str, default: Any, environ: typing.Mapping[str, str] | None = None, old: str | None = None
+) -> Any:
+    """``VITRINE_<NAME>`` if set, else the deprecated ``VITRINE_<OLD>`` (with a warning), else ``default``."""
     environ = os.environ if environ is None else environ
-    return environ.get(ENV_PREFIX + name.upper(), default)
+    new_name, old_name = ENV_PREFIX + name.upper(), ENV_PREFIX + (old or "").upper()
+    if new_name not in environ and old and old_name in environ:
+        _deprecated(old_name, new_name)
+        return environ[old_name]
+    return environ.get(new_name, default)
+
+
+def _deprecated(old: str, new: str) -> None:
+    # One line on stderr, as argparse itself reports deprecated options from Python 3.13 on.
+    print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+class _DeprecatedSwitch(argparse.BooleanOptionalAction):
+    """A former ``--flag`` / ``--no-flag`` pair, hidden from ``--help``, that warns and then sets the
+    renamed option."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        negated = bool(option_string and option_string.startswith("--no-"))
+        _deprecated(option_string or "", "--no-" + self.new[2:] if negated else self.new)
+        super().__call__(parser, namespace, values, option_string)
 
 
 @dataclasses.dataclass
@@ -81,15 +109,17 @@ def parse_duration(text: str) -> float:
 
 
 def quiet_libraries() -> None:
-    """Silence transformers' load reports and progress bars (entry points call this once)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as hf_logging
+    """Silence transformers' load reports and progress bars (entry points call this once).
 
+    Environment variables, not transformers calls, so that an entry point stays light until a command
+    needs the model (``--help`` must not import transformers); both libraries read them at import.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:  # already imported (in-process callers): the variables came too late
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
 
 
 def _unwrap(tp: Any) -> tuple[type, bool]:
@@ -115,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         )
         if meta.get("env"):
-            default = env_default(meta["env"], default)
+            default = env_default(meta["env"], default, old=meta.get("old_env"))
             if base is bool and isinstance(default, str):  # VITRINE_ADMIN=0 must mean False
                 default = default.strip().lower() in ("1", "true", "yes", "on")
         kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": default}
@@ -142,6 +172,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs.pop("default")
         names = ["--" + f.name.replace("_", "-")] + ([meta["flag"]] if meta.get("flag") else [])
         parser.add_argument(*names, dest=f.name, **kwargs)
+        if meta.get("old_flag"):
+            _add_old_flag(parser, meta["old_flag"], names[0], f.name, base)
+
+
+def _add_old_flag(parser: argparse.ArgumentParser, old: str, new: str, dest: str, base: type) -> None:
+    if base is not bool:
+        raise TypeError(f"old_flag is supported for boolean options only, not {dest}")
+    parser.add_argument(
+        old, dest=dest, action=_DeprecatedSwitch, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
 
 
 def from_namespace(cls: type[C], ns: argparse.Namespace) -> C:

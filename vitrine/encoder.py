@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from vitrine import towers
+from vitrine.config import DEFAULT_MODEL
 from vitrine.errors import ImageDecodeError, ModelLoadError
 from vitrine.images import decode_image
 
-DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 # |(1 - mean) / std| is at most ~2.7 for the usual statistics; 0-255 input reaches hundreds.
 _MAX_NORMALISED = 20.0
 T = TypeVar("T")

@@ -23,12 +23,22 @@ class SharedLock:
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
+        self._readers_waiting = 0
+
+    def waiting(self) -> tuple[int, int]:
+        """``(readers, writers)`` blocked on the lock right now: what a stall is queued behind."""
+        with self._cond:
+            return self._readers_waiting, self._writers_waiting
 
     @contextmanager
     def shared(self) -> Iterator[None]:
         with self._cond:
-            while self._writing or self._writers_waiting:
-                self._cond.wait()
+            self._readers_waiting += 1
+            try:
+                while self._writing or self._writers_waiting:
+                    self._cond.wait()
+            finally:
+                self._readers_waiting -= 1
             self._readers += 1
         try:
             yield

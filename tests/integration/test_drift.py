@@ -8,6 +8,8 @@ where present, generated pictures otherwise.
 from __future__ import annotations
 
 import json
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,7 @@ def test_query_stream_drift_against_the_generations_query_baseline(indexed, clip
         generation, model = store.generation, store.fingerprint["id"]
     journal = Journal(indexed, baseline_size=60)
     recorder = QueryRecorder(journal, per_flush=1000)
+
     def topics(parity: int) -> list[str]:
         return [f"a photo of a {w} number {i}" for i in range(parity, 60, 2) for w in ("dog", "cat")]
 
@@ -156,5 +159,6 @@ def test_query_stream_drift_against_the_generations_query_baseline(indexed, clip
     moved = assess(indexed, journal=journal, settings=settings)
     assert moved.drifted and moved.source == "queries" and moved.slice_field == "mode", moved.reason
     assert moved.slices["image"]["new"] is True
-    rows = journal._conn().execute("SELECT COUNT(*) FROM samples WHERE text IS NOT NULL").fetchone()[0]
+    with closing(sqlite3.connect(f"file:{journal.path}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM samples WHERE text IS NOT NULL").fetchone()[0]
     assert rows == 0, "query texts are not stored unless the recorder is told to"

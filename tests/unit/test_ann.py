@@ -181,7 +181,7 @@ def test_bad_factory_and_params_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown search_params"):
         AnnIndex(DIM, "HNSW32", {"ef": 3})
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=r"cannot read ANN snapshot .*junk\.faiss"):
         AnnIndex.load(tmp_path / "junk.faiss")
 
 

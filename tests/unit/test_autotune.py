@@ -34,9 +34,9 @@ def test_parsers() -> None:
     assert parse_bytes("2GB") == 2_000_000_000 and parse_bytes("1GiB") == 2**30 and parse_bytes("512") == 512
     assert parse_ms("10ms") == 10.0 and parse_ms("0.5s") == 500.0 and parse_ms("7") == 7.0
     for bad in ("lots", "-1GB"):
-        with pytest.raises(TuningError):
+        with pytest.raises(TuningError, match=f"invalid memory budget '{bad}'"):
             parse_bytes(bad)
-    with pytest.raises(TuningError):
+    with pytest.raises(TuningError, match="invalid latency target 'fast'"):
         parse_ms("fast")
 
 

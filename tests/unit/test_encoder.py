@@ -8,6 +8,7 @@ normalisation fails here rather than producing plausible, wrong embeddings.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -180,7 +181,7 @@ def test_stream_reports_bad_items_and_keeps_order(clip_encoder, tmp_path):
     assert [r[0] for r in results] == items
     assert isinstance(results[1][1], ImageDecodeError)
     np.testing.assert_allclose(results[0][1], results[2][1], atol=1e-6)
-    with pytest.raises(ImageDecodeError):
+    with pytest.raises(ImageDecodeError, match=re.escape(str(results[1][1]))):
         clip_encoder.encode_images(items)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+
 import numpy as np
 
 from vitrine.journal import Entry, Journal, QueryRecorder, Reservoir
@@ -11,6 +14,12 @@ def _entry(i: int, dim: int = 4) -> Entry:
     vec = np.zeros(dim, dtype=np.float32)
     vec[i % dim] = 1.0
     return Entry(vec, {"i": i}, score=float(i), text=f"query {i}")
+
+
+def _on_disk(journal: Journal, sql: str) -> object:
+    """The first value ``sql`` reads from the journal's file, through a connection of our own."""
+    with closing(sqlite3.connect(f"file:{journal.path}?mode=ro", uri=True)) as conn:
+        return conn.execute(sql).fetchone()[0]
 
 
 def test_reservoir_keeps_a_uniform_bounded_sample():
@@ -39,8 +48,7 @@ def test_recorder_fills_the_baseline_first_then_the_live_window(tmp_path):
     assert journal.count("query", "gen-000001", "m1") == 5
     assert journal.count("query_baseline", "gen-000002", "m2") == 15
     assert journal.sample("query", "gen-000001", "m1").embeddings.shape == (5, 4)
-    texts = journal._conn().execute("SELECT COUNT(*) FROM samples WHERE text IS NOT NULL").fetchone()[0]
-    assert texts == 0
+    assert _on_disk(journal, "SELECT COUNT(*) FROM samples WHERE text IS NOT NULL") == 0
 
 
 def test_texts_are_kept_only_when_allowed(tmp_path):
@@ -48,7 +56,7 @@ def test_texts_are_kept_only_when_allowed(tmp_path):
     recorder = QueryRecorder(journal, store_text=True)
     recorder.add("g", "m", _entry(1))
     recorder.flush()
-    assert journal._conn().execute("SELECT text FROM samples").fetchone()[0] == "query 1"
+    assert _on_disk(journal, "SELECT text FROM samples") == "query 1"
 
 
 def test_live_kinds_are_capped_oldest_first_and_windows_filter_by_time(tmp_path):

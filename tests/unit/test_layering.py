@@ -56,3 +56,24 @@ def test_every_entry_point_has_main_with_argv():
             continue
         mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
         assert mains and mains[0].args.args[0].arg == "argv", package
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from package.module import _name`` lines: one module reaching into another's internals."""
+    return [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = {
+        str(p.relative_to(REPO)): _private_imports(p)
+        for package in ("vitrine", "indexer", "app", "train_contrastive")
+        for p in (REPO / package).rglob("*.py")
+        if _private_imports(p)
+    }
+    assert offenders == {}

@@ -24,10 +24,18 @@ def test_readers_overlap() -> None:
     assert both == [True, True]
 
 
+def _until(condition, what: str, timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
+
+
 def test_writer_excludes_readers_and_is_not_starved() -> None:
     lock, events = SharedLock(), []
-    reading = threading.Event()
-    release = threading.Event()
+    reading, release = threading.Event(), threading.Event()
+    writing, finish = threading.Event(), threading.Event()
 
     def first_reader() -> None:
         with lock.shared():
@@ -38,7 +46,8 @@ def test_writer_excludes_readers_and_is_not_starved() -> None:
     def writer() -> None:
         with lock.exclusive():
             events.append("writer in")
-            time.sleep(0.05)
+            writing.set()
+            finish.wait(5)
             events.append("writer out")
 
     def late_reader() -> None:
@@ -50,14 +59,16 @@ def test_writer_excludes_readers_and_is_not_starved() -> None:
     reading.wait(5)
     w = threading.Thread(target=writer)
     w.start()
-    deadline = time.monotonic() + 5
-    while not lock._writers_waiting and time.monotonic() < deadline:  # the writer waits for reader 1
-        time.sleep(0.001)
+    _until(lambda: lock.waiting() == (0, 1), "the writer waits for reader 1")
     r2 = threading.Thread(target=late_reader)
     r2.start()
-    time.sleep(0.05)
-    assert events == []  # reader 2 queues behind the waiting writer, the writer behind reader 1
+    _until(lambda: lock.waiting() == (1, 1), "reader 2 queues behind the waiting writer")
+    assert events == []
     release.set()
+    writing.wait(5)
+    assert lock.waiting() == (1, 0) and events == ["reader-1 out", "writer in"]  # reader 2 still out
+    finish.set()
     for t in (r1, w, r2):
         t.join(5)
     assert events == ["reader-1 out", "writer in", "writer out", "reader-2 in"]
+    assert lock.waiting() == (0, 0)

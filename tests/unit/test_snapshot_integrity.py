@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vitrine import generations, snapshots
+from vitrine.errors import IndexDamaged
 from vitrine.store import IndexStore, NewItem
 
 DIM = 16
@@ -82,7 +83,7 @@ def test_pruning_keeps_what_history_names_and_generations_holding_items(tmp_path
     build(root, 20)
     (root / "CURRENT").unlink()  # the lost CURRENT of issue 11: the old code pruned gen-000001 here
     (root / "HISTORY").write_text("garbage\n")
-    with pytest.raises(Exception, match="CURRENT is missing") as err:
+    with pytest.raises(IndexDamaged, match="CURRENT is missing") as err:
         IndexStore.create(root, FP)
     assert "indexer repair" in str(err.value)
     generations.publish(root, "gen-000001")  # even a direct publish of another name deletes nothing

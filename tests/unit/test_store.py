@@ -181,8 +181,10 @@ def test_filtered_search_on_an_approximate_index_is_exact(root: Path) -> None:
 
 def test_bad_queries_are_refused(store: IndexStore) -> None:
     store.write([item(1)])
-    for bad in (np.ones(DIM + 1), np.zeros(DIM), np.full(DIM, np.nan)):
-        with pytest.raises(QueryError):
+    not_finite = "queries must be finite, non-zero vectors"
+    bad_queries = [(np.ones(DIM + 1), "queries must have shape"), (np.zeros(DIM), not_finite)]
+    for bad, reason in [*bad_queries, (np.full(DIM, np.nan), not_finite)]:
+        with pytest.raises(QueryError, match=reason):
             store.search(bad)
     with pytest.raises(QueryError, match="k must be"):
         store.search(vec(1), k=0)
@@ -297,7 +299,7 @@ def test_a_published_generation_reaches_readers(store: IndexStore, root: Path) -
     assert top(reader, vec(101))[0].generation == "gen-000002"
     with IndexStore.create_generation(root, {"id": "new-model", "dim": DIM}) as newer:
         newer.publish()
-    with pytest.raises(FingerprintMismatch):
+    with pytest.raises(FingerprintMismatch, match="index was built with a different model/preprocessing"):
         reader.refresh()
     assert reader.generation == "gen-000002" and len(reader) == 3  # keeps serving the old one
     assert sorted(p.name for p in root.glob("gen-*")) == ["gen-000002", "gen-000003"]

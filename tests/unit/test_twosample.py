@@ -76,5 +76,5 @@ def test_sample_slices_by_metadata_value():
     sample = Sample(np.eye(3, dtype=np.float32), [{"folder": "a"}, {"folder": "b"}, {}])
     assert sample.slice_values("folder") == ["a", "b", None]
     assert len(sample.where("folder", "a")) == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="3 embeddings but 1 metadata rows"):
         Sample(np.eye(3), [{}])
