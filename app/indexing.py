@@ -28,11 +28,11 @@ from typing import Any
 
 from app.ratelimit import RateLimiter
 from app.uploads import Uploads, upload_bytes
-from vitrine.catalog import open_catalog
+from vitrine.catalog.readers import open_catalog
 from vitrine.errors import VitrineError
 from vitrine.images import IMAGE_EXTENSIONS
-from vitrine.search import Searcher
-from vitrine.workspace import load_encoder, open_for_build, run_build
+from vitrine.open_index import load_encoder, open_for_build, run_build
+from vitrine.search.searcher import Searcher
 
 Progress = Callable[[int, int], None]
 

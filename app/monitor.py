@@ -1,13 +1,13 @@
 """DriftMonitor: the web app's part in drift detection (no gradio imports here).
 
 * **Records queries.** Each answered search offers its query embedding, best score and mode (text,
-  image, both, similar) to a :class:`~vitrine.journal.QueryRecorder`; the search thread only appends to
+  image, both, similar) to a :class:`~vitrine.drift.journal.QueryRecorder`; the search thread only appends to
   an in-memory reservoir, a background thread writes to ``INDEX/drift.sqlite``. Query texts are kept
   only with ``store_query_text``; images never.
 * **Shows status.** The latest drift report (from the app's own checks, ``python -m indexer drift`` or
   a reindex scheduler), the history of scores, the last reindex job (``INDEX/reindex.jsonl``) and the
   reference sample. ``/metrics`` gets the same numbers through :meth:`Metrics.set_drift`.
-* **Runs jobs.** "Check now" runs :func:`vitrine.drift.assess` in-process (a second or two); with
+* **Runs jobs.** "Check now" runs :func:`vitrine.drift.assess.assess` in-process (a second or two); with
   ``admin`` set, "Start reindex" launches ``python -m indexer reindex`` as a child process, one at a
   time, so the server keeps answering and picks up the new generation when it is published.
 """
@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from vitrine import reference
-from vitrine.drift import assess
+from app.metrics import Metrics
+from vitrine.build.reindex import read_log
+from vitrine.drift import reference
+from vitrine.drift.assess import assess
+from vitrine.drift.journal import Entry, Journal, QueryRecorder
 from vitrine.errors import VitrineError
-from vitrine.journal import Entry, Journal, QueryRecorder
-from vitrine.metrics import Metrics
-from vitrine.reindex import read_log
-from vitrine.store import IndexStore
+from vitrine.index.store import IndexStore
 
 log = logging.getLogger("vitrine.app")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vitrine.errors import ImageDecodeError, QueryError, StoreError, VitrineError
-from vitrine.search import parse_filters
+from vitrine.search.searcher import parse_filters
 
 
 class RequestRefused(VitrineError):

@@ -34,10 +34,10 @@ from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
 
 from app.items_api import add_item_routes
+from app.metrics import Metrics
 from app.ratelimit import RateLimits, refuse
 from app.service import SearchService, settle_heap
 from app.ui import CSS, build_demo
-from vitrine.metrics import Metrics
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

@@ -34,6 +34,7 @@ from PIL import Image
 from app.batcher import MicroBatcher
 from app.indexing import IndexBuilder, IndexLimits, Progress
 from app.memory import QueryDecodes
+from app.metrics import Metrics
 from app.monitor import DriftMonitor
 from app.ratelimit import RateLimiter, Rates
 from app.requests import (
@@ -49,10 +50,9 @@ from app.sources import ItemImages, public_hit
 from app.textqueries import Answer, TextQuery, encode_or_search
 from app.uploads import Uploads
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, VitrineError
-from vitrine.metrics import Metrics
-from vitrine.search import Searcher, SearchLimits, check_k, check_text, check_weight, mix
-from vitrine.store import IndexStore
-from vitrine.workspace import open_searcher
+from vitrine.index.store import IndexStore
+from vitrine.open_index import open_searcher
+from vitrine.search.searcher import Searcher, SearchLimits, check_k, check_text, check_weight, mix
 
 log = logging.getLogger("vitrine.app")
 

@@ -5,7 +5,7 @@ index (SQLite, the source of truth) says where its image is, and only that file 
 client is ever opened, and no directory is "allowed" as a whole, so neither a forged hit nor a manifest
 row pointing elsewhere makes any other file servable. Only regular files are read (a FIFO or a device
 swapped in after indexing is refused without blocking on it), up to ``max_bytes``, and saved-dataset
-rows (``<dir>#<row>``): both through :func:`vitrine.catalog.read_source`, as the indexer reads them.
+rows (``<dir>#<row>``): both through :func:`vitrine.catalog.readers.read_source`, as the indexer reads them.
 
 Knobs: ``max_pixels`` bounds decoding (a bomb hidden in a catalog is refused like an upload);
 ``cache_size`` thumbnails are kept in memory, keyed by key, size and the file's modification time.
@@ -23,10 +23,10 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from vitrine.catalog import read_source
+from vitrine.catalog.readers import read_source
 from vitrine.errors import ImageDecodeError
 from vitrine.images import DEFAULT_MAX_PIXELS, decode_image
-from vitrine.store import IndexStore
+from vitrine.index.store import IndexStore
 
 log = logging.getLogger("vitrine.app")
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from vitrine.encoder import Encoder
-from vitrine.search import Searcher
-from vitrine.store import Hit
+from vitrine.index.store import Hit
+from vitrine.model.encoder import Encoder
+from vitrine.search.searcher import Searcher
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def machine() -> str:
 
 def base_checkpoint(size: str = "base") -> Path:
     """A random ViT-B/32-sized CLIP checkpoint, built once and cached (random weights cost the same)."""
-    from vitrine.checkpoints import make_clip_checkpoint
+    from tests.checkpoints import make_clip_checkpoint
 
     path = CACHE_DIR / f"clip-{size}"
     if not (path / "config.json").is_file():

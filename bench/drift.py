@@ -1,6 +1,6 @@
 """How well does drift detection work on real photos? False-alarm rate and detection power.
 
-The index's drift check (:func:`vitrine.twosample.compare`: MMD permutation test, domain-classifier
+The index's drift check (:func:`vitrine.drift.twosample.compare`: MMD permutation test, domain-classifier
 AUC, mean shift) promises two things, and this benchmark measures both over repeated random draws:
 
 * **Calibration**: batches of unshifted photos are flagged at rate <= alpha. Two ways of drawing:
@@ -50,7 +50,7 @@ from PIL import Image, ImageFilter
 
 from bench.common import CACHE_DIR, loadavg, machine, median, table, write_section
 from vitrine.config import arg, parse_args, quiet_libraries
-from vitrine.twosample import Comparison, TwoSampleSettings, compare
+from vitrine.drift.twosample import Comparison, TwoSampleSettings, compare
 
 HEADING = "## Drift detection (bench/drift.py)"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -369,8 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(photos.pool) < max(a.sizes):
         raise SystemExit(f"only {len(photos.pool)} held-out photos for batches of {max(a.sizes)}")
 
-    from vitrine import reference
-    from vitrine.workspace import load_encoder
+    from vitrine.drift import reference
+    from vitrine.open_index import load_encoder
 
     index = build_index(work, model_path, photos)
     ref = reference.load(index)
@@ -384,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  index reference ({len(ref.sample)} rows) vs bench embeddings: max |diff| {check:.2e}", flush=True
     )
     if a.baseline:
-        from vitrine.checkpoints import make_clip_checkpoint
-        from vitrine.encoder import Encoder
+        from tests.checkpoints import make_clip_checkpoint
+        from vitrine.model.encoder import Encoder
 
         tiny = work / "clip-tiny"
         if not (tiny / "config.json").is_file():

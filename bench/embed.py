@@ -8,7 +8,7 @@ catalog size (1024x768 JPEG q90, generated once into a cache folder). Variants a
 rounds and the median is reported, with the load average, because the machine is shared.
 
 Variants that need core changes (bf16 weights, a faster preprocessing path) are built here by composing
-or subclassing :class:`vitrine.encoder.Encoder`; the core is not modified.
+or subclassing :class:`vitrine.model.encoder.Encoder`; the core is not modified.
 
     .venv/bin/python bench/embed.py                    # everything, ~8 min on 2 cores
     .venv/bin/python bench/embed.py --rounds 1 --n 64  # quicker
@@ -45,10 +45,10 @@ from bench.common import (
     timed,
     write_section,
 )
-from vitrine import towers
 from vitrine.config import arg, parse_args, quiet_libraries
-from vitrine.encoder import Encoder, FastPreprocess
 from vitrine.images import decode_image
+from vitrine.model import embedding
+from vitrine.model.encoder import Encoder, FastPreprocess
 
 HEADING = "## Embedding throughput (bench/embed.py)"
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/datasets/flickr8k/dev/images"
@@ -169,7 +169,7 @@ def naive_runner(enc: Encoder) -> Runner:
         for start in range(0, len(paths), enc.batch_size):
             images = [Image.open(p).convert("RGB") for p in paths[start : start + enc.batch_size]]
             pixels = enc.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            feats = towers.image_features(enc.model, pixels)
+            feats = embedding.image_features(enc.model, pixels)
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).numpy())
         return np.concatenate(out)
 

@@ -40,7 +40,7 @@ TARGET = {"R@1": 25.0, "R@10": 65.0}
 
 
 def _minilm() -> str:
-    from vitrine.checkpoints import minilm_path
+    from tests.checkpoints import minilm_path
 
     path = minilm_path()
     return str(path) if path else ""

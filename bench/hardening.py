@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO))
     from tests.app.live import start_server, stop
-    from vitrine.encoder import Encoder
+    from vitrine.model.encoder import Encoder
 
     encoder = Encoder.from_pretrained(str(checkpoint(a.model)), device="cpu")
     index = synthetic_index(encoder, a.items)

@@ -79,8 +79,8 @@ def checkpoint(name: str) -> Path:
     if name == "clip-base":
         return base_checkpoint("base")
     if name == "deit-minilm":
-        from vitrine.checkpoints import minilm_path
-        from vitrine.towers import build_dual_encoder
+        from tests.checkpoints import minilm_path
+        from vitrine.model.embedding import build_dual_encoder
 
         out = CACHE_DIR / "deit-minilm"
         if not (out / "config.json").is_file():
@@ -96,8 +96,8 @@ def checkpoint(name: str) -> Path:
 
 def synthetic_index(encoder, items: int) -> Path:  # type: ignore[no-untyped-def]
     """A cached index of ``items`` random unit vectors with captions and metadata, in the encoder's space."""
-    from vitrine.store import IndexStore, NewItem
-    from vitrine.workspace import encoder_fingerprint
+    from vitrine.index.store import IndexStore, NewItem
+    from vitrine.open_index import encoder_fingerprint
 
     root = CACHE_DIR / f"load-index-{encoder.version}-{items}"
     if IndexStore.exists(root) and len(IndexStore.open(root)) == items:
@@ -259,9 +259,9 @@ def run_model(name: str, a: LoadArgs) -> list[list]:
     import torch
 
     from app.cli import torch_threads
-    from vitrine.encoder import Encoder
-    from vitrine.search import Searcher
-    from vitrine.store import IndexStore
+    from vitrine.index.store import IndexStore
+    from vitrine.model.encoder import Encoder
+    from vitrine.search.searcher import Searcher
 
     torch.set_num_threads(torch_threads(a.torch_threads))  # the baseline runs as the server does
     path = checkpoint(name)

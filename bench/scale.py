@@ -71,7 +71,7 @@ def child(config: dict) -> dict:
     """One config in this process: build, then sweep the search knob; returns the row data."""
     import faiss
 
-    from vitrine.ann import AnnIndex
+    from vitrine.index.ann import AnnIndex
 
     base, queries = load_data(config["data"], config["n"], config["dim"])
     data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -111,8 +111,8 @@ def autotune_check(n: int, target: float = 0.95) -> dict:
     measure it on the held-out queries, with the tuned k_factor and with the sample's unscaled one."""
     import faiss
 
-    from vitrine import autotune
-    from vitrine.ann import AnnIndex
+    from vitrine.index import autotune
+    from vitrine.index.ann import AnnIndex
 
     base, queries = load_data("mixture", n, 256)
     take = min(n, 50_200)  # autotune's default: 200 held-out queries + a 50k base
@@ -148,9 +148,9 @@ def run_child(config: dict) -> dict:
 def embed_photos(limit: int) -> tuple[np.ndarray, float]:
     """Embed (once) up to ``limit`` flickr8k photos with the single-process engine; (embeddings, img/s)."""
     from bench.load import checkpoint
-    from vitrine.catalog import open_catalog
-    from vitrine.encoder import Encoder
-    from vitrine.workspace import open_for_build, run_build
+    from vitrine.catalog.readers import open_catalog
+    from vitrine.model.encoder import Encoder
+    from vitrine.open_index import open_for_build, run_build
 
     cache = CACHE_DIR / "scale-flickr.npy"
     folder = photo_folder(limit)
@@ -183,9 +183,9 @@ def ray_throughput(limit: int) -> dict:
     """Images/s of --engine ray (local 2-CPU cluster, one CPU encoder actor) on the same photos."""
     from bench.load import checkpoint
     from indexer.ray_engine import RayOptions, build_with_ray
-    from vitrine.catalog import open_catalog
-    from vitrine.encoder import Encoder
-    from vitrine.workspace import open_for_build
+    from vitrine.catalog.readers import open_catalog
+    from vitrine.model.encoder import Encoder
+    from vitrine.open_index import open_for_build
 
     encoder = Encoder.from_pretrained(str(checkpoint("deit-minilm")), device="cpu")
     index = CACHE_DIR / f"scale-ray-{limit}"

@@ -8,8 +8,9 @@ real text queries through the ViT-B/32-sized random CLIP text tower, and recall@
 text vectors are not near anything, so they cannot measure recall).
 
 End to end means: at ``n <= --store-max`` (default 100k) the vectors are written into a real
-:class:`~vitrine.store.IndexStore` (SQLite) and every query goes through
-:meth:`vitrine.search.Searcher.search_text`; each factory's :class:`~vitrine.ann.AnnIndex` is built with
+:class:`~vitrine.index.store.IndexStore` (SQLite) and every query goes through
+:meth:`vitrine.search.searcher.Searcher.search_text`; each factory's
+:class:`~vitrine.index.ann.AnnIndex` is built with
 ``rebuild`` (what the store's flush does) and swapped into the open store. Above that (1M), writing the
 rows into SQLite would dominate the run, so the FAISS part is built directly via ``AnnIndex`` and a
 query is ``Searcher.text_vector`` (tokenize + encode) followed by ``AnnIndex.search``, without the SQLite
@@ -40,11 +41,11 @@ import numpy as np
 import torch
 
 from bench.common import base_checkpoint, loadavg, machine, table, timed, write_section
-from vitrine.ann import AnnIndex, choose_factory
 from vitrine.config import arg, parse_args, quiet_libraries
-from vitrine.encoder import Encoder
-from vitrine.search import Searcher
-from vitrine.store import IndexStore, NewItem
+from vitrine.index.ann import AnnIndex, choose_factory
+from vitrine.index.store import IndexStore, NewItem
+from vitrine.model.encoder import Encoder
+from vitrine.search.searcher import Searcher
 
 HEADING = "## Search latency (bench/search.py)"
 K = 10

@@ -25,7 +25,7 @@ from vitrine.config import arg, parse_args  # noqa: E402
 
 PROBE = """
 import json, sys, time, torch
-from vitrine.encoder import Encoder
+from vitrine.model.encoder import Encoder
 from vitrine.config import quiet_libraries
 quiet_libraries()
 e = Encoder.from_pretrained(sys.argv[1], device="cpu")
@@ -65,7 +65,7 @@ def measure(checkpoint: str, policy: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(Args, argv, prog="bench/threads.py")
-    from vitrine.checkpoints import make_clip_checkpoint
+    from tests.checkpoints import make_clip_checkpoint
     from vitrine.config import quiet_libraries
 
     quiet_libraries()

@@ -155,9 +155,9 @@ class TowersArgs:
 def cmd_build(a: BuildArgs) -> int:
     from tqdm import tqdm
 
-    from vitrine.catalog import open_catalog
-    from vitrine.indexdir import check_index_dir
-    from vitrine.workspace import load_encoder, open_for_build, run_build
+    from vitrine.catalog.readers import open_catalog
+    from vitrine.index.layout import check_index_dir
+    from vitrine.open_index import load_encoder, open_for_build, run_build
 
     tuning = _tuning_request(a)
     check_index_dir(Path(a.index))  # before loading a model: nothing is written into a photo folder
@@ -185,7 +185,7 @@ def cmd_build(a: BuildArgs) -> int:
                 max_file_bytes=max_file_bytes,
             )
         if tuning is not None:
-            from vitrine.autotune import tune_store
+            from vitrine.index.autotune import tune_store
 
             extra["tuning"] = tune_store(store, tuning).to_dict()
     finally:
@@ -209,7 +209,7 @@ def _tuning_request(a: BuildArgs) -> Any:
     """The auto-tuning request of ``--memory-budget`` / ``--latency-target``, or None (parse errors first)."""
     if a.memory_budget is None and a.latency_target is None:
         return None
-    from vitrine.autotune import TuneRequest, parse_bytes, parse_ms
+    from vitrine.index.autotune import TuneRequest, parse_bytes, parse_ms
 
     if a.factory:
         raise VitrineError("give either --factory or --memory-budget/--latency-target, not both")
@@ -248,8 +248,8 @@ def _build_ray(
 
 
 def status_payload(index: str) -> dict[str, Any]:
-    from vitrine.store import IndexStore
-    from vitrine.workspace import require_index
+    from vitrine.index.store import IndexStore
+    from vitrine.open_index import require_index
 
     require_index(index)
     store = IndexStore.open(index)
@@ -292,8 +292,8 @@ def cmd_status(a: StatusArgs) -> int:
 
 
 def cmd_search(a: SearchArgs) -> int:
-    from vitrine.search import parse_filters
-    from vitrine.workspace import open_searcher
+    from vitrine.open_index import open_searcher
+    from vitrine.search.searcher import parse_filters
 
     if not a.text and not a.image:
         return _fail("give --text, --image, or both")
@@ -322,7 +322,7 @@ def cmd_search(a: SearchArgs) -> int:
 
 
 def cmd_remove(a: RemoveArgs) -> int:
-    from vitrine.store import IndexStore
+    from vitrine.index.store import IndexStore
 
     if not a.paths:
         return _fail("give at least one PATH to remove")
@@ -342,7 +342,7 @@ def cmd_remove(a: RemoveArgs) -> int:
 
 
 def cmd_restore(a: RestoreArgs) -> int:
-    from vitrine.store import IndexStore
+    from vitrine.index.store import IndexStore
 
     if not a.paths:
         return _fail("give at least one PATH to restore")
@@ -355,7 +355,7 @@ def cmd_restore(a: RestoreArgs) -> int:
 
 
 def cmd_repair(a: RepairArgs) -> int:
-    from vitrine.repair import repair
+    from vitrine.index.repair import repair
 
     report = repair(a.index).to_dict()
     _emit(report, a.json, lambda r: "\n".join(r["actions"]) or f"nothing to repair: {r['index']} is ok")
@@ -363,7 +363,7 @@ def cmd_repair(a: RepairArgs) -> int:
 
 
 def cmd_towers(a: TowersArgs) -> int:
-    from vitrine.towers import build_dual_encoder
+    from vitrine.model.embedding import build_dual_encoder
 
     model, _, _ = build_dual_encoder(
         a.vision_model, a.text_model, projection_dim=a.projection_dim, output_dir=a.output

@@ -3,7 +3,7 @@
     python -m indexer drift --index DIR [--window 24h] [--sample CATALOG] [--model M] [--slice FIELD] --json
 
 prints ``{"drifted", "p_value", "auc", "mean_shift", "slices", "reason", ...}`` (see
-:class:`vitrine.drift.DriftReport`) and appends it to the index's drift history (the app's Drift tab
+:class:`vitrine.drift.assess.DriftReport`) and appends it to the index's drift history (the app's Drift tab
 plots it). Exit 0 whether or not drift was found; 1 with ``error: ...`` when the check cannot run.
 """
 
@@ -40,11 +40,11 @@ class DriftArgs(EncoderSettings):
 
 
 def cmd_drift(a: DriftArgs) -> int:
-    from vitrine.drift import DriftSettings, assess, encode_sample, model_change
-    from vitrine.journal import Journal
-    from vitrine.store import IndexStore
-    from vitrine.twosample import TwoSampleSettings
-    from vitrine.workspace import require_index
+    from vitrine.drift.assess import DriftSettings, assess, encode_sample, model_change
+    from vitrine.drift.journal import Journal
+    from vitrine.drift.twosample import TwoSampleSettings
+    from vitrine.index.store import IndexStore
+    from vitrine.open_index import require_index
 
     try:
         settings = DriftSettings(
@@ -57,8 +57,8 @@ def cmd_drift(a: DriftArgs) -> int:
     require_index(a.index)
     fingerprint, sample = None, None
     if a.model or a.sample:
-        from vitrine.catalog import open_catalog
-        from vitrine.workspace import load_encoder
+        from vitrine.catalog.readers import open_catalog
+        from vitrine.open_index import load_encoder
 
         encoder = load_encoder(a.index, a.model, **a.encoder_kwargs())
         fingerprint = encoder.fingerprint

@@ -1,10 +1,10 @@
 """``indexer build --engine ray``: encode a catalog on a Ray cluster, then index it like the default engine.
 
 Pipeline (Ray Data, streaming): the driver walks the catalog and plans shards of the records that need
-work (:mod:`vitrine.shards`); per window of shards, ``from_items`` → ``prepare_batch`` tasks on CPU
+work (:mod:`vitrine.build.shards`); per window of shards, ``from_items`` → ``prepare_batch`` tasks on CPU
 workers (read, sha256, decode, preprocess) → ``EncodeStage`` actors (one model each, on a GPU when
 ``num_gpus_per_worker`` > 0) → the driver, which writes each shard to Parquet as soon as all its rows
-arrived. Finished shards are skipped on a re-run. Then :class:`vitrine.shards.ShardReplay` feeds the
+arrived. Finished shards are skipped on a re-run. Then :class:`vitrine.build.shards.ShardReplay` feeds the
 shards through the ordinary Ingestor into the IndexStore (one FAISS training, at the final flush),
 and the shard folder is deleted.
 
@@ -29,12 +29,8 @@ from typing import Any
 import numpy as np
 
 import vitrine
-from vitrine.catalog import Catalog
-from vitrine.encoder import Encoder
-from vitrine.errors import MissingDependency, StoreError
-from vitrine.files import DEFAULT_MAX_FILE_BYTES
-from vitrine.ingest import BuildReport, catalog_source
-from vitrine.shards import (
+from vitrine.build.ingest import BuildReport, catalog_source
+from vitrine.build.shards import (
     EncodeStage,
     PixelPrep,
     ShardPlan,
@@ -47,8 +43,12 @@ from vitrine.shards import (
     shard_row,
     write_shard,
 )
-from vitrine.store import IndexStore
-from vitrine.workspace import run_build
+from vitrine.catalog.readers import Catalog
+from vitrine.errors import MissingDependency, StoreError
+from vitrine.files import DEFAULT_MAX_FILE_BYTES
+from vitrine.index.store import IndexStore
+from vitrine.model.encoder import Encoder
+from vitrine.open_index import run_build
 
 INSTALL_HINT = 'pip install "ray[data]==2.60.0" (or: pip install ".[dist]")'
 

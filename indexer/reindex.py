@@ -49,7 +49,7 @@ class ReindexArgs(EncoderSettings):
 
 
 def cmd_reindex(a: ReindexArgs) -> int:
-    from vitrine.reindex import rollback
+    from vitrine.build.reindex import rollback
 
     if a.rollback:
         if a.every or a.if_drifted or a.retrain_ivf:
@@ -70,8 +70,8 @@ def _job(a: ReindexArgs) -> Any:
     """One reindex with a freshly loaded encoder (the index's own model may change between runs)."""
     from tqdm import tqdm
 
-    from vitrine.reindex import Reindexer, ReindexSettings
-    from vitrine.workspace import load_encoder, require_index
+    from vitrine.build.reindex import Reindexer, ReindexSettings
+    from vitrine.open_index import load_encoder, require_index
 
     require_index(a.index)
     kwargs = a.encoder_kwargs()
@@ -123,8 +123,8 @@ def _rejected(exc: ValidationFailed, as_json: bool) -> None:
 def _schedule(a: ReindexArgs) -> int:
     """``--every``: run now and then at a fixed rate; SIGTERM and Ctrl-C stop it cleanly (exit 0),
     even mid-job, since an interrupted job resumes at the next run."""
+    from vitrine.build.reindex import run_every
     from vitrine.config import parse_duration
-    from vitrine.reindex import run_every
 
     try:
         interval = parse_duration(a.every or "")

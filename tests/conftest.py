@@ -73,7 +73,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_path(models_dir: Path) -> Path:
-    from vitrine.checkpoints import make_clip_checkpoint
+    from tests.checkpoints import make_clip_checkpoint
 
     return make_clip_checkpoint(models_dir / "clip")
 
@@ -81,28 +81,28 @@ def clip_path(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def clip_path_other(models_dir: Path) -> Path:
     """Same architecture, different weights: a different embedding space."""
-    from vitrine.checkpoints import make_clip_checkpoint
+    from tests.checkpoints import make_clip_checkpoint
 
     return make_clip_checkpoint(models_dir / "clip-other", seed=1)
 
 
 @pytest.fixture(scope="session")
 def siglip_path(models_dir: Path) -> Path:
-    from vitrine.checkpoints import make_siglip_checkpoint
+    from tests.checkpoints import make_siglip_checkpoint
 
     return make_siglip_checkpoint(models_dir / "siglip")
 
 
 @pytest.fixture(scope="session")
 def dual_path(models_dir: Path) -> Path:
-    from vitrine.checkpoints import make_dual_checkpoint
+    from tests.checkpoints import make_dual_checkpoint
 
     return make_dual_checkpoint(models_dir / "dual")
 
 
 @pytest.fixture(scope="session")
 def clip_encoder(clip_path: Path):
-    from vitrine.encoder import Encoder
+    from vitrine.model.encoder import Encoder
 
     return Encoder.from_pretrained(str(clip_path), device="cpu", batch_size=8, bf16=False)
 

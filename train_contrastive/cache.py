@@ -32,7 +32,7 @@ from train_contrastive.features import (
     frozen_image_states,
     frozen_text_states,
 )
-from vitrine import towers
+from vitrine.model import embedding
 
 
 def cache_key(identity: dict[str, Any], pairs: Pairs, image_processor: Any) -> str:
@@ -100,7 +100,7 @@ def build_cache(
     pieces: list[torch.Tensor | None] = [None] * len(captions)
     kind = "dual"
     for ids in batched(order, batch_size):
-        tokens = towers.tokenize(tokenizer, [captions[j] for j in ids], kind=kind, limit=limit)
+        tokens = embedding.tokenize(tokenizer, [captions[j] for j in ids], kind=kind, limit=limit)
         mask = tokens["attention_mask"]
         states = frozen_text_states(model, tokens["input_ids"].to(device), mask.to(device), starts["text"])
         states = states.to("cpu", dtype)

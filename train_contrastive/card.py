@@ -38,7 +38,7 @@ tags: [vitrine, clip, image-text-retrieval, contrastive]
 Produced by `python -m train_contrastive train`. Load it with
 `python -m indexer build CATALOG --model {Path(args["output"]).name}` or any of
 `transformers.AutoModel` / `AutoImageProcessor` / `AutoTokenizer`; embeddings are defined by
-`vitrine.towers` (pooling: `{json.dumps(report["pooling"])}`).
+`vitrine.model.embedding` (pooling: `{json.dumps(report["pooling"])}`).
 
 ## Start
 {start} ({report["model_kind"]}).

@@ -49,9 +49,9 @@ def cmd_train(a: TrainArgs) -> int:
 
 
 def cmd_evaluate(a: EvaluateArgs) -> int:
-    from vitrine.catalog import open_catalog
-    from vitrine.encoder import DEFAULT_MODEL, Encoder
+    from vitrine.catalog.readers import open_catalog
     from vitrine.evaluate import evaluate_catalog
+    from vitrine.model.encoder import DEFAULT_MODEL, Encoder
 
     catalog = open_catalog(a.data, image_column=a.image_column, caption_column=a.caption_column)
     encoder = Encoder.from_pretrained(a.model or DEFAULT_MODEL, **a.encoder_kwargs())

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from vitrine import towers
-from vitrine.catalog import open_catalog, read_source
+from vitrine.catalog.readers import open_catalog, read_source
 from vitrine.errors import CatalogError, ImageDecodeError
 from vitrine.images import decode_image
+from vitrine.model import embedding
 
 
 @dataclass
@@ -150,7 +150,7 @@ class PairCollator:
 
     tokenizer: Any = None
     kind: str = "dual"
-    limit: int = 64  # vitrine.towers.text_limit(model, tokenizer, --max-length)
+    limit: int = 64  # vitrine.model.embedding.text_limit(model, tokenizer, --max-length)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         good = [it for it in items if "pixel_values" in it]
@@ -163,7 +163,7 @@ class PairCollator:
         else:
             batch["pixel_values"] = torch.zeros(0)
         if self.tokenizer is not None and good:
-            tokens = towers.tokenize(
+            tokens = embedding.tokenize(
                 self.tokenizer, [it["caption"] for it in good], kind=self.kind, limit=self.limit
             )
             batch["input_ids"] = tokens["input_ids"]

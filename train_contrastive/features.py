@@ -6,18 +6,18 @@ epoch turns an hours-long CPU fine-tune into minutes: for DeiT-tiny with three t
 (the last one for the CLS token only, see :func:`cls_only_block`), an epoch costs about a fifth of a full
 forward and backward.
 
-The replayed top must give *exactly* the vector :mod:`vitrine.towers` gives on the full model, or the
+The replayed top must give *exactly* the vector :mod:`vitrine.model.embedding` gives on the full model, or the
 model would be trained on one embedding and served with another. So:
 
 - the cut is taken with a forward pre-hook on the first trainable block of the model's own forward (the
   activation captured is literally what that block received), and
 - the replay runs those same block modules, then the tower's own final norm, then
-  ``towers.pool`` (the very pooling serving uses) and the projection.
+  ``embedding.pool`` (the very pooling serving uses) and the projection.
 
 Replay is implemented for the tower families whose forward is "embeddings → blocks → final norm":
 ViT/DeiT vision towers and BERT-style text towers (BERT, RoBERTa, MiniLM, the sentence-transformers
 models built on them). Other models (CLIP, SigLIP) train through their full forward with the frozen
-layers simply not updated. A test checks replay against ``towers.image_features``/``text_features``.
+layers simply not updated. A test checks replay against ``embedding.image_features``/``text_features``.
 
 Caption lengths vary, so text activations are stored flat (``(sum of lengths, hidden)``) with offsets
 and padded per batch; padded positions are masked in attention and pooling, so their value is moot.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vitrine import towers
+from vitrine.model import embedding
 
 VISION_REPLAY = ("vit", "deit")
 TEXT_REPLAY = ("bert", "roberta", "xlm-roberta")
@@ -58,7 +58,7 @@ def blocks_of(tower: nn.Module) -> nn.ModuleList:
 
 def replayable(model: nn.Module) -> bool:
     """Whether both towers can be resumed from a cached activation (see the module docstring)."""
-    if towers.model_kind(model) != "dual":
+    if embedding.model_kind(model) != "dual":
         return False
     vision = getattr(tower_of(model, "vision").config, "model_type", "")
     text = getattr(tower_of(model, "text").config, "model_type", "")
@@ -167,7 +167,7 @@ def replay_image_features(model: nn.Module, states: torch.Tensor, start: int) ->
     norm acts per token, so normalising that one row is the same as normalising all and taking row 0.
     """
     tower = tower_of(model, "vision")
-    how = towers.pooling_of(model)["vision"]
+    how = embedding.pooling_of(model)["vision"]
     hidden = states
     blocks = list(blocks_of(tower)[start:])
     for block in blocks[:-1]:
@@ -181,13 +181,13 @@ def replay_image_features(model: nn.Module, states: torch.Tensor, start: int) ->
         tower.pooler(sequence) if how == "pooler" and getattr(tower, "pooler", None) is not None else None
     )
     output = BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=pooled)
-    return model.visual_projection(towers.pool(output, how, None))
+    return model.visual_projection(embedding.pool(output, how, None))
 
 
 def replay_text_features(
     model: nn.Module, states: torch.Tensor, attention_mask: torch.Tensor, start: int
 ) -> torch.Tensor:
-    """Projected text embeddings from cached activations, pooled as :func:`towers.text_features` pools."""
+    """Projected text embeddings from cached activations, pooled as :func:`embedding.text_features` pools."""
     from transformers.masking_utils import create_bidirectional_mask
 
     tower = tower_of(model, "text")
@@ -199,10 +199,10 @@ def replay_text_features(
         )
         for block in blocks:
             hidden = block(hidden, mask)
-    how = towers.pooling_of(model)["text"]
+    how = embedding.pooling_of(model)["text"]
     pooled = tower.pooler(hidden) if how == "pooler" and getattr(tower, "pooler", None) is not None else None
     output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
-    return model.text_projection(towers.pool(output, how, attention_mask))
+    return model.text_projection(embedding.pool(output, how, attention_mask))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from train_contrastive.features import blocks_of, tower_of
-from vitrine import towers
+from vitrine.model import embedding
 
 # Modules that run before the first block in the families we know (CLIP's pre-layernorm).
 _BEFORE_BLOCKS = ("embeddings", "pre_layrnorm")
@@ -29,7 +29,7 @@ def apply_freezing(
 ) -> dict[str, int]:
     """Set ``requires_grad`` on ``model`` and return ``{"vision": start, "text": start}``."""
     starts: dict[str, int] = {}
-    pooling = towers.pooling_of(model)
+    pooling = embedding.pooling_of(model)
     for side, locked in (("vision", lock_vision), ("text", lock_text)):
         tower = tower_of(model, side)
         blocks = blocks_of(tower)

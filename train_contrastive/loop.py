@@ -53,7 +53,7 @@ from train_contrastive.prepare import (
 from train_contrastive.recall import cached_recall, served_recall
 from train_contrastive.state import LoopState, TrainingError, now, resume_path, save_checkpoint
 from train_contrastive.wise import interpolate, restore, snapshot
-from vitrine import towers
+from vitrine.model import embedding
 
 ALL_EPOCHS = "all epochs done"
 
@@ -393,7 +393,7 @@ def _finish(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
         "recall_before": state.before,
         "recall_after": after,
         "temperature": float(torch.exp(-model.logit_scale.detach().float())),
-        "pooling": towers.pooling_of(model),
+        "pooling": embedding.pooling_of(model),
         "trainable": trainable,
         "total": total,
     }

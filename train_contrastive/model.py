@@ -2,7 +2,7 @@
 
 :class:`ContrastiveModule` is the one ``nn.Module`` handed to ``accelerator.prepare`` (so DDP sees a
 single forward per step). Its forward returns projected, unnormalised image and text embeddings and
-the log temperature, either through :mod:`vitrine.towers` on pixels and tokens (the serving path) or
+the log temperature, either through :mod:`vitrine.model.embedding` on pixels and tokens (the serving path) or
 by replaying the top blocks on cached frozen activations (:mod:`.features`), which gives the same
 vectors.
 """
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from train_contrastive.features import blocks_of, replay_image_features, replay_text_features, tower_of
-from vitrine import towers
 from vitrine.errors import ModelLoadError
+from vitrine.model import embedding
 
 
 def load_start(
@@ -35,7 +35,7 @@ def load_start(
     """
     if vision_model and text_model:
         try:
-            built = towers.build_dual_encoder(
+            built = embedding.build_dual_encoder(
                 vision_model,
                 text_model,
                 projection_dim=projection_dim,
@@ -46,10 +46,10 @@ def load_start(
                 f"cannot build a dual encoder from {vision_model} + {text_model}: {exc}"
             ) from exc
         return (*built, True)
-    from vitrine.encoder import load_components
+    from vitrine.model.encoder import load_components
 
     loaded = load_components(str(model))
-    towers.model_kind(loaded[0])  # refuse non-CLIP-family models before any training
+    embedding.model_kind(loaded[0])  # refuse non-CLIP-family models before any training
     return (*loaded, False)
 
 
@@ -90,8 +90,8 @@ class ContrastiveModule(nn.Module):
             images = replay_image_features(m, states, self.starts["vision"])
             texts = replay_text_features(m, batch["text_states"], batch["text_mask"], self.starts["text"])
         else:
-            images = towers.image_features(m, batch["pixel_values"])
-            texts = towers.text_features(m, batch["input_ids"], batch["attention_mask"])
+            images = embedding.image_features(m, batch["pixel_values"])
+            texts = embedding.text_features(m, batch["input_ids"], batch["attention_mask"])
         return images, texts, m.logit_scale
 
     def train(self, mode: bool = True) -> ContrastiveModule:
@@ -112,7 +112,7 @@ def save_output(model: nn.Module, image_processor: Any, tokenizer: Any, out: Pat
     """``save_pretrained`` model + processor + tokenizer, loadable by ``Encoder.from_pretrained``."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if towers.model_kind(model) == "dual":
+    if embedding.model_kind(model) == "dual":
         from transformers import VisionTextDualEncoderProcessor
 
         VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(

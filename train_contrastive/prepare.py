@@ -25,7 +25,7 @@ from train_contrastive.model import ContrastiveModule, load_start
 from train_contrastive.optim import param_groups
 from train_contrastive.state import TrainingError
 from train_contrastive.wise import snapshot
-from vitrine import towers
+from vitrine.model import embedding
 
 
 def resolve_precision(choice: str) -> str:
@@ -41,7 +41,7 @@ def resolve_precision(choice: str) -> str:
         return choice
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    from vitrine.encoder import cpu_has_native_bf16
+    from vitrine.model.encoder import cpu_has_native_bf16
 
     return "bf16" if cpu_has_native_bf16() else "no"
 
@@ -74,7 +74,7 @@ class StartModel:
     cached: bool  # whether the frozen layers run once, into the cache, instead of every step
 
     def text_limit(self, max_length: int) -> int:
-        return towers.text_limit(self.model, self.tokenizer, max_length)
+        return embedding.text_limit(self.model, self.tokenizer, max_length)
 
 
 def load_model(args: TrainArgs, device: Any) -> StartModel:
@@ -85,7 +85,7 @@ def load_model(args: TrainArgs, device: Any) -> StartModel:
         model, lock_vision=args.lock_vision, lock_text=args.lock_text, unfreeze_last_n=args.unfreeze_last_n
     )
     start_weights = snapshot(model) if args.wise_alpha is not None else {}
-    kind = towers.model_kind(model)
+    kind = embedding.model_kind(model)
     cached = (
         args.cache and not args.augment and replayable(model) and (starts["vision"] > 0 or starts["text"] > 0)
     )

@@ -1,7 +1,7 @@
 """Recall of the model being trained on the evaluation catalog, via :mod:`vitrine.evaluate`.
 
 With the cache, the frozen activations of the evaluation images and captions are replayed through the
-current top blocks; without it, the model is wrapped in a :class:`vitrine.encoder.Encoder` -- exactly
+current top blocks; without it, the model is wrapped in a :class:`vitrine.model.encoder.Encoder` -- exactly
 the serving path. Either way the numbers come from :func:`vitrine.evaluate.recall_at_k`, the function
 behind ``python -m train_contrastive evaluate``.
 """
@@ -15,7 +15,7 @@ from torch import nn
 
 from train_contrastive.data import Pairs
 from train_contrastive.features import FeatureCache, batched, replay_image_features, replay_text_features
-from vitrine.catalog import Record
+from vitrine.catalog.readers import Record
 from vitrine.evaluate import evaluate_catalog, recall_at_k
 
 
@@ -53,7 +53,7 @@ def served_recall(
     batch_size: int,
 ) -> dict[str, Any]:
     """Recall through the serving encoder (used when nothing is cached)."""
-    from vitrine.encoder import Encoder
+    from vitrine.model.encoder import Encoder
 
     encoder = Encoder(
         model,

@@ -14,3 +14,26 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+#: The public Python API, importable as ``from vitrine import open_searcher`` (README, "Python API").
+#: Loaded on first use, so ``import vitrine`` (and every ``--help``) stays free of torch and FAISS.
+_PUBLIC = {
+    "Encoder": "vitrine.model.encoder",
+    "open_catalog": "vitrine.catalog.readers",
+    "open_searcher": "vitrine.open_index",
+    "open_for_build": "vitrine.open_index",
+    "run_build": "vitrine.open_index",
+    "Ingestor": "vitrine.build.ingest",
+    "IndexStore": "vitrine.index.store",
+    "Searcher": "vitrine.search.searcher",
+    "evaluate_catalog": "vitrine.evaluate",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'vitrine' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -37,8 +37,8 @@ class StoreError(VitrineError):
 
 
 class IndexDamaged(StoreError):
-    """An index directory is damaged; ``state`` is the :class:`vitrine.diagnosis.IndexState` (reasons and
-    the way out), and the message is the same one line for every command that meets it."""
+    """An index directory is damaged; ``state`` is the :class:`vitrine.index.diagnosis.IndexState`
+    (reasons and the way out), and the message is the same one line for every command that meets it."""
 
     def __init__(self, state: object) -> None:
         self.state = state
@@ -68,7 +68,7 @@ class ReindexError(VitrineError):
 class ValidationFailed(ReindexError):
     """A reindexed generation failed a check and was not published; the live generation is untouched.
 
-    ``report`` is the job's :class:`vitrine.reindex.ReindexReport` (with the numbers of every check),
+    ``report`` is the job's :class:`vitrine.build.reindex.ReindexReport` (with the numbers of every check),
     so callers can print or log it; the built generation stays on disk for inspection until the next job.
     """
 

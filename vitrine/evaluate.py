@@ -9,7 +9,7 @@ One implementation serves three callers, so a number printed by training, by
 
 - :func:`recall_at_k` works on embeddings already computed (training's eval loop feeds it features of
   its cached frozen layers);
-- :func:`evaluate_catalog` encodes a catalog with an :class:`~vitrine.encoder.Encoder` first.
+- :func:`evaluate_catalog` encodes a catalog with an :class:`~vitrine.model.encoder.Encoder` first.
 
 Ranks are computed by counting strictly higher scores, so a tie counts in the query's favour; with
 float embeddings exact ties practically never happen. Similarities are computed in blocks of
@@ -118,7 +118,7 @@ def evaluate_catalog(encoder: Any, catalog: Iterable[Any], ks: Iterable[int] = D
     ``skipped`` as ``(path, reason)``) together with their captions, never fatal. Raises
     :class:`CatalogError` when nothing captioned is left to evaluate.
     """
-    from vitrine.catalog import read_source
+    from vitrine.catalog.readers import read_source
 
     records = [r for r in catalog if r.captions]
     if not records:

@@ -66,8 +66,8 @@ def make_catalog(root: Path, count: int = 24, start: int = 0) -> Path:
 
 def build_index(manifest: Path, index: Path, model: Path) -> None:
     """In-process build the way the indexer builds (reference sample included)."""
-    from vitrine.catalog import open_catalog
-    from vitrine.workspace import load_encoder, open_for_build, run_build
+    from vitrine.catalog.readers import open_catalog
+    from vitrine.open_index import load_encoder, open_for_build, run_build
 
     encoder = load_encoder(index, str(model), device="cpu", batch_size=16)
     store = open_for_build(index, encoder)

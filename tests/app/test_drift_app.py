@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.monitor import JobRefused
 from app.service import SearchService, ServiceSettings
 from tests.app.live import LiveServer, build_index, make_catalog
-from vitrine import reference
-from vitrine.drift import assess
-from vitrine.journal import Journal
+from vitrine.drift import reference
+from vitrine.drift.assess import assess
+from vitrine.drift.journal import Journal
 
 
 def gauges(service: SearchService) -> dict[tuple[str, tuple], float]:

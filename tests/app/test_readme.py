@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -35,3 +36,20 @@ def test_readme_example_runs_against_a_live_server(live_server: LiveServer, tmp_
     assert len(lines) == 1 + 5 + 1 and all(" images/p0" in line for line in lines[1:6])  # file, not path
     assert str(live_server.catalog.resolve()) not in out.stdout
     assert "p005.jpg" in lines[-1]  # the photo weighs most at weight 0.3, so its neighbours start with it
+
+
+def test_readme_python_api_example_runs(live_server: LiveServer, tmp_path: Path) -> None:
+    """The "Python API" snippet, over the live server's index (read-only use, so sharing it is safe)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Python API") : text.index("<!-- api:start -->")]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    assert '"vitrine-data/index"' in code
+    script = tmp_path / "api.py"
+    script.write_text(code.replace('"vitrine-data/index"', repr(str(live_server.index))))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # as from a checkout (or after `pip install .`)
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 5 and all("/images/p0" in line for line in lines)

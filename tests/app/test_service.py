@@ -10,14 +10,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import AppArgs, server_settings
+from app.metrics import Metrics
 from app.requests import RequestRefused, normalise_filters
 from app.service import SearchService, ServiceSettings
 from app.sources import ItemImages
 from tests.app.live import build_index
 from vitrine.config import parse_args
 from vitrine.errors import VitrineError
-from vitrine.metrics import Metrics
-from vitrine.store import IndexStore
+from vitrine.index.store import IndexStore
 
 
 @pytest.mark.parametrize(

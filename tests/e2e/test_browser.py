@@ -107,8 +107,8 @@ def test_drift_tab_runs_a_check_and_shows_the_verdict(page, live_server: LiveSer
     verdict = "document.querySelector('#drift-summary').innerText"
     assert page.locator("#drift-check").is_disabled(), "a check writes a report: it needs --admin"
     assert page.locator("#drift-reindex").is_disabled(), "reindexing from the page needs --admin"
-    from vitrine.drift import assess
-    from vitrine.journal import Journal
+    from vitrine.drift.assess import assess
+    from vitrine.drift.journal import Journal
 
     journal = Journal(live_server.index)
     for _ in range(2):  # two reports (as `python -m indexer drift` writes them) draw a line in the plot

@@ -18,10 +18,10 @@ from PIL import Image
 
 from indexer.cli import main
 from tests.conftest import FLICKR, pattern_image
-from vitrine import reference
-from vitrine.drift import DriftSettings, assess
-from vitrine.journal import Entry, Journal, QueryRecorder
-from vitrine.store import IndexStore
+from vitrine.drift import reference
+from vitrine.drift.assess import DriftSettings, assess
+from vitrine.drift.journal import Entry, Journal, QueryRecorder
+from vitrine.index.store import IndexStore
 
 KEYS = {"drifted", "p_value", "auc", "mean_shift", "slices", "reason"}
 

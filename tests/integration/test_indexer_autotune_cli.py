@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.conftest import pattern_image
 from tests.integration.test_indexer_cli import as_json, indexer
-from vitrine.autotune import bytes_per_vector
+from vitrine.index.autotune import bytes_per_vector
 
 N = 400  # auto-tuning holds out 200 queries and needs >= 300 vectors
 

@@ -24,10 +24,10 @@ from tests.hostile import make_hostile_folder
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (requirements-dev.txt installs it)")
 
 from indexer.ray_engine import RayOptions, build_with_ray  # noqa: E402
-from vitrine.catalog import open_catalog  # noqa: E402
-from vitrine.encoder import Encoder  # noqa: E402
-from vitrine.store import IndexStore  # noqa: E402
-from vitrine.workspace import encoder_fingerprint, run_build  # noqa: E402
+from vitrine.catalog.readers import open_catalog  # noqa: E402
+from vitrine.index.store import IndexStore  # noqa: E402
+from vitrine.model.encoder import Encoder  # noqa: E402
+from vitrine.open_index import encoder_fingerprint, run_build  # noqa: E402
 
 ENCODER = {"device": "cpu", "batch_size": 4, "bf16": False}
 N_KILL = 120  # images in the kill test (60 shards of 2): enough that a kill lands mid-way

@@ -97,7 +97,7 @@ def test_readonly_mount_with_commits_left_in_the_wal_is_read_or_refused(
     import sqlite3
 
     from vitrine.errors import StoreError
-    from vitrine.indexdir import connect
+    from vitrine.index.layout import connect
 
     mount = tmpfs("8m")
     db = mount.path / "meta.sqlite"

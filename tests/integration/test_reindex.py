@@ -22,14 +22,22 @@ import pytest
 
 from indexer.cli import main
 from tests.conftest import REPO, pattern_image
-from vitrine.catalog import open_catalog
-from vitrine.encoder import Encoder
+from vitrine.build.ingest import Ingestor
+from vitrine.build.reindex import (
+    JOB_FILE,
+    Reindexer,
+    ReindexSettings,
+    read_job,
+    read_log,
+    rollback,
+    run_every,
+)
+from vitrine.catalog.readers import open_catalog
 from vitrine.errors import FingerprintMismatch, ReindexError, ValidationFailed
 from vitrine.evaluate import evaluate_catalog
-from vitrine.ingest import Ingestor
-from vitrine.reindex import JOB_FILE, Reindexer, ReindexSettings, read_job, read_log, rollback, run_every
-from vitrine.store import IndexStore
-from vitrine.workspace import encoder_fingerprint, load_encoder, open_for_build
+from vitrine.index.store import IndexStore
+from vitrine.model.encoder import Encoder
+from vitrine.open_index import encoder_fingerprint, load_encoder, open_for_build
 
 
 @pytest.fixture(scope="module")

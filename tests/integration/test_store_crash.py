@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from vitrine.store import IndexStore
+from vitrine.index.store import IndexStore
 
 CHILD = r"""
 import hashlib, json, sys
 import numpy as np
-from vitrine.store import IndexStore, NewItem
+from vitrine.index.store import IndexStore, NewItem
 
 root, trial = sys.argv[1], int(sys.argv[2])
 store = IndexStore.open(root, writable=True) if IndexStore.exists(root) else \

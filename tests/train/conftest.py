@@ -52,7 +52,7 @@ def write_pairs(root: Path, copies: int = 2, bad: bool = False) -> Path:
 @pytest.fixture(scope="session")
 def towers_dir(models_dir: Path) -> tuple[Path, Path]:
     """(vision, text): a 2-block ViT without pooler weights and a 2-block sentence-transformers BERT."""
-    from vitrine.checkpoints import make_tower_checkpoints
+    from tests.checkpoints import make_tower_checkpoints
 
     return make_tower_checkpoints(models_dir / "train-towers")
 

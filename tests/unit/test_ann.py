@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitrine import ann
-from vitrine.ann import AnnIndex, choose_factory, exact_search, min_train_size
 from vitrine.errors import StoreError
+from vitrine.index import ann
+from vitrine.index.ann import AnnIndex, choose_factory, exact_search, min_train_size
 
 DIM = 64
 

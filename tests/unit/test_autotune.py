@@ -8,9 +8,9 @@ import faiss
 import numpy as np
 import pytest
 
-from vitrine import autotune
-from vitrine.ann import AnnIndex
-from vitrine.autotune import (
+from vitrine.index import autotune
+from vitrine.index.ann import AnnIndex
+from vitrine.index.autotune import (
     TuneRequest,
     TuningError,
     bytes_per_vector,
@@ -19,7 +19,7 @@ from vitrine.autotune import (
     tune,
     tune_store,
 )
-from vitrine.store import IndexStore, NewItem
+from vitrine.index.store import IndexStore, NewItem
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 30) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.hostile import jpeg_bytes, make_hostile_folder, pattern
-from vitrine.catalog import Catalog, Record, open_catalog, read_source
+from vitrine.catalog.readers import Catalog, Record, open_catalog, read_source
 from vitrine.errors import CatalogError, ImageDecodeError
 from vitrine.images import decode_image
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitrine.drift import DriftSettings, compare_samples, corrected
-from vitrine.twosample import Sample, TwoSampleSettings
+from vitrine.drift.assess import DriftSettings, compare_samples, corrected
+from vitrine.drift.twosample import Sample, TwoSampleSettings
 
 
 def test_every_shifted_slice_is_flagged_even_with_many_slices():

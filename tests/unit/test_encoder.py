@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.checkpoints import CLIP_MEAN, CLIP_STD, minilm_path
 from tests.conftest import DEIT, pattern_image, require_shared
-from vitrine import towers
-from vitrine.checkpoints import CLIP_MEAN, CLIP_STD, minilm_path
-from vitrine.encoder import Encoder, load_components
 from vitrine.errors import ImageDecodeError, ModelLoadError
+from vitrine.model import embedding
+from vitrine.model.encoder import Encoder, load_components
 
 
 def _unit(x: torch.Tensor) -> np.ndarray:
@@ -86,7 +86,7 @@ def test_dual_encoder_uses_cls_and_mean_pooling(dual_path):
     text tower is mean-pooled. Both checked against a hand computation on transformers' outputs."""
     encoder = Encoder.from_pretrained(str(dual_path), device="cpu", bf16=False)
     model = encoder.model
-    assert towers.pooling_of(model) == {"vision": "cls", "text": "mean"}
+    assert embedding.pooling_of(model) == {"vision": "cls", "text": "mean"}
     pixels = encoder.preprocess(IMAGES)
     tokens = encoder.tokenize(TEXTS)
     with torch.no_grad():
@@ -111,8 +111,8 @@ def test_real_towers_pool_like_their_reference_implementations(tmp_path):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    model, processor, tokenizer = towers.build_dual_encoder(DEIT, text_dir, output_dir=tmp_path / "dual")
-    assert towers.pooling_of(model) == {"vision": "cls", "text": "mean"}
+    model, processor, tokenizer = embedding.build_dual_encoder(DEIT, text_dir, output_dir=tmp_path / "dual")
+    assert embedding.pooling_of(model) == {"vision": "cls", "text": "mean"}
     assert list(processor.image_mean) == [0.485, 0.456, 0.406]  # DeiT's own (ImageNet) statistics, not CLIP's
     tokens = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -188,7 +188,7 @@ def test_stream_reports_bad_items_and_keeps_order(clip_encoder, tmp_path):
 @pytest.mark.parametrize("size", [(1, 1), (4000, 20), (20, 4000), (301, 457), (32, 32), (33, 97)])
 def test_fast_preprocessing_equals_the_checkpoint_processor(clip_path, size):
     """The verified fast path must give the processor's pixels for every shape, hostile ones included."""
-    from vitrine.encoder import FastPreprocess
+    from vitrine.model.encoder import FastPreprocess
 
     _, processor, _ = load_components(str(clip_path))
     fast = FastPreprocess.verified(processor)
@@ -199,7 +199,7 @@ def test_fast_preprocessing_equals_the_checkpoint_processor(clip_path, size):
 
 
 def test_fast_path_is_refused_for_other_processor_kinds(siglip_path):
-    from vitrine.encoder import FastPreprocess
+    from vitrine.model.encoder import FastPreprocess
 
     _, processor, _ = load_components(str(siglip_path))  # fixed-size resize, no crop
     assert FastPreprocess.verified(processor) is None

@@ -9,8 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from vitrine import gpu
-from vitrine.ann import AnnIndex
+from vitrine.index import gpu
+from vitrine.index.ann import AnnIndex
 
 needs_gpu = pytest.mark.skipif(
     gpu.gpu_count() == 0,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 from tests.conftest import pattern_image
-from vitrine.catalog import open_catalog
-from vitrine.ingest import Ingestor
-from vitrine.workspace import open_for_build
+from vitrine.build.ingest import Ingestor
+from vitrine.catalog.readers import open_catalog
+from vitrine.open_index import open_for_build
 
 
 def test_duplicates_in_one_run_and_identical_bad_files(clip_encoder, tmp_path):

@@ -7,7 +7,7 @@ from contextlib import closing
 
 import numpy as np
 
-from vitrine.journal import Entry, Journal, QueryRecorder, Reservoir
+from vitrine.drift.journal import Entry, Journal, QueryRecorder, Reservoir
 
 
 def _entry(i: int, dim: int = 4) -> Entry:

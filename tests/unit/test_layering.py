@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-FORBIDDEN = {"gradio", "gradio_client", "accelerate", "app", "indexer", "train_contrastive", "ray"}
+FORBIDDEN = {"gradio", "gradio_client", "accelerate", "app", "indexer", "train_contrastive", "ray", "tests"}
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -32,10 +32,13 @@ def test_core_sources_do_not_import_entry_packages_or_frameworks():
 
 
 def test_importing_the_whole_core_loads_no_framework():
-    modules = sorted(p.stem for p in (REPO / "vitrine").glob("*.py") if p.stem != "__init__")
+    modules = sorted(
+        ".".join(p.relative_to(REPO / "vitrine").with_suffix("").parts).removesuffix(".__init__")
+        for p in (REPO / "vitrine").rglob("*.py")
+    )
     code = (
         "import sys\n"
-        + "".join(f"import vitrine.{m}\n" for m in modules)
+        + "".join(f"import vitrine.{m}\n" for m in modules if m != "__init__")
         + f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -77,3 +80,16 @@ def test_no_module_imports_another_modules_private_names():
         if _private_imports(p)
     }
     assert offenders == {}
+
+
+def test_the_public_api_is_importable_from_the_package_without_loading_torch():
+    code = (
+        "import sys, vitrine\n"
+        "assert 'torch' not in sys.modules\n"
+        "names = [n for n in vitrine.__all__ if n != '__version__']\n"
+        "assert all(callable(getattr(vitrine, n)) for n in names)\n"
+        "print(sorted(names))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "open_searcher" in out.stdout and "Encoder" in out.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from vitrine.rwlock import SharedLock
+from vitrine.index.rwlock import SharedLock
 
 
 def test_readers_overlap() -> None:

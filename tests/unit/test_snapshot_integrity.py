@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitrine import generations, snapshots
 from vitrine.errors import IndexDamaged
-from vitrine.store import IndexStore, NewItem
+from vitrine.index import generations, snapshots
+from vitrine.index.store import IndexStore, NewItem
 
 DIM = 16
 FP = {"id": "tiny@1", "model": "tiny", "dim": DIM}

@@ -19,13 +19,13 @@ from PIL import Image
 
 from tests.conftest import REPO
 from tests.hostile import jpeg_bytes, pattern
-from vitrine.catalog import open_catalog
+from vitrine.catalog.readers import open_catalog
 
 DEADLINE_S = 60
 _CHILD = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-from vitrine.catalog import read_source
+from vitrine.catalog.readers import read_source
 from vitrine.errors import ImageDecodeError
 try:
     data = read_source(sys.argv[1], int(sys.argv[2]))
@@ -91,7 +91,7 @@ def test_file_over_the_size_limit_is_refused_and_under_it_is_read(tmp_path: Path
 def test_a_fifo_given_as_manifest_is_refused(tmp_path: Path) -> None:
     fifo = tmp_path / "list.csv"
     os.mkfifo(fifo)
-    code = "import sys; from vitrine.catalog import open_catalog; open_catalog(sys.argv[1])"
+    code = "import sys; from vitrine.catalog.readers import open_catalog; open_catalog(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=DEADLINE_S, env=env
@@ -109,7 +109,7 @@ def test_ray_read_stage_refuses_special_files_too(specials: dict[str, Path]) -> 
     """The distributed build's read stage (``PixelPrep.one``, run inside Ray workers) shares the rule."""
     code = (
         "import json, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
-        "from vitrine.shards import PixelPrep; "
+        "from vitrine.build.shards import PixelPrep; "
         "print(json.dumps([PixelPrep(None, None, None).one(p, 0)['reason'] for p in sys.argv[1:]]))"
     )
     paths = [str(specials[name]) for name in ("fifo", "link")]

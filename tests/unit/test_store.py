@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vitrine.errors import FingerprintMismatch, QueryError, StoreError
-from vitrine.store import Failure, IndexStore, NewItem
+from vitrine.index.store import Failure, IndexStore, NewItem
 
 DIM = 16
 FP = {"id": "tiny-clip@abc123", "model": "tiny-clip", "dim": DIM}

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitrine import ann
-from vitrine.store import IndexStore, NewItem
+from vitrine.index import ann
+from vitrine.index.store import IndexStore, NewItem
 
 DIM = 16
 FP = {"id": "tiny-clip@abc123", "model": "tiny-clip", "dim": DIM}
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 WRITER = """
 import sys
 import numpy as np
-from vitrine.store import IndexStore, NewItem
+from vitrine.index.store import IndexStore, NewItem
 root, dim = sys.argv[1], int(sys.argv[2])
 vecs = np.random.default_rng(1).standard_normal((200, dim)).astype(np.float32)
 vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)

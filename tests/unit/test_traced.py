@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import pattern_image
-from vitrine.encoder import Encoder
-from vitrine.traced import trace
+from vitrine.model.encoder import Encoder
+from vitrine.model.torchscript import trace
 
 TEXTS = ["a", "a red bicycle leaning on a wall beside a blue door at dawn", "two dogs", "snow " * 40]
 

@@ -6,11 +6,11 @@ import csv
 from pathlib import Path
 
 from tests.conftest import pattern_image
-from vitrine.catalog import open_catalog
-from vitrine.ingest import Ingestor, catalog_source
-from vitrine.reindex import Reindexer
-from vitrine.store import IndexStore
-from vitrine.workspace import open_for_build
+from vitrine.build.ingest import Ingestor, catalog_source
+from vitrine.build.reindex import Reindexer
+from vitrine.catalog.readers import open_catalog
+from vitrine.index.store import IndexStore
+from vitrine.open_index import open_for_build
 
 
 def _manifest(path: Path, images: list[Path], shop: str) -> Path:

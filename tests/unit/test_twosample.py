@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitrine.twosample import Sample, TwoSampleSettings, compare, roc_auc
+from vitrine.drift.twosample import Sample, TwoSampleSettings, compare, roc_auc
 
 
 def _draw(rng: np.random.Generator, n: int, dim: int = 32, shift: float = 0.0) -> np.ndarray:

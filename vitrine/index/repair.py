@@ -1,4 +1,4 @@
-"""``indexer repair``: the way out of the states :mod:`vitrine.diagnosis` reports, where one exists.
+"""``indexer repair``: the way out of the states :mod:`vitrine.index.diagnosis` reports, where one exists.
 
 Under the writer lock: a lost or broken CURRENT is pointed again at the generation the diagnosis names
 (the last published one that opens, from HISTORY, else the newest complete one); a lost manifest.json is
@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitrine import diagnosis, generations, indexdir
-from vitrine.ann import write_atomic
 from vitrine.errors import IndexDamaged, StoreError
-from vitrine.snapshots import mirrored_manifest
-from vitrine.store import IndexStore
+from vitrine.index import diagnosis, generations, layout
+from vitrine.index.ann import write_atomic
+from vitrine.index.snapshots import mirrored_manifest
+from vitrine.index.store import IndexStore
 
 
 @dataclass
@@ -39,12 +39,12 @@ def repair(root: str | Path) -> RepairReport:
     state = diagnosis.diagnose(root)
     if state.kind == diagnosis.ABSENT:
         raise StoreError(state.message())
-    lock = indexdir.acquire_lock(root)
+    lock = layout.acquire_lock(root)
     try:
         name = _repair_current(root, report)
         _repair_manifest(root, name, report)
     finally:
-        indexdir.release_lock(lock)
+        layout.release_lock(lock)
     state = diagnosis.diagnose(root)
     if state.kind != diagnosis.OK:
         raise IndexDamaged(state)
@@ -75,7 +75,7 @@ def _repair_current(root: Path, report: RepairReport) -> str:
 def _repair_manifest(root: Path, name: str, report: RepairReport) -> None:
     path = root / name
     try:
-        indexdir.read_manifest(path)
+        layout.read_manifest(path)
         return
     except StoreError:
         pass

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from vitrine.ann import AnnIndex, min_train_size, write_atomic
 from vitrine.errors import VitrineError
-from vitrine.store import IndexStore
+from vitrine.index.ann import AnnIndex, min_train_size, write_atomic
+from vitrine.index.store import IndexStore
 
 _SWEEPS = {"nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), "efSearch": (16, 32, 64, 128, 256, 512)}
 #: Refine structures (``,RFlat``): k_factor values tried at each nprobe, smallest first. Their recall is

@@ -1,6 +1,6 @@
 """Search plumbing between FAISS and SQLite: query validation, metadata-filter SQL, and hits.
 
-Pure functions used by :meth:`vitrine.store.IndexStore.search`; kept apart so the store module is
+Pure functions used by :meth:`vitrine.index.store.IndexStore.search`; kept apart so the store module is
 about the index's life cycle and this one about turning (scores, ids) into results a person reads.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vitrine.errors import QueryError
-from vitrine.indexdir import select_in
+from vitrine.index.layout import select_in
 
 
 @dataclass

@@ -7,10 +7,10 @@ Two ways an index goes stale:
   model on offer differs from the one in the manifest, and the report says so with certainty.
 * **The data shifted**: new batches of images (camera colour cast, a new product line) or the
   queries people ask move away from what the generation was built for. Each is a two-sample test
-  (:mod:`vitrine.twosample`):
+  (:mod:`vitrine.drift.twosample`):
 
   - ``ingest``: items added since the generation was built vs the generation's reference sample
-    (:mod:`vitrine.reference`);
+    (:mod:`vitrine.drift.reference`);
   - ``queries``: the recent query window vs the generation's query baseline (its first queries;
     text and image queries live in other regions of a CLIP space than images, so queries are only
     ever compared with queries);
@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from vitrine import reference
+from vitrine.drift import reference
+from vitrine.drift.journal import Journal
+from vitrine.drift.twosample import Comparison, Sample, TwoSampleSettings, compare
 from vitrine.errors import ImageDecodeError
-from vitrine.journal import Journal
-from vitrine.store import IndexStore
-from vitrine.twosample import Comparison, Sample, TwoSampleSettings, compare
+from vitrine.index.store import IndexStore
 
 QUERY_SLICE = "mode"
 
@@ -282,7 +282,7 @@ def encode_sample(encoder: Any, records: list[Any], limit: int = 1000, seed: int
 
     Images that fail to decode are left out: they are the indexer's business, not drift's.
     """
-    from vitrine.catalog import read_source
+    from vitrine.catalog.readers import read_source
 
     rng = np.random.default_rng(seed)
     if len(records) > limit:

@@ -2,7 +2,7 @@
 
 Preprocessing always comes from the checkpoint's own processor config (never hand-written mean/std),
 with the Pillow backend so the same pixels come out with or without torchvision installed. The
-pooled vector is defined once in :mod:`vitrine.towers`. The :class:`Fingerprint` identifies the
+pooled vector is defined once in :mod:`vitrine.model.embedding`. The :class:`Fingerprint` identifies the
 embedding space: an index refuses an encoder whose fingerprint differs from the one that built it.
 """
 
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitrine import towers
 from vitrine.config import DEFAULT_MODEL
 from vitrine.errors import ImageDecodeError, ModelLoadError
 from vitrine.images import decode_image
+from vitrine.model import embedding
 
 # |(1 - mean) / std| is at most ~2.7 for the usual statistics; 0-255 input reaches hundreds.
 _MAX_NORMALISED = 20.0
@@ -81,12 +81,12 @@ def make_fingerprint(
     processor = {k: v for k, v in image_processor.to_dict().items() if k not in _VOLATILE_KEYS}
     processor["class"] = type(image_processor).__name__.removesuffix("Pil").removesuffix("Fast")
     processor["tokenizer"] = {"class": type(tokenizer).__name__, "vocab": len(tokenizer)}
-    processor["pooling"] = towers.pooling_of(model)
+    processor["pooling"] = embedding.pooling_of(model)
     processor["decode"] = decode
     fp = {
         "model": str(Path(model_id).resolve()) if local else model_id,
         "revision": revision,
-        "kind": towers.model_kind(model),
+        "kind": embedding.model_kind(model),
         "processor_hash": _stable_hash(processor),
         "dim": dim,
     }
@@ -185,7 +185,7 @@ class Encoder:
         max_pixels: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.kind = towers.model_kind(model)
+        self.kind = embedding.model_kind(model)
         half = self.device.type == "cuda" if fp16 is None else fp16 and self.device.type == "cuda"
         cpu = self.device.type == "cpu"
         brain = cpu and (cpu_has_native_bf16() if bf16 is None else bf16)
@@ -215,18 +215,20 @@ class Encoder:
         return cls(model, image_processor, tokenizer, model_id=name, **kwargs)
 
     def trace(self) -> dict[str, str]:
-        """Run both towers as traced graphs from now on (for serving: :mod:`vitrine.traced` says why).
+        """Run both towers as traced graphs from now on (for serving; :mod:`~vitrine.model.torchscript`
+        says why).
 
         Returns, per tower, ``"traced"`` or why the eager forward stays (a tower that cannot be traced,
         or whose traced output differs from eager, is left as it was). Outputs are unchanged, so the
         fingerprint is too. Idempotent.
         """
         if not self.trace_notes:
-            from vitrine import traced
+            from vitrine.model import torchscript
 
             probe = self.preprocess([Image.new("RGB", (320, 240), (120, 90, 60))])
-            self._image_forward, image = traced.trace_image(self.model, probe.to(self.device, self.dtype))
-            self._text_forward, text = traced.trace_text(self.model, self.tokenize, self.device)
+            probe = probe.to(self.device, self.dtype)
+            self._image_forward, image = torchscript.trace_image(self.model, probe)
+            self._text_forward, text = torchscript.trace_text(self.model, self.tokenize, self.device)
             self.trace_notes = {"text": text, "image": image}
         return self.trace_notes
 
@@ -271,7 +273,7 @@ class Encoder:
             )
         pixels = pixel_values.to(self.device, self.dtype)
         forward = self._image_forward
-        return _normalise(forward(pixels) if forward else towers.image_features(self.model, pixels))
+        return _normalise(forward(pixels) if forward else embedding.image_features(self.model, pixels))
 
     def encode_images(self, images: Iterable[str | os.PathLike | bytes | Image.Image]) -> np.ndarray:
         """Embeddings for images in order; raises ImageDecodeError on the first undecodable one.
@@ -330,9 +332,9 @@ class Encoder:
 
     # -- texts --------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise as the model was trained (the rule lives in :func:`vitrine.towers.tokenize`)."""
-        return towers.tokenize(
-            self.tokenizer, texts, kind=self.kind, limit=towers.text_limit(self.model, self.tokenizer)
+        """Tokenise as the model was trained (the rule lives in :func:`vitrine.model.embedding.tokenize`)."""
+        return embedding.tokenize(
+            self.tokenizer, texts, kind=self.kind, limit=embedding.text_limit(self.model, self.tokenizer)
         )
 
     @torch.inference_mode()
@@ -344,7 +346,7 @@ class Encoder:
             ids, mask = tokens["input_ids"].to(self.device), tokens.get("attention_mask")
             mask = None if mask is None else mask.to(self.device)
             if self._text_forward is None:
-                feats = towers.text_features(self.model, ids, mask)
+                feats = embedding.text_features(self.model, ids, mask)
             else:
                 feats = self._text_forward(ids) if mask is None else self._text_forward(ids, mask)
             out.append(_normalise(feats))

@@ -3,7 +3,7 @@
 A distributed build (``indexer/ray_engine.py``) splits the records that need work into shards of
 ``shard_size`` consecutive records (catalogs iterate sorted by key, so a shard is a key range), encodes
 them on a cluster and writes one Parquet file per finished shard. The index is then built from the
-shards by the ordinary :class:`~vitrine.ingest.Ingestor` (via :class:`ShardReplay`), so SQLite and
+shards by the ordinary :class:`~vitrine.build.ingest.Ingestor` (via :class:`ShardReplay`), so SQLite and
 FAISS end up exactly as the single-process build leaves them: same skips, same dedup, same failures,
 same pruning, and one FAISS (re)training at the final flush.
 
@@ -33,12 +33,12 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from vitrine.catalog import Catalog, Record, read_source
-from vitrine.encoder import Encoder, FastPreprocess
+from vitrine.catalog.readers import Catalog, Record, read_source
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, StoreError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES
 from vitrine.images import DEFAULT_MAX_PIXELS, decode_image
-from vitrine.store import IndexStore
+from vitrine.index.store import IndexStore
+from vitrine.model.encoder import Encoder, FastPreprocess
 
 SHARD_RE_SUFFIX = ".parquet"
 #: Columns of a shard file; ``reason`` is set (and ``embedding`` null) for items that failed.
@@ -169,7 +169,7 @@ def read_shard(path: Path) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------- stages (run inside workers)
 @dataclass
 class PixelPrep:
-    """Read, hash, decode and preprocess exactly as :class:`~vitrine.encoder.Encoder` does, without the
+    """Read, hash, decode and preprocess exactly as :class:`~vitrine.model.encoder.Encoder` does, without the
     model (so CPU workers stay light): ``image_processor``, ``fast`` (the verified fast path or None),
     ``draft_size`` and ``max_pixels`` come from the driver's encoder; ``max_file_bytes`` from the build."""
 
@@ -279,7 +279,7 @@ def shard_row(row: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- replay into the store
 class ShardReplay:
-    """Stands in for the :class:`Encoder` inside :class:`~vitrine.ingest.Ingestor`: each job is answered
+    """Stands in for the :class:`Encoder` inside :class:`~vitrine.build.ingest.Ingestor`: each job is answered
     from its shard row (hash, size, embedding or failure reason) instead of being read and encoded.
 
     Shards are read one at a time in plan order (jobs arrive in the same sorted-key order), so memory

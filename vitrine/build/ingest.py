@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from vitrine.catalog import Catalog, Record, read_source
-from vitrine.encoder import Encoder
+from vitrine.catalog.readers import Catalog, Record, read_source
 from vitrine.errors import FingerprintMismatch, ImageDecodeError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES
-from vitrine.store import Failure, IndexStore, NewItem
+from vitrine.index.store import Failure, IndexStore, NewItem
+from vitrine.model.encoder import Encoder
 
 
 @dataclass

@@ -38,16 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from vitrine import drift, generations, indexdir, reference
-from vitrine.ann import write_atomic
-from vitrine.catalog import open_catalog
-from vitrine.encoder import Encoder
+from vitrine.build.ingest import Ingestor
+from vitrine.catalog.readers import open_catalog
+from vitrine.drift import assess, reference
 from vitrine.errors import ReindexError, StoreError, ValidationFailed
 from vitrine.evaluate import recall_at_k
-from vitrine.generations import JOB_FILE, read_job
-from vitrine.ingest import Ingestor
-from vitrine.store import IndexStore
-from vitrine.workspace import encoder_fingerprint
+from vitrine.index import generations, layout
+from vitrine.index.ann import write_atomic
+from vitrine.index.generations import JOB_FILE, read_job
+from vitrine.index.store import IndexStore
+from vitrine.model.encoder import Encoder
+from vitrine.open_index import encoder_fingerprint
 
 LOG_FILE = "reindex.jsonl"
 RECALL_K = 10
@@ -155,14 +156,14 @@ class Reindexer:
             append_log(self.root, report.to_dict())
 
     def _drifted(self, live: IndexStore, report: ReindexReport) -> bool:
-        """A model change is drift by definition; otherwise :func:`vitrine.drift.assess` decides."""
+        """A model change is drift by definition; otherwise :func:`vitrine.drift.assess.assess` decides."""
         if live.fingerprint.get("id") != self.encoder.version:
             report.reason = (
                 f"model changed: {live.fingerprint.get('model')} (id {live.fingerprint.get('id')}) -> "
                 f"{self.encoder.fingerprint.get('model')} (id {self.encoder.version})"
             )
             return True
-        assessed = drift.assess(self.root, fingerprint=self.encoder.fingerprint, window_seconds=None)
+        assessed = assess.assess(self.root, fingerprint=self.encoder.fingerprint, window_seconds=None)
         report.reason, report.drift = assessed.reason, assessed.to_dict()
         return bool(assessed.drifted)
 
@@ -295,11 +296,11 @@ def eval_sample(store: IndexStore, size: int) -> dict[str, list[str]]:
     spread over the whole catalog, and the same items for every generation holding them)."""
     if size <= 0:
         return {}
-    conn = indexdir.connect(store.root / store.generation / "meta.sqlite", readonly=True)
+    conn = layout.connect(store.root / store.generation / "meta.sqlite", readonly=True)
     try:
         keys = [r[0] for r in conn.execute("SELECT key FROM items WHERE captions NOT IN ('[]', '')")]
         keys = sorted(keys, key=lambda k: hashlib.sha256(k.encode()).digest())[:size]
-        found = dict(indexdir.select_in(conn, "SELECT key, captions FROM items WHERE key IN ({})", keys))
+        found = dict(layout.select_in(conn, "SELECT key, captions FROM items WHERE key IN ({})", keys))
     finally:
         conn.close()
     return {k: json.loads(found[k]) for k in keys}
@@ -339,7 +340,7 @@ def rollback(root: str | Path) -> ReindexReport:
     job. Raises ReindexError when there is nothing to roll back to."""
     start, root = time.monotonic(), Path(root)
     before, after = generations.rollback(root)
-    manifest = indexdir.read_manifest(root / after)
+    manifest = layout.read_manifest(root / after)
     report = ReindexReport("rolled_back", before, after, str(manifest["fingerprint"].get("id")))
     report.model_name = str(manifest["fingerprint"].get("model"))
     report.reason = f"rolled back from {before} to {after}"

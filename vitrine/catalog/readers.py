@@ -99,7 +99,7 @@ def open_catalog(
     resolved = given.resolve()
     if resolved.is_dir():
         if _is_saved_dataset(resolved):
-            from vitrine.hfdataset import DatasetCatalog
+            from vitrine.catalog.datasets import DatasetCatalog
 
             return DatasetCatalog(resolved, image_column, caption_column)
         metadata = next((resolved / n for n in _IMAGEFOLDER_METADATA if (resolved / n).is_file()), None)
@@ -129,7 +129,7 @@ def read_source(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     if not os.path.lexists(path):
         match = _DATASET_KEY.fullmatch(path)
         if match and _is_saved_dataset(Path(match["dir"])):
-            from vitrine.hfdataset import read_dataset_image
+            from vitrine.catalog.datasets import read_dataset_image
 
             return read_dataset_image(match["dir"], int(match["row"]), match["column"], path, max_bytes)
     return read_regular_file(path, max_bytes)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vitrine import indexdir
-from vitrine.ann import write_atomic
+from vitrine.drift.twosample import Sample
 from vitrine.errors import StoreError
-from vitrine.store import IndexStore
-from vitrine.twosample import Sample
+from vitrine.index import layout
+from vitrine.index.ann import write_atomic
+from vitrine.index.store import IndexStore
 
 FILE = "reference.npz"
 DEFAULT_SIZE = 5000
@@ -95,7 +95,7 @@ def _save(path: Path, ref: Reference, keys: list[str]) -> None:
 def load(root: str | Path, generation: str | None = None) -> Reference | None:
     """The stored reference of ``generation`` (default: the live one), or None when none was captured."""
     root = Path(root)
-    generation = generation or indexdir.read_current(root)
+    generation = generation or layout.read_current(root)
     path = root / generation / FILE
     if not path.is_file():
         return None
@@ -115,7 +115,7 @@ def summary(root: str | Path, generation: str | None = None) -> dict | None:
     """The stored summary of a generation's reference without loading its embeddings (the app shows
     it every few seconds; the sample itself is megabytes). None when no reference was captured."""
     root = Path(root)
-    path = root / (generation or indexdir.read_current(root)) / FILE
+    path = root / (generation or layout.read_current(root)) / FILE
     if not path.is_file():
         return None
     try:

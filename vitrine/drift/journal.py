@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from vitrine.drift.twosample import Sample
 from vitrine.errors import StoreError
-from vitrine.twosample import Sample
 
 FILE = "drift.sqlite"
 SCHEMA = """
@@ -156,7 +156,7 @@ class Journal:
 
     # -------------------------------------------------------------- reports
     def add_report(self, report: dict[str, Any]) -> None:
-        """Append a drift report (the JSON of :class:`vitrine.drift.DriftReport`) to the history."""
+        """Append a drift report (the JSON of :class:`vitrine.drift.assess.DriftReport`) to the history."""
         try:
             self._conn().execute(
                 "INSERT INTO reports(time, generation, model, source, drifted, p_value, auc, mean_shift, "

@@ -1,6 +1,6 @@
 """Catalogs stored as Hugging Face ``datasets`` folders (``save_to_disk``), images inside the Arrow files.
 
-Split from :mod:`vitrine.catalog` so that only these catalogs import ``datasets``. Keys are
+Split from :mod:`vitrine.catalog.readers` so that only these catalogs import ``datasets``. Keys are
 ``<split dir>#<row>``; :func:`read_dataset_image` fetches one image's encoded bytes by key.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vitrine.catalog import (
+from vitrine.catalog.readers import (
     BATCH_ROWS,
     CAPTION_COLUMN_CANDIDATES,
     Catalog,

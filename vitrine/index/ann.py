@@ -33,8 +33,8 @@ import faiss
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.factories import describe
-from vitrine.gpu import GpuSearcher, gpu_training
+from vitrine.index.factories import describe
+from vitrine.index.gpu import GpuSearcher, gpu_training
 
 # Searches of at most this many queries run on one FAISS thread: waking an OpenMP team for a single
 # query cost more than it saved next to the text encoder's own threads (text search at 1M vectors, end to
@@ -145,7 +145,7 @@ class AnnIndex:
         self._n_deleted = 0
         self._mem: tuple[int, int] | None = None  # (bytes, structure size) when last measured
         self.mapped = False  # codes mapped from a snapshot file (load(mmap=True)): read-only until _own()
-        self._gpu = GpuSearcher()  # GPU clone for the searches it can answer (vitrine.gpu); else CPU
+        self._gpu = GpuSearcher()  # GPU clone for the searches it can answer (vitrine.index.gpu); else CPU
 
     def _target(self, n: int) -> str:
         """The factory to build for n vectors, with the too-little-data fallback applied."""

@@ -12,15 +12,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vitrine import indexdir, reference
-from vitrine.catalog import Catalog
-from vitrine.diagnosis import ABSENT, DAMAGED, diagnose
-from vitrine.encoder import DEFAULT_MODEL, Encoder
+from vitrine.build.ingest import BuildReport, Ingestor
+from vitrine.catalog.readers import Catalog
+from vitrine.drift import reference
+from vitrine.drift.journal import IngestSampler, Journal
 from vitrine.errors import IndexDamaged, StoreError
-from vitrine.ingest import BuildReport, Ingestor
-from vitrine.journal import IngestSampler, Journal
-from vitrine.search import Searcher, SearchLimits
-from vitrine.store import IndexStore
+from vitrine.index import layout
+from vitrine.index.diagnosis import ABSENT, DAMAGED, diagnose
+from vitrine.index.store import IndexStore
+from vitrine.model.encoder import DEFAULT_MODEL, Encoder
+from vitrine.search.searcher import Searcher, SearchLimits
 
 
 def require_index(index: str | Path) -> None:
@@ -67,7 +68,7 @@ def open_for_build(index: str | Path, encoder: Encoder, *, factory: str | None =
     """Writable store for ``encoder``: created on first use, fingerprint-checked afterwards."""
     if diagnose(index).kind != ABSENT:  # a damaged index raises its diagnosis here, never starts anew
         return IndexStore.open(index, expected_fingerprint=encoder.fingerprint, writable=True)
-    indexdir.check_index_dir(Path(index))
+    layout.check_index_dir(Path(index))
     try:
         return IndexStore.create(index, encoder_fingerprint(encoder), factory=factory)
     except OSError as exc:

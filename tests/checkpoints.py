@@ -160,7 +160,7 @@ def make_tower_checkpoints(out: str | Path, *, seed: int = 0) -> tuple[Path, Pat
 
 def make_dual_checkpoint(out: str | Path, *, seed: int = 0) -> Path:
     """A tiny ``VisionTextDualEncoderModel`` assembled from random towers with Vitrine's pooling."""
-    from vitrine.towers import build_dual_encoder
+    from vitrine.model.embedding import build_dual_encoder
 
     out = Path(out)
     vision, text = make_tower_checkpoints(out / "towers", seed=seed)

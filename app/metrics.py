@@ -131,7 +131,7 @@ class Metrics:
             self.index_generation.set(int(number))
 
     def set_drift(self, report: dict) -> None:
-        """Publish a drift report (the JSON of ``vitrine.drift.DriftReport``); old sources are dropped."""
+        """Publish a drift report (JSON of ``vitrine.drift.assess.DriftReport``); old sources are dropped."""
         values = {
             "score": report.get("auc"),
             "p_value": report.get("p_value"),

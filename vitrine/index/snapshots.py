@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vitrine import indexdir
-from vitrine.ann import AnnIndex, write_atomic
 from vitrine.errors import FingerprintMismatch, StoreError
+from vitrine.index import layout
+from vitrine.index.ann import AnnIndex, write_atomic
 
 SNAPSHOT_RE = re.compile(r"^index\.(\d+)\.faiss$")
 SUM_SUFFIX = ".sha256"
@@ -70,11 +70,11 @@ class Generation:
 def load_generation(root: Path, name: str, expected: dict | None, writable: bool) -> Generation:
     """Open generation ``name``: manifest, fingerprint check, ANN (FingerprintMismatch, StoreError)."""
     path = root / name
-    manifest = indexdir.read_manifest(path)
+    manifest = layout.read_manifest(path)
     if expected is not None and expected.get("id") != manifest["fingerprint"].get("id"):
         raise FingerprintMismatch(manifest["fingerprint"], expected)
     gen = Generation(name, path, manifest, AnnIndex(int(manifest["fingerprint"]["dim"])))
-    conn = indexdir.connect(path / "meta.sqlite", readonly=not writable)
+    conn = layout.connect(path / "meta.sqlite", readonly=not writable)
     try:
         gen.reload(conn)
     except sqlite3.Error as exc:
@@ -133,7 +133,7 @@ def sample_problem(conn: sqlite3.Connection, ann: AnnIndex, dim: int) -> str | N
     for at in np.linspace(lo, hi, SAMPLE).astype(np.int64).tolist():
         row = conn.execute("SELECT id, embedding FROM vectors WHERE id >= ? ORDER BY id LIMIT 1", (at,))
         rows.update(row.fetchall())
-    ids, vectors = indexdir.id_vectors(rows.items(), dim)
+    ids, vectors = layout.id_vectors(rows.items(), dim)
     missing = ids[~np.isin(ids, ann.ids())]
     if missing.size:
         return f"vector ids {missing[:5].tolist()} of meta.sqlite are missing from the structure"
@@ -155,8 +155,8 @@ def load_ann(
     ``ann.MMAP_MIN_BYTES``; a writer always reads them, as it adds to the structure right away.
     """
     factory, params = manifest.get("factory"), manifest.get("search_params")
-    seq = indexdir.scalar(conn, "SELECT value FROM state WHERE name='seq'")
-    readonly = bool(indexdir.scalar(conn, "PRAGMA query_only"))
+    seq = layout.scalar(conn, "SELECT value FROM state WHERE name='seq'")
+    readonly = bool(layout.scalar(conn, "PRAGMA query_only"))
     damage: list[str] = []
     for snap_seq, snap in snapshots(path):
         if snap_seq > seq:
@@ -172,8 +172,8 @@ def load_ann(
         except (StoreError, OSError) as exc:
             damage.append(f"{snap.name} is unreadable ({exc})")
             continue
-        delta = indexdir.changes(conn, snap_seq, dim)
-        problem = None if indexdir.apply_delta(ann, delta) else "disagrees with meta.sqlite after replay"
+        delta = layout.changes(conn, snap_seq, dim)
+        problem = None if layout.apply_delta(ann, delta) else "disagrees with meta.sqlite after replay"
         problem = problem or sample_problem(conn, ann, dim)
         if problem is None:
             return ann, delta[0], snap_seq, recorded, damage
@@ -181,9 +181,9 @@ def load_ann(
         break
     if damage:
         log.warning("%s: rebuilding the FAISS index from meta.sqlite: %s", path, "; ".join(damage))
-    with indexdir.reading(conn):
-        seq = indexdir.scalar(conn, "SELECT value FROM state WHERE name='seq'")
-        ids, vectors = indexdir.id_vectors(conn.execute("SELECT id, embedding FROM vectors"), dim)
+    with layout.reading(conn):
+        seq = layout.scalar(conn, "SELECT value FROM state WHERE name='seq'")
+        ids, vectors = layout.id_vectors(conn.execute("SELECT id, embedding FROM vectors"), dim)
     ann = AnnIndex(dim, factory, params)
     ann.rebuild(ids, vectors)
     return ann, seq, None, False, damage
@@ -194,7 +194,7 @@ def mirror_manifest(conn: sqlite3.Connection, root: Path, manifest: dict) -> Non
     text = json.dumps(manifest, sort_keys=True)
     row = conn.execute("SELECT value FROM state WHERE name='manifest'").fetchone()
     if row is None or row[0] != text:
-        with indexdir.writing(conn, root):
+        with layout.writing(conn, root):
             conn.execute("INSERT OR REPLACE INTO state(name, value) VALUES ('manifest', ?)", (text,))
 
 
@@ -203,7 +203,7 @@ def mirrored_manifest(db: Path) -> dict | None:
     if not db.is_file():
         return None
     try:
-        conn = indexdir.connect(db, readonly=True)
+        conn = layout.connect(db, readonly=True)
         try:
             row = conn.execute("SELECT value FROM state WHERE name='manifest'").fetchone()
         finally:

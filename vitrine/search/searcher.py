@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vitrine.encoder import Encoder
 from vitrine.errors import FingerprintMismatch, QueryError
-from vitrine.store import Hit, IndexStore
+from vitrine.index.store import Hit, IndexStore
+from vitrine.model.encoder import Encoder
 
 ImageInput = str | os.PathLike | bytes | Image.Image
 

@@ -1,5 +1,5 @@
 """The on-disk layout of an index directory: CURRENT, generations, manifests, the writer lock, and the
-SQLite schema and helpers that :class:`vitrine.store.IndexStore` builds on.
+SQLite schema and helpers that :class:`vitrine.index.store.IndexStore` builds on.
 
 Every file is replaced atomically (temporary name, fsync, rename); ``CURRENT`` names the live
 generation; ``.lock`` (flock) admits one writer at a time while readers never block.
@@ -21,8 +21,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from vitrine.ann import AnnIndex, write_atomic
 from vitrine.errors import StoreError
+from vitrine.index.ann import AnnIndex, write_atomic
 
 FORMAT = 1
 CHUNK = 500

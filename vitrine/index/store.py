@@ -30,12 +30,12 @@ from typing import TypeVar
 
 import numpy as np
 
-from vitrine import diagnosis, exclusions, generations, indexdir, snapshots
-from vitrine.ann import AnnIndex, exact_search
 from vitrine.errors import QueryError, StoreError
-from vitrine.indexdir import Failure, NewItem
-from vitrine.query import Hit, assemble_hits, check_queries, filter_sql
-from vitrine.rwlock import SharedLock
+from vitrine.index import diagnosis, exclusions, generations, layout, snapshots
+from vitrine.index.ann import AnnIndex, exact_search
+from vitrine.index.hits import Hit, assemble_hits, check_queries, filter_sql
+from vitrine.index.layout import Failure, NewItem
+from vitrine.index.rwlock import SharedLock
 
 EXACT_FILTER_MAX = 8192
 _T = TypeVar("_T")
@@ -111,7 +111,7 @@ class IndexStore:
         try:
             return cls(root, name, writable=True, lock_fd=lock, expected=None)
         except BaseException:
-            indexdir.release_lock(lock)
+            layout.release_lock(lock)
             raise
 
     def publish(self, keep: int = 2) -> None:
@@ -119,7 +119,7 @@ class IndexStore:
 
         The last ``keep`` published generations stay (at least the one it replaces, for readers that
         have not refreshed yet, and for rollback); older ones and leftovers of interrupted builds are
-        deleted (:mod:`vitrine.generations`).
+        deleted (:mod:`vitrine.index.generations`).
         """
         self.flush()
         generations.publish(self.root, self.generation, keep)
@@ -132,29 +132,29 @@ class IndexStore:
         :class:`IndexDamaged` (the shared diagnosis, with the way out) when the directory is damaged."""
         root = Path(root)
         try:
-            indexdir.read_current(root)  # fail before locking, naming the problem, when missing or corrupt
+            layout.read_current(root)  # fail before locking, naming the problem, when missing or corrupt
         except StoreError as exc:
             raise diagnosis.explain(root, exc) from exc
-        lock = indexdir.acquire_lock(root) if writable else None
+        lock = layout.acquire_lock(root) if writable else None
         try:  # (re)read under the lock: a reindex may have published meanwhile
-            name = indexdir.read_current(root)
+            name = layout.read_current(root)
             return cls(root, name, writable=writable, lock_fd=lock, expected=expected_fingerprint)
         except StoreError as exc:
-            indexdir.release_lock(lock)
+            layout.release_lock(lock)
             raise diagnosis.explain(root, exc) from exc
         except BaseException:
-            indexdir.release_lock(lock)
+            layout.release_lock(lock)
             raise
 
     @staticmethod
     def exists(root: str | Path) -> bool:
-        """True when ``root`` holds an index, healthy or damaged (:func:`vitrine.diagnosis.diagnose`)."""
+        """True when ``root`` holds an index, healthy or damaged (``diagnosis.diagnose``)."""
         return diagnosis.diagnose(root).kind != diagnosis.ABSENT
 
     @staticmethod
     def read_manifest(root: str | Path) -> dict:
         """The live generation's manifest, without loading FAISS (callers learn the model first)."""
-        return indexdir.read_manifest(Path(root) / indexdir.read_current(Path(root)))
+        return layout.read_manifest(Path(root) / layout.read_current(Path(root)))
 
     def close(self, flush: bool = True) -> None:
         """Flush (writers; ``flush=False`` abandons the snapshot), close connections, unlock. Idempotent."""
@@ -168,7 +168,7 @@ class IndexStore:
             for conn in self._conns:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
-            indexdir.release_lock(self._lock_fd)
+            layout.release_lock(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> IndexStore:
@@ -201,7 +201,7 @@ class IndexStore:
     def _load_generation(self, name: str) -> snapshots.Generation:
         gen = snapshots.load_generation(self.root, name, self._expected, self.writable)
         if self.writable:
-            with indexdir.writing(self._conn_to(gen.path), self.root):
+            with layout.writing(self._conn_to(gen.path), self.root):
                 self._conn_to(gen.path).execute(exclusions.TABLE)
         return gen
 
@@ -218,7 +218,7 @@ class IndexStore:
     def _conn_to(self, path: Path) -> sqlite3.Connection:
         if getattr(self._local, "path", None) != path:
             self._local.conn, self._local.path = (
-                indexdir.connect(path / "meta.sqlite", not self.writable),
+                layout.connect(path / "meta.sqlite", not self.writable),
                 path,
             )
             self._conns.append(self._local.conn)
@@ -233,18 +233,18 @@ class IndexStore:
         if self.writable:
             return False
         with self._write_lock:
-            name = indexdir.read_current(self.root)
+            name = layout.read_current(self.root)
             if name != self._gen.name:
                 new = self._load_generation(name)
                 with self._ann_lock.exclusive():
                     self._gen, self._cache = new, {}
                 return True
             gen, conn = self._gen, self._conn()
-            if indexdir.scalar(conn, "SELECT value FROM state WHERE name='seq'") == gen.seq:
+            if layout.scalar(conn, "SELECT value FROM state WHERE name='seq'") == gen.seq:
                 return False
-            delta = indexdir.changes(conn, gen.seq, gen.dim)
+            delta = layout.changes(conn, gen.seq, gen.dim)
             with self._ann_lock.exclusive():
-                if indexdir.apply_delta(gen.ann, delta):
+                if layout.apply_delta(gen.ann, delta):
                     gen.seq = delta[0]
                 else:
                     gen.reload(conn)
@@ -253,13 +253,13 @@ class IndexStore:
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:
-        return indexdir.scalar(self._conn(), "SELECT COUNT(*) FROM items")
+        return layout.scalar(self._conn(), "SELECT COUNT(*) FROM items")
 
     def stats(self) -> dict:
         conn, gen = self._conn(), self._gen
-        with indexdir.reading(conn):
+        with layout.reading(conn):
             count, vectors, failed, catalogs = (
-                indexdir.scalar(conn, f"SELECT COUNT(*) FROM {t}")
+                layout.scalar(conn, f"SELECT COUNT(*) FROM {t}")
                 for t in ("items", "vectors", "failures", "catalogs")
             )
         with self._ann_lock.shared():
@@ -288,13 +288,11 @@ class IndexStore:
 
     def get(self, key: str) -> dict | None:
         row = (
-            self._conn()
-            .execute(f"SELECT {', '.join(indexdir.COLS)} FROM items WHERE key=?", (key,))
-            .fetchone()
+            self._conn().execute(f"SELECT {', '.join(layout.COLS)} FROM items WHERE key=?", (key,)).fetchone()
         )
         if row is None:
             return None
-        item = dict(zip(indexdir.COLS, row, strict=True))
+        item = dict(zip(layout.COLS, row, strict=True))
         item["captions"], item["metadata"] = json.loads(item["captions"]), json.loads(item["metadata"])
         return item
 
@@ -332,9 +330,9 @@ class IndexStore:
         if keys is None:
             rows = self._conn().execute(sql + " ORDER BY i.key").fetchall()
         else:
-            found = dict(indexdir.select_in(self._conn(), sql + " WHERE i.key IN ({})", list(keys)))
+            found = dict(layout.select_in(self._conn(), sql + " WHERE i.key IN ({})", list(keys)))
             rows = [(k, found[k]) for k in dict.fromkeys(keys) if k in found]
-        return [r[0] for r in rows], indexdir.blobs(r[1] for r in rows).reshape(-1, self.dim)
+        return [r[0] for r in rows], layout.blobs(r[1] for r in rows).reshape(-1, self.dim)
 
     # ------------------------------------------------------------------ search
     def search(
@@ -355,8 +353,8 @@ class IndexStore:
             return [[] for _ in q]
         if allowed is not None and allowed.size <= EXACT_FILTER_MAX and gen.ann.effective_factory != "Flat":
             sql = "SELECT id, embedding FROM vectors WHERE id IN ({})"
-            rows = indexdir.select_in(self._conn(), sql, allowed.tolist())
-            scores, ids = exact_search(q, int(k), *indexdir.id_vectors(rows, gen.dim))
+            rows = layout.select_in(self._conn(), sql, allowed.tolist())
+            scores, ids = exact_search(q, int(k), *layout.id_vectors(rows, gen.dim))
         else:
             with self._ann_lock.shared():
                 scores, ids = gen.ann.search(q, int(k), allowed)
@@ -394,7 +392,7 @@ class IndexStore:
     ) -> int:
         """Apply one batch as ONE transaction and return the new seq.
 
-        ``exclude`` paths are recorded as exclusions first (:mod:`vitrine.exclusions`), then failures,
+        ``exclude`` paths are recorded as exclusions first (:mod:`vitrine.index.exclusions`), then failures,
         then items upserted by key (clearing their failure; excluded ones are left out), then keys
         removed; vectors no longer referenced by any item are deleted and tombstoned.
         """
@@ -402,8 +400,8 @@ class IndexStore:
         now, added, candidates = time.time(), {}, set()
         with self._write_lock:
             conn = self._conn()
-            with indexdir.writing(conn, self.root):
-                seq = indexdir.scalar(conn, "SELECT value FROM state WHERE name='seq'") + 1
+            with layout.writing(conn, self.root):
+                seq = layout.scalar(conn, "SELECT value FROM state WHERE name='seq'") + 1
                 exclusions.add(conn, exclude, now)
                 excluded = exclusions.read(conn)
                 items = [i for i in items if not excluded.covers(i.key)]
@@ -412,7 +410,7 @@ class IndexStore:
                     [(f.key, f.path, f.reason, now, f.source) for f in failures],
                 )
                 for item in items:
-                    indexdir.upsert_item(conn, item, seq, now, added, candidates, self._normalised)
+                    layout.upsert_item(conn, item, seq, now, added, candidates, self._normalised)
                 for key in remove_keys:
                     candidates.update(
                         r[0]
@@ -421,7 +419,7 @@ class IndexStore:
                         ).fetchall()
                     )
                     conn.execute("DELETE FROM failures WHERE key=?", (key,))
-                dropped = indexdir.drop_orphans(conn, seq, candidates, added)
+                dropped = layout.drop_orphans(conn, seq, candidates, added)
                 conn.execute("UPDATE state SET value=? WHERE name='seq'", (seq,))
             with self._ann_lock.exclusive():
                 if added:
@@ -454,7 +452,7 @@ class IndexStore:
         self._require_writable()
         with self._write_lock:
             conn = self._conn()
-            with indexdir.writing(conn, self.root):
+            with layout.writing(conn, self.root):
                 lifted = exclusions.remove(conn, paths)
                 conn.execute("UPDATE state SET value=value+1 WHERE name='seq'")
             self._gen.seq += 1
@@ -465,7 +463,7 @@ class IndexStore:
         self._require_writable()
         with self._write_lock:
             conn = self._conn()
-            with indexdir.writing(conn, self.root):
+            with layout.writing(conn, self.root):
                 conn.execute(
                     "INSERT INTO catalogs(source, spec, updated) VALUES (?,?,?) ON CONFLICT(source) "
                     "DO UPDATE SET spec=excluded.spec, updated=excluded.updated",  # keeps first-seen order
@@ -485,7 +483,7 @@ class IndexStore:
             if rebuild:
                 fresh = AnnIndex(gen.dim, gen.manifest.get("factory"), gen.manifest.get("search_params"))
                 rows = self._conn().execute("SELECT id, embedding FROM vectors")
-                fresh.rebuild(*indexdir.id_vectors(rows, gen.dim))
+                fresh.rebuild(*layout.id_vectors(rows, gen.dim))
                 with self._ann_lock.exclusive():
                     gen.ann = fresh
             snapshots.mirror_manifest(self._conn(), self.root, gen.manifest)

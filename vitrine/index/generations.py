@@ -10,7 +10,7 @@ still on the previous one, and rollback needs something to return to): HISTORY i
 then the generations that fell out of it are deleted, and so are folders that hold no items (a build
 killed before its first commit). Pruning never deletes a generation HISTORY names, nor an unpublished
 one that holds items (a lost CURRENT must not turn the whole history into "leftovers"): reindex jobs
-discard their own rejected or rolled-away builds (:mod:`vitrine.reindex`).
+discard their own rejected or rolled-away builds (:mod:`vitrine.build.reindex`).
 
 :func:`rollback` makes the previously published generation live again and drops the current one from
 the history, so a second rollback steps one generation further back; the generation rolled away from
@@ -27,9 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vitrine import indexdir
-from vitrine.ann import AnnIndex, write_atomic
 from vitrine.errors import ReindexError, StoreError
+from vitrine.index import layout
+from vitrine.index.ann import AnnIndex, write_atomic
 
 HISTORY = "HISTORY"
 JOB_FILE = "reindex-job.json"
@@ -40,7 +40,7 @@ MIN_KEEP = 2
 
 
 def number(name: str) -> int:
-    match = indexdir.GEN_RE.match(name)
+    match = layout.GEN_RE.match(name)
     if match is None:
         raise StoreError(f"{name!r} is not a generation name")
     return int(match.group(1))
@@ -65,14 +65,14 @@ def start(
         root.mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as exc:
         raise StoreError(f"cannot create index at {root}: {exc}") from exc
-    lock = indexdir.acquire_lock(root)
+    lock = layout.acquire_lock(root)
     try:
         if require_absent is not None:
             require_absent(root)
-        name = (resume and resume(root)) or indexdir.new_generation(root, fingerprint, factory, search_params)
+        name = (resume and resume(root)) or layout.new_generation(root, fingerprint, factory, search_params)
         return lock, name
     except BaseException:
-        indexdir.release_lock(lock)
+        layout.release_lock(lock)
         raise
 
 
@@ -82,9 +82,9 @@ def history(root: Path) -> list[str]:
     An index made before HISTORY existed gets one reconstructed: generations numbered below the live
     one were published (a build always takes the next number, and publishing deleted older leftovers).
     """
-    current = indexdir.read_current(root)
+    current = layout.read_current(root)
     try:
-        names = [n for n in (root / HISTORY).read_text().split() if indexdir.GEN_RE.match(n)]
+        names = [n for n in (root / HISTORY).read_text().split() if layout.GEN_RE.match(n)]
     except FileNotFoundError:
         names = sorted(p.name for p in root.iterdir() if _published_before(p, current))
     except OSError as exc:
@@ -95,7 +95,7 @@ def history(root: Path) -> list[str]:
 
 def _published_before(path: Path, current: str) -> bool:
     return (
-        indexdir.GEN_RE.match(path.name) is not None
+        layout.GEN_RE.match(path.name) is not None
         and number(path.name) < number(current)
         and (path / "manifest.json").is_file()
     )
@@ -105,7 +105,7 @@ def unpublished(root: Path) -> list[str]:
     """Generation folders that are not in the published history: builds in progress, rejected or
     interrupted ones, and generations rolled away from."""
     published = set(history(root))
-    return sorted(p.name for p in root.iterdir() if indexdir.GEN_RE.match(p.name) and p.name not in published)
+    return sorted(p.name for p in root.iterdir() if layout.GEN_RE.match(p.name) and p.name not in published)
 
 
 def publish(root: Path, name: str, keep: int = MIN_KEEP) -> None:
@@ -131,7 +131,7 @@ def recorded_history(root: Path) -> list[str]:
         text = (root / HISTORY).read_text(errors="replace")
     except OSError:
         return []
-    return list(dict.fromkeys(n for n in text.split() if indexdir.GEN_RE.match(n)))
+    return list(dict.fromkeys(n for n in text.split() if layout.GEN_RE.match(n)))
 
 
 def prune(root: Path, expired: set[str]) -> None:
@@ -139,7 +139,7 @@ def prune(root: Path, expired: set[str]) -> None:
     and folders holding no items; never one that HISTORY names, nor any other that holds items."""
     named = set(recorded_history(root))
     for path in root.iterdir():
-        if not indexdir.GEN_RE.match(path.name) or path.name in named:
+        if not layout.GEN_RE.match(path.name) or path.name in named:
             continue
         retired = (read_job(path) or {}).get("state") == ROLLED_BACK
         if path.name in expired or retired or holds_items(path) is False:
@@ -152,7 +152,7 @@ def holds_items(path: Path) -> bool | None:
     if not db.is_file() or db.stat().st_size == 0:
         return False
     try:
-        conn = indexdir.connect(db, readonly=True)
+        conn = layout.connect(db, readonly=True)
         try:
             return conn.execute("SELECT 1 FROM items LIMIT 1").fetchone() is not None
         finally:
@@ -176,7 +176,7 @@ def rollback(root: Path) -> tuple[str, str]:
     Takes the writer lock (refused while a build or reindex is writing). Raises ReindexError when
     the live generation is the only published one left.
     """
-    lock = indexdir.acquire_lock(root)
+    lock = layout.acquire_lock(root)
     try:
         names = history(root)
         if len(names) < 2:
@@ -184,7 +184,7 @@ def rollback(root: Path) -> tuple[str, str]:
                 f"nothing to roll back to: {names[-1]} is the only published generation kept in {root}"
             )
         target = names[-2]
-        indexdir.read_manifest(root / target)  # a damaged target is refused before readers move
+        layout.read_manifest(root / target)  # a damaged target is refused before readers move
         if not (root / target / "meta.sqlite").is_file():
             raise ReindexError(f"cannot roll back to {target}: its meta.sqlite is missing")
         job = {**(read_job(root / names[-1]) or {}), "state": ROLLED_BACK}
@@ -193,7 +193,7 @@ def rollback(root: Path) -> tuple[str, str]:
         _write_history(root, names[:-1])
         return names[-1], target
     finally:
-        indexdir.release_lock(lock)
+        layout.release_lock(lock)
 
 
 def _write_history(root: Path, names: list[str]) -> None:

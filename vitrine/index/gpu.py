@@ -3,7 +3,7 @@
 What runs on the GPUs: k-means training of IVF coarse quantizers (the slow part of building an IVF at
 millions of vectors: each iteration assigns every training vector to its nearest centroid), through
 FAISS' ``clustering_index`` hook with a flat index cloned onto all GPUs; and the searches of
-:class:`~vitrine.ann.AnnIndex` that a GPU clone can answer (:class:`GpuSearcher`; which ones:
+:class:`~vitrine.index.ann.AnnIndex` that a GPU clone can answer (:class:`GpuSearcher`; which ones:
 :func:`cpu_only_reason`). Indexes are always *saved* from the CPU structure, so a snapshot written on a
 GPU machine opens on any machine. With faiss-cpu (no ``get_num_gpus`` GPUs) every function here is a
 no-op or returns None, and callers keep their CPU path, unchanged.

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vitrine import towers
+from vitrine.model import embedding
 
 Forward = Callable[..., torch.Tensor]
 
@@ -36,7 +36,7 @@ class _Text(nn.Module):
         self.model, self.masked = model, masked
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return towers.text_features(self.model, input_ids, attention_mask if self.masked else None)
+        return embedding.text_features(self.model, input_ids, attention_mask if self.masked else None)
 
 
 class _Image(nn.Module):
@@ -45,7 +45,7 @@ class _Image(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return towers.image_features(self.model, pixel_values)
+        return embedding.image_features(self.model, pixel_values)
 
 
 def trace(

@@ -18,9 +18,9 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitrine import generations, indexdir
 from vitrine.errors import IndexDamaged, StoreError
-from vitrine.snapshots import mirrored_manifest
+from vitrine.index import generations, layout
+from vitrine.index.snapshots import mirrored_manifest
 
 ABSENT, OK, DAMAGED = "absent", "ok", "damaged"
 
@@ -100,7 +100,7 @@ def current(root: Path) -> tuple[str, str | None]:
         return "", f"CURRENT is unreadable ({exc.strerror or exc})"
     if not text:
         return "", "CURRENT is empty"
-    if not indexdir.GEN_RE.match(text):
+    if not layout.GEN_RE.match(text):
         return "", f"CURRENT names {text[:40]!r}, not a generation"
     if not (root / text).is_dir():
         return "", f"CURRENT names {text}, which does not exist"
@@ -112,7 +112,7 @@ def generation_problems(root: Path, name: str) -> tuple[list[str], list[str]]:
     reasons, remedies = [], []
     path = root / name
     try:
-        indexdir.read_manifest(path)
+        layout.read_manifest(path)
     except StoreError:
         reasons.append(f"{name}/manifest.json is missing or unreadable")
         if mirrored_manifest(path / "meta.sqlite") is not None:
@@ -138,7 +138,7 @@ def recovery_target(root: Path) -> str | None:
     for name in reversed(generations.recorded_history(root)):
         if _opens(root / name):
             return name
-    folders = sorted((p for p in root.iterdir() if indexdir.GEN_RE.match(p.name)), reverse=True)
+    folders = sorted((p for p in root.iterdir() if layout.GEN_RE.match(p.name)), reverse=True)
     for path in folders:
         job = generations.read_job(path)
         if (job is None or job.get("state") == "published") and _opens(path):
@@ -150,7 +150,7 @@ def _opens(path: Path) -> bool:
     if not path.is_dir() or _database_problem(path / "meta.sqlite") is not None:
         return False
     try:
-        indexdir.read_manifest(path)
+        layout.read_manifest(path)
     except StoreError:
         return mirrored_manifest(path / "meta.sqlite") is not None
     return True
@@ -160,7 +160,7 @@ def _database_problem(db: Path) -> str | None:
     if not db.is_file():
         return "is missing"
     try:
-        conn = indexdir.connect(db, readonly=True)
+        conn = layout.connect(db, readonly=True)
         try:
             conn.execute("SELECT value FROM state WHERE name='seq'").fetchone()
             conn.execute("SELECT COUNT(*) FROM items").fetchone()
@@ -175,6 +175,4 @@ def _holds_anything(root: Path) -> bool:
     """Whether a directory without CURRENT still holds published history or items worth keeping."""
     if generations.recorded_history(root):
         return True
-    return any(
-        generations.holds_items(p) is not False for p in root.iterdir() if indexdir.GEN_RE.match(p.name)
-    )
+    return any(generations.holds_items(p) is not False for p in root.iterdir() if layout.GEN_RE.match(p.name))

@@ -1,0 +1,1 @@
+"""Building indexes: incremental ingest, distributed shards, blue/green reindexing."""

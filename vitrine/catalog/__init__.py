@@ -1,0 +1,1 @@
+"""Catalogs: readers that turn folders, manifests and saved datasets into records."""

@@ -1,0 +1,1 @@
+"""Drift: reference samples, the live journal, two-sample tests and the report."""

@@ -1,0 +1,1 @@
+"""The index directory: FAISS structure + SQLite store, its layout, generations and integrity."""

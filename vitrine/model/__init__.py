@@ -1,0 +1,1 @@
+"""The embedding model: loading a checkpoint, the embedding each family defines, TorchScript forwards."""

@@ -1,0 +1,1 @@
+"""Searching an index: encode a query, look it up, turn ids into hits."""
