@@ -5,8 +5,8 @@ the catalog file, the image processor, the token limit and the storage dtype -- 
 ``torch.save`` file under ``--cache-dir`` (default ``OUTPUT/cache``). A rerun or ``--resume`` with the
 same key loads it instead of recomputing; any change gives a new key, so a stale cache is never used.
 
-``float16`` storage halves memory and disk (Flickr8k train with DeiT-tiny: ~0.45 GB instead of 0.9) at
-a relative error of about 1e-3 on the activations, far below what training itself moves them.
+``float16`` storage halves memory and disk at a relative error of about 1e-3 on the activations (fp16's
+precision), far below what training itself moves them.
 
 During training only indices travel through the DataLoader (:class:`CachedPairs`); :class:`CachedCollator`
 assembles a batch from the cache, with the caption of each image chosen for the current epoch.

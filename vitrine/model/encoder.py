@@ -164,9 +164,10 @@ class Encoder:
     ``draft_size`` lets large JPEGs decode at a reduced DCT scale (part of the fingerprint, since it
     changes pixels slightly; ``"auto"`` = the processor's input size, ``None`` = off); ``fp16`` (CUDA
     only) halves memory and time with ~1e-4 cosine error; ``bf16`` (CPU, default on where the CPU has
-    native bf16 matmul: AVX512-BF16 / AMX) runs the model in bfloat16, ~2.3x faster, cosine >= 0.9999
-    to fp32. Preprocessing takes a verified fast path (same Pillow resize, one numpy step) whenever the
-    processor is the resize-shortest-edge + center-crop kind and the path matches it on a probe image.
+    native bf16 matmul: AVX512-BF16 / AMX) runs the model in bfloat16, much faster there and close to
+    fp32 (bench/RESULTS.md, "Embedding throughput", has the speed and the cosine to fp32).
+    Preprocessing takes a verified fast path (same Pillow resize, one numpy step) whenever the processor
+    is the resize-shortest-edge + center-crop kind and the path matches it on a probe image.
     """
 
     def __init__(
@@ -379,8 +380,8 @@ def _input_size(image_processor: Any) -> int | None:
 class FastPreprocess:
     """The CLIP-style Pillow processor's arithmetic (resize shortest edge with the same Pillow call,
     integer center crop, rescale+normalise folded into one multiply-add) without its PIL->numpy->PIL
-    round trips: 1.5-2x faster. Only built when the processor is of that kind *and* agrees with it to
-    1e-5 on a probe image; otherwise the checkpoint's processor is used."""
+    round trips (bench/RESULTS.md has its speed-up). Only built when the processor is of that kind *and*
+    agrees with it to 1e-5 on a probe image; otherwise the checkpoint's processor is used."""
 
     def __init__(self, processor: Any) -> None:
         cfg = processor.to_dict()

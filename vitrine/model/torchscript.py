@@ -3,11 +3,9 @@
 Why a server wants this: it runs the model in one thread beside an event loop and request threads.
 An eager transformers forward is a few hundred small ops, and each op releases the GIL and takes it
 back; whenever another thread is running Python, taking it back waits (up to
-``sys.getswitchinterval()``, 5 ms). Measured here: a 6-text MiniLM batch of 34 ms of CPU took 103 ms of
-wall time inside the live app under 16 clients, and a 15 ms forward took 750 ms beside one busy Python
-thread; traced, the same forward took 30 ms, because TorchScript runs the whole graph in C++ after
-one GIL release. A traced forward also skips the transformers modules' Python (20-40% less CPU for
-short texts).
+``sys.getswitchinterval()``), so under load a forward's wall time becomes several times its CPU time.
+TorchScript runs the whole graph in C++ after one GIL release, and skips the transformers modules'
+Python too (bench/RESULTS.md, "Serving fixes": the convoy and what tracing changed).
 
 Parity is proved, not assumed. :func:`trace` traces on one example and compares the traced forward
 with eager on a *second* example of another batch size and, for text, other lengths with padding (so
