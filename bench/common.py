@@ -51,8 +51,10 @@ def machine() -> str:
     import numpy
     import torch
 
-    return (f"{cpu} ({flags}), {os.cpu_count()} cores, {mem} RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, numpy {numpy.__version__}")
+    return (
+        f"{cpu} ({flags}), {os.cpu_count()} cores, {mem} RAM, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, numpy {numpy.__version__}"
+    )
 
 
 def base_checkpoint(size: str = "base") -> Path:

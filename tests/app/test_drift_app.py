@@ -3,12 +3,15 @@ answers, and an admin-started reindex is picked up by the running service."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.monitor import JobRefused
@@ -49,7 +52,8 @@ def test_answered_queries_are_sampled_by_mode_without_their_text(service: Search
     info = service.info()
     sample = journal.sample("query_baseline", info["generation"], info["model_version"])
     assert sorted(m["mode"] for m in sample.metadata) == ["both"] + ["text"] * 12
-    stored = journal._conn().execute("SELECT COUNT(*) FROM samples WHERE text IS NOT NULL").fetchone()[0]
+    with contextlib.closing(sqlite3.connect(f"file:{journal.path}?mode=ro", uri=True)) as conn:
+        stored = conn.execute("SELECT COUNT(*) FROM samples WHERE text IS NOT NULL").fetchone()[0]
     assert stored == 0
 
 
@@ -104,7 +108,7 @@ def test_admin_reindex_runs_as_a_job_and_the_service_moves_to_the_new_generation
 def test_drift_api_endpoints_on_the_live_server(live_server: LiveServer):
     client = Client(live_server.url, verbose=False, download_files=False)
     for endpoint in ("/check_drift", "/start_reindex"):  # they write: refused without --admin
-        with pytest.raises(Exception, match="start the app with --admin"):
+        with pytest.raises(AppError, match="start the app with --admin"):
             client.predict(api_name=endpoint)
     journal = Journal(live_server.index)  # a report as `python -m indexer drift` or cron would write it
     report = assess(live_server.index, journal=journal).to_dict()

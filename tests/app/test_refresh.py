@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError, AuthenticationError
 
 from tests.app.live import make_catalog, start_server, stop
 from tests.conftest import REPO
@@ -53,10 +54,10 @@ def test_index_appears_and_grows_without_restart(tmp_path: Path, clip_path: Path
     try:
         body = healthz(url)
         assert not body["ok"] and "python -m indexer build" in body["reason"]
-        with pytest.raises(Exception):  # noqa: B017 - any refusal: the API needs the login
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(url, verbose=False).predict("x", 3, {}, api_name="/search_text")
         client = Client(url, auth=AUTH, verbose=False, download_files=False)
-        with pytest.raises(Exception, match="no index at"):
+        with pytest.raises(AppError, match="no index at"):
             client.predict("a red pattern", 3, {}, api_name="/search_text")
 
         indexer_build(make_catalog(tmp_path / "first", count=12), index, clip_path)

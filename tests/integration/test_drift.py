@@ -33,8 +33,19 @@ def run(capsys: pytest.CaptureFixture, *args: str) -> dict:
 
 
 def build(capsys: pytest.CaptureFixture, catalog: Path, index: Path, model: Path) -> dict:
-    return run(capsys, "build", str(catalog), "--index", str(index), "--model", str(model),
-               "--batch-size", "16", "--no-progress", "--json")  # fmt: skip
+    return run(
+        capsys,
+        "build",
+        str(catalog),
+        "--index",
+        str(index),
+        "--model",
+        str(model),
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--json",
+    )
 
 
 def cast(image: Image.Image, gains: tuple[float, float, float]) -> Image.Image:

@@ -23,8 +23,22 @@ def test_build_with_memory_budget_records_the_choice_and_fits(clip_path: Path, t
     budget = int(N * bytes_per_vector("IVF8,SQ8", dim) * 1.5)
     assert budget < N * bytes_per_vector("Flat", dim)
     index = tmp_path / "index"
-    args = ["build", str(folder), "--index", str(index), "--model", str(clip_path), "--batch-size", "32",
-            "--memory-budget", str(budget), "--target-recall", "0.9", "--no-progress", "--json"]  # fmt: skip
+    args = [
+        "build",
+        str(folder),
+        "--index",
+        str(index),
+        "--model",
+        str(clip_path),
+        "--batch-size",
+        "32",
+        "--memory-budget",
+        str(budget),
+        "--target-recall",
+        "0.9",
+        "--no-progress",
+        "--json",
+    ]
     report = as_json(indexer(*args))
     assert report["added"] == N and report["failed"] == 0
     tuning = report["tuning"]

@@ -78,6 +78,11 @@ def test_drift_notebook_runs(clip_path, tmp_path):
     assert summary["after"]["tomorrow"]["generation"] == job["to_generation"]
     assert summary["after"]["tomorrow"]["auc"] < summary["before"]["tomorrow"]["auc"]
     assert summary["reference"]["after"]["size"] > summary["reference"]["before"]["size"]
-    plots = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
-             if "image/png" in o.get("data", {})]  # fmt: skip
+    plots = [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(plots) >= 3  # the camera's casts, the rising scores, before/after

@@ -118,8 +118,17 @@ def test_killed_ray_build_resumes_from_finished_shards(
     index = tmp_path / "index"
     address = ray.get_runtime_context().gcs_address  # a second driver on the module's cluster
     # windows of 4 shards: shards land a few at a time, so the kill falls mid-way even on a fast machine
-    args = _cli(str(photos), "--index", str(index), "--model", str(clip_path), "--shard-size", "2",
-                "--window-shards", "4")  # fmt: skip
+    args = _cli(
+        str(photos),
+        "--index",
+        str(index),
+        "--model",
+        str(clip_path),
+        "--shard-size",
+        "2",
+        "--window-shards",
+        "4",
+    )
     args += ["--address", address]
     env = {**os.environ, "PYTHONPATH": str(REPO), "VITRINE_BATCH_SIZE": "2"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True, stderr=subprocess.DEVNULL)

@@ -150,8 +150,23 @@ def test_searches_during_a_swap_to_another_model_never_fail_or_mix_spaces(
 
 # --------------------------------------------------------------------------- kill -9
 def _reindex_cmd(index: Path, model: Path) -> list[str]:
-    return [sys.executable, "-m", "indexer", "reindex", "--index", str(index), "--model", str(model),
-            "--batch-size", "1", "--num-workers", "1", "--commit-every", "2", "--json"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "indexer",
+        "reindex",
+        "--index",
+        str(index),
+        "--model",
+        str(model),
+        "--batch-size",
+        "1",
+        "--num-workers",
+        "1",
+        "--commit-every",
+        "2",
+        "--json",
+    ]
 
 
 def _kill_during_job(index: Path, model: Path, delay: float) -> int | None:
@@ -159,8 +174,9 @@ def _kill_during_job(index: Path, model: Path, delay: float) -> int | None:
     it ``delay`` later; the exit code if it finished first."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     before = _job_files(index)
-    proc = subprocess.Popen(_reindex_cmd(index, model), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _reindex_cmd(index, model), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while proc.poll() is None and _job_files(index) == before and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -64,8 +64,14 @@ class Child:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         self.log = root.parent / f"child-{trial}.log"  # a file, so a chatty stderr can never block it
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(trial)], cwd=REPO,
-                                         env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(root), str(trial)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
         self.lines: list[str] = []
         self.ready = threading.Event()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -96,7 +102,7 @@ def expected_states(before: set[str], lines: list[str]) -> tuple[set[str], set[s
     keys, pending, committed = set(before), None, 0
     for line in lines:
         if line.startswith("PENDING "):
-            pending = json.loads(line[len("PENDING "):])
+            pending = json.loads(line[len("PENDING ") :])
         elif line.startswith("COMMITTED "):
             keys, pending, committed = replay(keys, pending), None, committed + 1
     return keys, (replay(keys, pending) if pending else keys), committed

@@ -31,11 +31,25 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path) -> None:
     out = tmp_path / "out"
-    stdout = run_module([
-        *TRAIN, *tower_flags(towers_dir), *FAST, "--train-data", str(pairs_dir),
-        "--eval-data", str(pairs_dir), "--output", str(out), "--unfreeze-last-n", "1",
-        "--batch-size", "8", "--epochs", "12",
-    ])  # fmt: skip
+    stdout = run_module(
+        [
+            *TRAIN,
+            *tower_flags(towers_dir),
+            *FAST,
+            "--train-data",
+            str(pairs_dir),
+            "--eval-data",
+            str(pairs_dir),
+            "--output",
+            str(out),
+            "--unfreeze-last-n",
+            "1",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "12",
+        ]
+    )
     report = json.loads((out / "train_report.json").read_text())
     assert report["cached"] is True and report["starts"] == {"vision": 1, "text": 1}
     assert report["train_skipped"] == 1 and report["train_pairs"] == 16  # broken.jpg counted, not fatal
@@ -56,8 +70,23 @@ def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path
     assert served.t2i == pytest.approx(after["t2i"], abs=4.0)  # cache stores float16 activations
 
     index = tmp_path / "index"
-    build = run_module([sys.executable, "-m", "indexer", "build", str(pairs_dir), "--index", str(index),
-                        "--model", str(out), "--json", "--no-progress", "--device", "cpu"])  # fmt: skip
+    build = run_module(
+        [
+            sys.executable,
+            "-m",
+            "indexer",
+            "build",
+            str(pairs_dir),
+            "--index",
+            str(index),
+            "--model",
+            str(out),
+            "--json",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     built = json.loads(build.splitlines()[-1])
     assert built["failed"] >= 1 and built["added"] == 16, built
 
@@ -65,9 +94,22 @@ def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(towers_dir, tmp_path) -> None:
     data = write_pairs(tmp_path / "pairs", copies=2)
-    common = [*tower_flags(towers_dir), *FAST, "--train-data", str(data), "--batch-size", "4",
-              "--epochs", "2", "--unfreeze-last-n", "-1", "--checkpoint-every", "3",
-              "--keep-checkpoints", "5"]  # fmt: skip
+    common = [
+        *tower_flags(towers_dir),
+        *FAST,
+        "--train-data",
+        str(data),
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--unfreeze-last-n",
+        "-1",
+        "--checkpoint-every",
+        "3",
+        "--keep-checkpoints",
+        "5",
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run_module([*TRAIN, *common, "--output", str(full)])
     checkpoint = full / "checkpoints" / "step-0000003"  # mid-epoch: 4 steps per epoch
@@ -83,9 +125,16 @@ def test_resume_reproduces_the_uninterrupted_run(towers_dir, tmp_path) -> None:
 def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
     from tests.train.conftest import REPO
 
-    run_module([*accelerate_launch(2), "--main_process_port", str(_free_port()),
-                str(REPO / "tests" / "train" / "dist_loss_check.py"), str(tmp_path)],
-               env={"ACCELERATE_USE_CPU": "true"})  # fmt: skip
+    run_module(
+        [
+            *accelerate_launch(2),
+            "--main_process_port",
+            str(_free_port()),
+            str(REPO / "tests" / "train" / "dist_loss_check.py"),
+            str(tmp_path),
+        ],
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(8, 16, generator=generator).requires_grad_(True)
@@ -112,10 +161,27 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
 def test_two_process_cpu_training(towers_dir, tmp_path) -> None:
     pairs_dir = write_pairs(tmp_path / "pairs")  # no bad file: every global batch is full
     out = tmp_path / "out"
-    run_module([*accelerate_launch(2), "--main_process_port", str(_free_port()), "-m", "train_contrastive",
-                "train", *tower_flags(towers_dir), *FAST, "--train-data", str(pairs_dir),
-                "--output", str(out), "--batch-size", "4", "--epochs", "2"],
-               env={"ACCELERATE_USE_CPU": "true"})  # fmt: skip
+    run_module(
+        [
+            *accelerate_launch(2),
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "train_contrastive",
+            "train",
+            *tower_flags(towers_dir),
+            *FAST,
+            "--train-data",
+            str(pairs_dir),
+            "--output",
+            str(out),
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+        ],
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     report = json.loads((out / "train_report.json").read_text())
     assert report["processes"] == 2
     rows = _rows(out / "metrics.csv")
@@ -147,9 +213,29 @@ def test_config_file_and_wise_alpha_zero_restores_start(towers_dir, tmp_path) ->
 def test_early_stopping_on_eval_recall(towers_dir, tmp_path) -> None:
     data = write_pairs(tmp_path / "pairs", copies=1)
     out = tmp_path / "out"
-    run_module([*TRAIN, *tower_flags(towers_dir), *FAST, "--train-data", str(data), "--eval-data", str(data),
-                "--output", str(out), "--batch-size", "4", "--epochs", "6", "--patience", "1",
-                "--lr", "0", "--head-lr", "0"])  # fmt: skip
+    run_module(
+        [
+            *TRAIN,
+            *tower_flags(towers_dir),
+            *FAST,
+            "--train-data",
+            str(data),
+            "--eval-data",
+            str(data),
+            "--output",
+            str(out),
+            "--batch-size",
+            "4",
+            "--epochs",
+            "6",
+            "--patience",
+            "1",
+            "--lr",
+            "0",
+            "--head-lr",
+            "0",
+        ]
+    )
     report = json.loads((out / "train_report.json").read_text())
     # nothing can improve with a zero learning rate: the 2nd evaluation is not better, so training stops
     assert report["stop_reason"].startswith("no better recall") and report["steps"] == 4

@@ -78,8 +78,13 @@ def capture(store: IndexStore, size: int = DEFAULT_SIZE, seed: int = 0) -> Refer
 
 
 def _save(path: Path, ref: Reference, keys: list[str]) -> None:
-    info = {"generation": ref.generation, "model": ref.model, "index_count": ref.index_count,
-            "created": ref.created, "summary": ref.summary()}  # fmt: skip
+    info = {
+        "generation": ref.generation,
+        "model": ref.model,
+        "index_count": ref.index_count,
+        "created": ref.created,
+        "summary": ref.summary(),
+    }
     buffer = io.BytesIO()
     np.savez(
         buffer,

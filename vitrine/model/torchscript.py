@@ -66,9 +66,11 @@ def trace(
 
 
 def trace_text(
-    model: nn.Module, tokenize: Callable[[list[str]], dict[str, torch.Tensor]], device: torch.device,
+    model: nn.Module,
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+    device: torch.device,
     tolerance: float = 1e-3,
-) -> tuple[Forward | None, str]:  # fmt: skip
+) -> tuple[Forward | None, str]:
     """Trace the text tower; ``tokenize`` is the encoder's own (padding rule included)."""
     first = tokenize(["a photo of a dog", "two people walking along a beach at sunset with a kite"])
     second = tokenize(["red", "a small child in a yellow raincoat jumping into a puddle", "a cat", "snow"])
@@ -89,4 +91,3 @@ def trace_image(
     batch = [pixels.float().cpu() + 0.1 * torch.randn((n, *pixels.shape[1:]), generator=gen) for n in (2, 3)]
     example, check = (b.to(pixels.device, pixels.dtype) for b in batch)
     return trace(_Image(model).eval(), (example,), (check,), tolerance)
-
