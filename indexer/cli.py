@@ -326,7 +326,7 @@ def cmd_remove(a: RemoveArgs) -> int:
 
     if not a.paths:
         return _fail("give at least one PATH to remove")
-    store = IndexStore.open(a.index, writable=True)
+    store = IndexStore.open_writer(a.index)
     try:
         wanted = [str(Path(p).resolve()) for p in a.paths]
         keys = [
@@ -347,7 +347,7 @@ def cmd_restore(a: RestoreArgs) -> int:
     if not a.paths:
         return _fail("give at least one PATH to restore")
     wanted = [str(Path(p).resolve()) for p in a.paths]
-    with IndexStore.open(a.index, writable=True) as store:
+    with IndexStore.open_writer(a.index) as store:
         lifted = store.restore(wanted)
     unknown = [w for w in wanted if w not in lifted]
     print(f"restored {len(lifted)} of {len(wanted)} paths; the next build indexes them again")

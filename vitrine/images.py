@@ -37,13 +37,29 @@ DEFAULT_MAX_PIXELS: int = 100_000_000
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {
-        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ico",
-        ".ppm", ".pgm", ".pbm", ".tga",
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".webp",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".ico",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".tga",
         # Formats we may not decode but that users keep in photo folders: they are attempted on purpose so
         # that they show up as failures with a reason instead of being silently ignored.
-        ".svg", ".heic", ".heif", ".avif",
+        ".svg",
+        ".heic",
+        ".heif",
+        ".avif",
     }
-)  # fmt: skip
+)
 """Lowercase file extensions (with the dot) that catalogs treat as images."""
 
 Source = str | os.PathLike | bytes

@@ -34,8 +34,14 @@ from vitrine.images import IMAGE_EXTENSIONS
 # Columns tried in order (case-insensitively) when none is given; a caption column is optional.
 IMAGE_COLUMN_CANDIDATES = ("image", "file_name", "filename", "path", "image_path", "filepath")
 CAPTION_COLUMN_CANDIDATES = ("caption", "text", "captions", "title")
-MANIFEST_FORMATS: dict[str, str] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                                    ".json": "json", ".parquet": "parquet"}  # fmt: skip
+MANIFEST_FORMATS: dict[str, str] = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 _IMAGEFOLDER_METADATA = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 _DATASET_KEY = re.compile(r"(?P<dir>.+)#(?P<row>\d+)(?:#(?P<column>[^#]+))?")
 BATCH_ROWS = 1000

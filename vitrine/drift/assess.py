@@ -148,8 +148,12 @@ def _slices(ref: Sample, live: Sample, name: str, settings: DriftSettings) -> di
     return out
 
 
-def summarise(checks: dict[str, tuple[Comparison, str | None, dict]], settings: DriftSettings,
-              generation: str, model: str) -> DriftReport:  # fmt: skip
+def summarise(
+    checks: dict[str, tuple[Comparison, str | None, dict]],
+    settings: DriftSettings,
+    generation: str,
+    model: str,
+) -> DriftReport:
     """One report from several checks, each p-value Bonferroni-corrected by the number of checks."""
     alpha = settings.tests.alpha
     if not checks:
@@ -162,9 +166,19 @@ def summarise(checks: dict[str, tuple[Comparison, str | None, dict]], settings: 
     drifted = adjusted[worst] < alpha and result.auc >= settings.tests.min_auc
     per_check = {n: {**c[0].to_dict(), "p_value": round(adjusted[n], 6)} for n, c in checks.items()}
     report = DriftReport(
-        drifted, adjusted[worst], result.auc, result.mean_shift, "", worst, generation, model,
-        slices, slice_name, per_check, alpha,
-    )  # fmt: skip
+        drifted,
+        adjusted[worst],
+        result.auc,
+        result.mean_shift,
+        "",
+        worst,
+        generation,
+        model,
+        slices,
+        slice_name,
+        per_check,
+        alpha,
+    )
     report.reason = _reason(report, result)
     return report
 
@@ -224,9 +238,14 @@ def assess(
 
 
 def _pairs(
-    root: Path, journal: Journal, generation: str, model: str, since: float | None, sample: Sample | None,
+    root: Path,
+    journal: Journal,
+    generation: str,
+    model: str,
+    since: float | None,
+    sample: Sample | None,
     min_samples: int,
-) -> dict[str, tuple[Sample, Sample, str | None]]:  # fmt: skip
+) -> dict[str, tuple[Sample, Sample, str | None]]:
     """(reference, live, slice field) per check that has enough live rows to be run."""
     pairs: dict[str, tuple[Sample, Sample, str | None]] = {}
     if sample is not None:

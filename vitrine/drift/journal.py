@@ -99,10 +99,18 @@ class Journal:
         """Record ``entries`` in one transaction; returns how many were stored."""
         now = time.time() if when is None else when
         rows = [
-            (kind, generation, model, now, np.asarray(e.embedding, dtype=np.float32).tobytes(),
-             json.dumps(e.meta, sort_keys=True, default=str), e.score, e.text)
+            (
+                kind,
+                generation,
+                model,
+                now,
+                np.asarray(e.embedding, dtype=np.float32).tobytes(),
+                json.dumps(e.meta, sort_keys=True, default=str),
+                e.score,
+                e.text,
+            )
             for e in entries
-        ]  # fmt: skip
+        ]
         if not rows:
             return 0
         try:
@@ -161,10 +169,18 @@ class Journal:
             self._conn().execute(
                 "INSERT INTO reports(time, generation, model, source, drifted, p_value, auc, mean_shift, "
                 "body) VALUES (?,?,?,?,?,?,?,?,?)",
-                (report.get("time", time.time()), report.get("generation"), report.get("model"),
-                 report.get("source"), int(bool(report.get("drifted"))), report.get("p_value"),
-                 report.get("auc"), report.get("mean_shift"), json.dumps(report, sort_keys=True)),
-            )  # fmt: skip
+                (
+                    report.get("time", time.time()),
+                    report.get("generation"),
+                    report.get("model"),
+                    report.get("source"),
+                    int(bool(report.get("drifted"))),
+                    report.get("p_value"),
+                    report.get("auc"),
+                    report.get("mean_shift"),
+                    json.dumps(report, sort_keys=True),
+                ),
+            )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record a drift report in {self.path}: {exc}") from exc
 

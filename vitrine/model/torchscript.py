@@ -3,11 +3,9 @@
 Why a server wants this: it runs the model in one thread beside an event loop and request threads.
 An eager transformers forward is a few hundred small ops, and each op releases the GIL and takes it
 back; whenever another thread is running Python, taking it back waits (up to
-``sys.getswitchinterval()``, 5 ms). Measured here: a 6-text MiniLM batch of 34 ms of CPU took 103 ms of
-wall time inside the live app under 16 clients, and a 15 ms forward took 750 ms beside one busy Python
-thread; traced, the same forward took 30 ms, because TorchScript runs the whole graph in C++ after
-one GIL release. A traced forward also skips the transformers modules' Python (20-40% less CPU for
-short texts).
+``sys.getswitchinterval()``), so under load a forward took several times its CPU time in wall time.
+Traced, TorchScript runs the whole graph in C++ after one GIL release, and it also skips the
+transformers modules' Python (bench/RESULTS.md, "Serving fixes": traced forwards).
 
 Parity is proved, not assumed. :func:`trace` traces on one example and compares the traced forward
 with eager on a *second* example of another batch size and, for text, other lengths with padding (so
@@ -68,9 +66,11 @@ def trace(
 
 
 def trace_text(
-    model: nn.Module, tokenize: Callable[[list[str]], dict[str, torch.Tensor]], device: torch.device,
+    model: nn.Module,
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+    device: torch.device,
     tolerance: float = 1e-3,
-) -> tuple[Forward | None, str]:  # fmt: skip
+) -> tuple[Forward | None, str]:
     """Trace the text tower; ``tokenize`` is the encoder's own (padding rule included)."""
     first = tokenize(["a photo of a dog", "two people walking along a beach at sunset with a kite"])
     second = tokenize(["red", "a small child in a yellow raincoat jumping into a puddle", "a cat", "snow"])
@@ -91,4 +91,3 @@ def trace_image(
     batch = [pixels.float().cpu() + 0.1 * torch.randn((n, *pixels.shape[1:]), generator=gen) for n in (2, 3)]
     example, check = (b.to(pixels.device, pixels.dtype) for b in batch)
     return trace(_Image(model).eval(), (example,), (check,), tolerance)
-
