@@ -237,12 +237,15 @@ class AnnIndex:
         return ids, vectors
 
     def search(
-        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None, widen: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores, ids), both (nq, k); id -1 (score -inf) where fewer exist.
 
         ``allowed_ids`` restricts results to those ids, inside the search (an id selector), so k
         results come back whenever k allowed ones exist, as far as the structure's recall allows.
+        ``widen`` multiplies the search beam (``efSearch``, ``nprobe``): a selective filter leaves
+        fewer allowed candidates in the lists or graph neighbourhoods visited, so a caller that got
+        fewer than k widens instead of giving up.
         """
         queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.dim))
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
@@ -252,7 +255,7 @@ class AnnIndex:
         kk = min(k, int(self._index.ntotal))
         if not len(queries) or not kk or not self.ntotal or (allowed is not None and not allowed.size):
             return scores, labels
-        params, _keep_alive = self._params(kk, allowed)
+        params, _keep_alive = self._params(kk, allowed, widen)
         filtered = allowed is not None or self._n_deleted > 0
         result = self._gpu.search(self._index, queries, kk, params, filtered)
         if result is None:  # what a GPU clone cannot answer, and everything on CPU-only machines
@@ -262,7 +265,9 @@ class AnnIndex:
         scores[:, :kk], labels[:, :kk] = np.where(found >= 0, dist, -np.inf), np.where(found >= 0, found, -1)
         return scores, labels
 
-    def _params(self, k: int, allowed: np.ndarray | None) -> tuple[faiss.SearchParameters, list]:
+    def _params(
+        self, k: int, allowed: np.ndarray | None, widen: int = 1
+    ) -> tuple[faiss.SearchParameters, list]:
         """Search parameters for the structure, with the id selector where FAISS honours it.
 
         ``IndexIDMap2`` translates a selector on the *top-level* parameters to external ids and
@@ -273,7 +278,7 @@ class AnnIndex:
         chain = _chain(self._index)
         refine = any(isinstance(p, faiss.IndexRefine) for p in chain)
         k_factor = float(self.search_params.get("k_factor", DEFAULT_K_FACTOR))
-        inner = top = self._inner_params(chain[-1], math.ceil(k * k_factor) if refine else k)
+        inner = top = self._inner_params(chain[-1], math.ceil(k * k_factor) if refine else k, widen)
         keep: list = [inner]
         for part in reversed(chain[:-1]):
             if isinstance(part, faiss.IndexRefine):
@@ -295,14 +300,14 @@ class AnnIndex:
             top.sel = keep[-1]
         return top, keep
 
-    def _inner_params(self, index: faiss.Index, k: int) -> faiss.SearchParameters:
+    def _inner_params(self, index: faiss.Index, k: int, widen: int = 1) -> faiss.SearchParameters:
         if isinstance(index, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW()
-            params.efSearch = max(int(self.search_params.get("efSearch", DEFAULT_EF_SEARCH)), k)
+            params.efSearch = max(int(self.search_params.get("efSearch", DEFAULT_EF_SEARCH)) * widen, k)
         elif isinstance(index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF()
             nprobe = self.search_params.get("nprobe", min(max(index.nlist // 64, 16), 512))
-            params.nprobe = min(int(nprobe), index.nlist)
+            params.nprobe = min(int(nprobe) * widen, index.nlist)
         else:
             params = faiss.SearchParameters()
         return params

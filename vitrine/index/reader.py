@@ -15,7 +15,7 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,8 +23,10 @@ import numpy as np
 
 from vitrine.errors import StoreError
 from vitrine.index import exclusions, layout, searching, snapshots
+from vitrine.index.filters import FilterExpr
 from vitrine.index.hits import Hit
 from vitrine.index.rwlock import SharedLock
+from vitrine.index.schema import FieldInfo, infer_schema
 
 _T = TypeVar("_T")
 #: Derived reads kept per (generation, seq): field lists, filter id sets, the schema.
@@ -197,6 +199,11 @@ class IndexReader:
         rows = self._conn().execute("SELECT key, path, reason, time, source FROM failures ORDER BY time DESC")
         return [dict(zip(("key", "path", "reason", "time", "source"), r, strict=True)) for r in rows]
 
+    def first_captions(self) -> list[tuple[str, str]]:
+        """(key, first caption) of every captioned item, by key."""
+        sql = "SELECT key, json_extract(captions, '$[0]') FROM items WHERE captions != '[]' ORDER BY key"
+        return [(key, caption) for key, caption in self._conn().execute(sql) if isinstance(caption, str)]
+
     def catalogs(self) -> dict[str, dict]:
         """source -> spec in the order catalogs were first indexed (the first to claim a file owns it)."""
         rows = self._conn().execute("SELECT source, spec FROM catalogs ORDER BY rowid")
@@ -223,22 +230,43 @@ class IndexReader:
         return [r[0] for r in rows], layout.blobs(r[1] for r in rows).reshape(-1, self.dim)
 
     # ------------------------------------------------------------------ search
-    def search(
-        self, queries: np.ndarray, k: int = 10, filters: dict[str, str] | None = None
-    ) -> list[list[Hit]]:
-        """Top-k items per query by cosine; ``filters`` match metadata fields exactly, as strings, ANDed.
+    def schema(self) -> dict[str, FieldInfo]:
+        """The inferred metadata schema: field -> type, count, range (:mod:`vitrine.index.schema`)."""
+        return self._cached(("schema",), lambda: infer_schema(self._conn()))
 
-        Items with identical content share one vector and so come back as one hit: the first matching
-        key (sorted) is the hit, the other keys are its ``duplicates``. The path is
-        :mod:`vitrine.index.searching`.
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        filters: FilterExpr | Mapping | None = None,
+        *,
+        offset: int = 0,
+        min_score: float | None = None,
+        sort: str | None = None,
+        max_depth: int = searching.MAX_DEPTH,
+    ) -> list[list[Hit]]:
+        """A page of hits per query (the ranks ``[offset, offset + k)``) by cosine similarity.
+
+        ``filters``: an expression from :func:`vitrine.index.filters.parse_filter` (parse once at the
+        edge, against :meth:`schema`), or a filter object parsed here; the filter language, pages,
+        ``min_score`` and ``sort`` are described in :mod:`vitrine.index.searching`. Items with identical
+        content share one vector and so come back as one hit: the first matching key (sorted) is the
+        hit, the other keys are its ``duplicates``. QueryError for anything malformed.
         """
         gen = self._gen
-        plan = searching.plan(queries, k, gen.dim, filters, self._known_fields)
+        plan = searching.plan(
+            queries,
+            k,
+            gen.dim,
+            filters=filters,
+            schema=self.schema,
+            offset=offset,
+            min_score=min_score,
+            sort=sort,
+            max_depth=max_depth,
+        )
         allowed = self._allowed(plan.where, plan.args) if plan.where else None
         return searching.run(self._conn(), gen, plan, allowed, self._ann_lock)
-
-    def _known_fields(self) -> list[str]:
-        return self._cached(("known",), lambda: searching.known_fields(self._conn()))
 
     def _allowed(self, where: str, args: list) -> np.ndarray:
         return self._cached(("allowed", where, *args), lambda: searching.allowed(self._conn(), where, args))
