@@ -48,7 +48,7 @@ def suggest_min_score(
     scores = encode_texts([captions[k] for k in keys]) @ vectors.T
     matching = np.diag(scores)
     others = scores[~np.eye(len(keys), dtype=bool)]
-    cut = float(np.percentile(matching, percentile))
+    cut = float(np.percentile(matching, percentile, method="lower"))  # keeps >= 100 - p %
     return {
         "min_score": round(cut, 4),
         **how,

@@ -8,7 +8,8 @@ $gte $lt $lte $in $nin $exists``. How a field compares follows its schema type
 date vs date-time forms compare by the moment), booleans as booleans, strings as text. A *string*
 operand of an equality (``$eq $ne $in $nin`` and the bare form) compares as text against any field,
 as every filter did before metadata was typed (``year=2021`` keeps matching the number 2021).
-Like MongoDB, ``$ne`` and ``$nin`` also match items without the field.
+Like MongoDB, ``$ne`` and ``$nin`` also match items without the field; a null value (a blank manifest
+cell) counts as no value, for ``$exists`` too.
 
 Refused with :class:`QueryError`, naming the known fields and their types: unknown fields, unknown
 operators, operands of the wrong type, nesting deeper than :data:`MAX_NESTING`, more than
@@ -35,6 +36,8 @@ MAX_IN = 1000
 RANGE_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 EQUALITY_OPS = {"$eq", "$ne", "$in", "$nin"}
 OPERATORS = sorted({*RANGE_OPS, *EQUALITY_OPS, "$exists"})
+#: 'null' for a field that is absent or null (a blank manifest cell): both count as "no value".
+_MISSING = "COALESCE(json_type(metadata, ?), 'null')"
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?")
 
 
@@ -194,7 +197,7 @@ def _as_text(value: Any) -> str:
 def _condition_sql(c: Condition) -> tuple[str, list]:
     path = json_path(c.field)
     if c.compare == "exists":
-        return f"json_type(metadata, ?) IS {'NOT ' if c.value else ''}NULL", [path]
+        return f"{_MISSING} {'!=' if c.value else '='} 'null'", [path]
     values = list(c.value) if c.op in ("$in", "$nin") else [c.value]
     if c.compare == "boolean":
         column, slots = "json_type(metadata, ?)", ["?"] * len(values)
@@ -213,7 +216,7 @@ def _condition_sql(c: Condition) -> tuple[str, list]:
     if c.op in ("$eq", "$in"):
         return f"{column} IN ({listed})", [path, *values]
     # $ne / $nin match items without the field too (MongoDB's meaning)
-    return f"(json_type(metadata, ?) IS NULL OR {column} NOT IN ({listed}))", [path, path, *values]
+    return f"({_MISSING} = 'null' OR {column} NOT IN ({listed}))", [path, path, *values]
 
 
 def json_path(name: str) -> str:

@@ -75,5 +75,6 @@ def _field(parts: list[tuple]) -> FieldInfo:
 def _iso(julian: float | None) -> str | None:
     if julian is None:
         return None
-    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=julian - _UNIX_EPOCH_JULIAN)
+    seconds = round((julian - _UNIX_EPOCH_JULIAN) * 86400)  # julianday is a float: whole seconds
+    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=seconds)
     return moment.isoformat(timespec="seconds")
