@@ -65,19 +65,13 @@ class Args:
     )
     text_queries: int = arg(30, "text queries timed end to end per factory")
     near_queries: int = arg(200, "near-data queries for recall@10 and search-only latency")
-    torch_threads: int = arg(
-        1,
-        "torch threads for the text tower (1 avoids OpenMP spin-waits on a "
-        "shared, oversubscribed machine; 0 = torch's default)",
-    )
+    torch_threads: int = arg(1, "torch threads for the text tower (1 avoids OpenMP spin-waits on a "
+                             "shared, oversubscribed machine; 0 = torch's default)")
     store_max: int = arg(100_000, "largest n written into a real SQLite IndexStore")
     hnsw_cap_s: float = arg(180.0, "stop building an HNSW graph after this long and extrapolate")
-    search_threads: int = arg(
-        1,
-        "FAISS OpenMP threads while timing queries (builds use all cores); one "
-        "query per thread is how a server runs concurrent queries, and avoids "
-        "OpenMP spin-waits on a shared machine",
-    )
+    search_threads: int = arg(1, "FAISS OpenMP threads while timing queries (builds use all cores); one "
+                              "query per thread is how a server runs concurrent queries, and avoids "
+                              "OpenMP spin-waits on a shared machine")
     sweep: bool = arg(True, "also sweep nprobe / efSearch / k_factor (search-only, no rebuild)")
     write_results: bool = arg(False, "replace this benchmark's section of bench/RESULTS.md")
 
@@ -117,20 +111,8 @@ def near_queries(data: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
 
 def text_queries(count: int) -> list[str]:
     colours = ["red", "blue", "black", "white", "green", "beige", "striped", "floral", "navy", "pink"]
-    things = [
-        "summer dress",
-        "leather jacket",
-        "running shoes",
-        "wool sweater",
-        "handbag",
-        "denim jeans",
-        "silk scarf",
-        "rain coat",
-        "sun hat",
-        "linen shirt",
-        "ankle boots",
-        "backpack",
-    ]
+    things = ["summer dress", "leather jacket", "running shoes", "wool sweater", "handbag", "denim jeans",
+              "silk scarf", "rain coat", "sun hat", "linen shirt", "ankle boots", "backpack"]
     extras = ["", " for kids", " with pockets", " on a model", " in the snow", " flat lay", " size M"]
     out = [f"{c} {t}{e}" for e in extras for t in things for c in colours]
     return out[:: max(1, len(out) // count)][:count]
@@ -265,25 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     found_list: list[np.ndarray] = []
                     near_ms = latencies(
                         lambda q, a=ann, out=found_list: out.append(a.search(q[None], K)[1][0]),
-                        list(queries),
-                        warmup=0,
-                    )
+                        list(queries), warmup=0)
                     found = np.stack(found_list)
                     how = "encode_texts + AnnIndex.search"
                 recall = recall_at_k(found, truth)
                 (p50, p99), (s50, s99) = percentiles(e2e), percentiles(near_ms)
-                row = [
-                    f"{n:,}",
-                    label,
-                    f"{build_s:.1f}",
-                    f"{per_vec:.0f}",
-                    f"{p50:.1f}",
-                    f"{p99:.1f}",
-                    f"{recall:.3f}",
-                    f"{s50:.2f}",
-                    f"{s99:.2f}",
-                    f"{how}; {params_text(ann)}",
-                ]
+                row = [f"{n:,}", label, f"{build_s:.1f}", f"{per_vec:.0f}", f"{p50:.1f}", f"{p99:.1f}",
+                       f"{recall:.3f}", f"{s50:.2f}", f"{s99:.2f}", f"{how}; {params_text(ann)}"]
                 rows.append(row)
                 measured[factory] = row
                 print("  " + " | ".join(row), flush=True)
@@ -292,22 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ann.search_params.clear()
                         ann.search_params.update(params)
                         hits: list[np.ndarray] = []
-                        ms = latencies(
-                            lambda q, a=ann, out=hits: out.append(a.search(q[None], K)[1][0]),
-                            list(queries),
-                            warmup=0,
-                        )
+                        ms = latencies(lambda q, a=ann, out=hits: out.append(a.search(q[None], K)[1][0]),
+                                       list(queries), warmup=0)
                         s50, s99 = percentiles(ms)
-                        sweep_rows.append(
-                            [
-                                f"{n:,}",
-                                factory,
-                                params_text(ann),
-                                f"{s50:.2f}",
-                                f"{s99:.2f}",
-                                f"{recall_at_k(np.stack(hits), truth):.3f}",
-                            ]
-                        )
+                        sweep_rows.append([f"{n:,}", factory, params_text(ann), f"{s50:.2f}", f"{s99:.2f}",
+                                           f"{recall_at_k(np.stack(hits), truth):.3f}"])
                         print("    sweep " + " | ".join(sweep_rows[-1]), flush=True)
                     ann.search_params.clear()
                 faiss.omp_set_num_threads(all_threads)
@@ -324,47 +283,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    headers = [
-        "n",
-        "factory",
-        "build s",
-        "bytes/vector",
-        "p50 ms",
-        "p99 ms",
-        "recall@10",
-        "search-only p50 ms",
-        "search-only p99 ms",
-        "notes",
-    ]
+    headers = ["n", "factory", "build s", "bytes/vector", "p50 ms", "p99 ms", "recall@10",
+               "search-only p50 ms", "search-only p99 ms", "notes"]
     main_table = table(headers, rows)
-    sweep_table = table(
-        ["n", "factory", "search params", "search-only p50 ms", "search-only p99 ms", "recall@10"], sweep_rows
-    )
+    sweep_table = table(["n", "factory", "search params", "search-only p50 ms", "search-only p99 ms",
+                         "recall@10"], sweep_rows)
     e50, e99 = percentiles(encode_ms)
-    summary = (
-        f"text encode alone: p50 {e50:.1f} ms, p99 {e99:.1f} ms; load average at end {loadavg()}; "
-        f"wall time {time.time() - started:.0f} s"
-    )
+    summary = (f"text encode alone: p50 {e50:.1f} ms, p99 {e99:.1f} ms; load average at end {loadavg()}; "
+               f"wall time {time.time() - started:.0f} s")
     print(f"\n{main_table}\n\n{sweep_table}\n\n{summary}\n" + "\n".join(notes))
     if args.write_results:
         given = list(argv) if argv is not None else sys.argv[1:]
         command = shlex.join([".venv/bin/python", "bench/search.py", *given])
-        body = "\n\n".join(
-            [
-                f"Command: `{command.strip()}`  \nMachine: {machine()}, faiss {faiss.__version__}  \n"
-                f"{summary}.  \n" + "  \n".join(notes),
-                f"p50/p99: {args.text_queries} text queries, one at a time, k={K}, tokenize + encode (random "
-                "ViT-B/32-sized CLIP text tower, fp32) + search (+ SQLite hit lookup where the store is used). "
-                f"recall@10 and search-only latency: {args.near_queries} near-data queries (perturbed data "
-                "points) vs exact `IndexFlatIP`. Data: clustered CLIP-like unit vectors "
-                f"({args.clusters} clusters, dim {args.dim}). bytes/vector = serialized FAISS index / n "
-                "(includes 8-byte ids; the in-memory id reverse map adds more).",
-                main_table,
-                "Text encode alone (tokenize + text tower, one query; the table above used "
-                f"{args.torch_threads or 'default'} torch thread(s)):\n\n" + encode_table,
-                "Search-parameter sweep (search only, same near-data queries):\n\n" + sweep_table,
-            ]
-        )
+        body = "\n\n".join([
+            f"Command: `{command.strip()}`  \nMachine: {machine()}, faiss {faiss.__version__}  \n"
+            f"{summary}.  \n" + "  \n".join(notes),
+            f"p50/p99: {args.text_queries} text queries, one at a time, k={K}, tokenize + encode (random "
+            "ViT-B/32-sized CLIP text tower, fp32) + search (+ SQLite hit lookup where the store is used). "
+            f"recall@10 and search-only latency: {args.near_queries} near-data queries (perturbed data "
+            "points) vs exact `IndexFlatIP`. Data: clustered CLIP-like unit vectors "
+            f"({args.clusters} clusters, dim {args.dim}). bytes/vector = serialized FAISS index / n "
+            "(includes 8-byte ids; the in-memory id reverse map adds more).",
+            main_table,
+            "Text encode alone (tokenize + text tower, one query; the table above used "
+            f"{args.torch_threads or 'default'} torch thread(s)):\n\n" + encode_table,
+            "Search-parameter sweep (search only, same near-data queries):\n\n" + sweep_table,
+        ])
         write_section(HEADING, body)
     return 0
 
@@ -394,20 +338,9 @@ def params_text(ann: AnnIndex) -> str:
 
 def write_store(store: IndexStore, data: np.ndarray, batch: int = 5000) -> None:
     for lo in range(0, len(data), batch):
-        store.write(
-            [
-                NewItem(
-                    key=f"item-{i}",
-                    path=f"/catalog/{i}.jpg",
-                    sha256=f"{i:064x}",
-                    size=1,
-                    mtime_ns=0,
-                    metadata={"shard": str(i % 7)},
-                    embedding=data[i],
-                )
-                for i in range(lo, min(lo + batch, len(data)))
-            ]
-        )
+        store.write([NewItem(key=f"item-{i}", path=f"/catalog/{i}.jpg", sha256=f"{i:064x}", size=1,
+                             mtime_ns=0, metadata={"shard": str(i % 7)}, embedding=data[i])
+                     for i in range(lo, min(lo + batch, len(data)))])
 
 
 if __name__ == "__main__":
