@@ -133,6 +133,11 @@ class _Parser:
                 raise QueryError(f"filter field {key!r} has an empty operator object")
             parts = [self.condition(key, op, operand) for op, operand in value.items()]
             return parts[0] if len(parts) == 1 else Group("$and", tuple(parts))
+        if isinstance(value, list) or value is None:
+            raise QueryError(
+                f"filter field {key!r} must have a single text, number or boolean value, "
+                'or an operator object such as {"$in": [...]}'
+            )
         return self.condition(key, "$eq", value)
 
     def condition(self, name: str, op: str, operand: Any) -> Condition:
