@@ -42,7 +42,8 @@ import torch
 
 from bench.common import base_checkpoint, loadavg, machine, table, timed, write_section
 from vitrine.config import arg, parse_args, quiet_libraries
-from vitrine.index.ann import AnnIndex, choose_factory
+from vitrine.index.ann import AnnIndex
+from vitrine.index.factories import choose_factory
 from vitrine.index.store import IndexStore, NewItem
 from vitrine.model.encoder import Encoder
 from vitrine.search.searcher import Searcher

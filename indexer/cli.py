@@ -2,9 +2,9 @@
 
     python -m indexer build CATALOG --index DIR [--model M] [--factory F] [--batch-size N]
         [--engine local|ray] [--memory-budget 2GB] [--latency-target 5ms]
-    python -m indexer status --index DIR [--json]
-    python -m indexer search --index DIR (--text T | --image PATH | both) [-k K]
-        [--filter key=value | --filter '{"key": "value"}'] [--json]
+    python -m indexer status --index DIR [--json] [--suggest-cutoff [--cutoff-sample N]]
+    python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--offset N]
+        [--filter key=value | --filter '{"price": {"$lt": 50}}'] [--min-score S] [--sort [-]FIELD] [--json]
     python -m indexer remove --index DIR PATH...
     python -m indexer restore --index DIR PATH...
     python -m indexer repair --index DIR [--json]
@@ -93,6 +93,10 @@ class StatusArgs:
 
     index: str = arg(DEFAULT_INDEX, INDEX_HELP, env="INDEX")
     json: bool = arg(False, "machine-readable output")
+    suggest_cutoff: bool = arg(
+        False, "suggest a --min-score from the index's own captions (loads the index's text model)"
+    )
+    cutoff_sample: int = arg(256, "captioned items sampled by --suggest-cutoff")
 
 
 @dataclass(kw_only=True)
@@ -104,12 +108,15 @@ class SearchArgs(EncoderSettings):
     image: str | None = arg(None, "path of a query image")
     weight: float = arg(0.5, "share of the text when both are given (0 = image only, 1 = text only)")
     k: int = arg(10, "number of results", flag="-k")
+    offset: int = arg(0, "results to skip: the page starting at this rank (offset + k <= 1000)")
     filter: list[str] = arg(
         [],
-        'metadata filter key=value, or a JSON object {"key": "value"} for keys containing "=" '
-        "(repeatable; all must match)",
+        'metadata filter key=value, or a JSON filter such as {"price": {"$lt": 50}} or '
+        '{"$or": [{"color": "red"}, {"year": {"$gte": 2020}}]} (repeatable; all must match)',
         nargs="*",
     )
+    min_score: float | None = arg(None, "leave out hits scoring below this (cosine similarity)")
+    sort: str | None = arg(None, "order the relevant hits by a metadata field (-field: descending)")
     json: bool = arg(False, "machine-readable output")
 
 
@@ -258,6 +265,7 @@ def status_payload(index: str) -> dict[str, Any]:
         failed = [{"path": f["path"], "reason": f["reason"]} for f in store.failures()]
         return {
             **stats,
+            "schema": {name: info.to_dict() for name, info in store.schema().items()},
             "count": len(store),
             "model": store.fingerprint,
             "failed": failed,
@@ -275,6 +283,8 @@ def cmd_status(a: StatusArgs) -> int:
 
     try:
         payload = status_payload(a.index)
+        if a.suggest_cutoff:
+            payload["suggested_min_score"] = _suggest_cutoff(a.index, a.cutoff_sample)
     except IndexDamaged as exc:  # scripts get the diagnosis as JSON too; the error line follows
         if a.json:
             print(json.dumps({"index": str(Path(a.index).resolve()), **exc.state.to_dict()}))
@@ -291,19 +301,34 @@ def cmd_status(a: StatusArgs) -> int:
     return 0
 
 
+def _suggest_cutoff(index: str, sample: int) -> dict[str, Any]:
+    from vitrine.index.cutoff import suggest_min_score
+    from vitrine.index.store import IndexStore
+    from vitrine.open_index import load_encoder
+
+    encoder = load_encoder(index, None)
+    with IndexStore.open(index, expected_fingerprint=encoder.fingerprint) as store:
+        return suggest_min_score(store, encoder.encode_texts, sample=sample)
+
+
 def cmd_search(a: SearchArgs) -> int:
+    from vitrine.index.filters import cli_filter_object
     from vitrine.open_index import open_searcher
-    from vitrine.search.searcher import parse_filters
+    from vitrine.search.searcher import check_k
 
     if not a.text and not a.image:
         return _fail("give --text, --image, or both")
+    filters = cli_filter_object(a.filter)  # malformed JSON fails before the model loads
     searcher = open_searcher(a.index, a.model, **a.encoder_kwargs())
+    check_k(a.k, searcher.limits)
     start = time.perf_counter()
-    hits = searcher.search(
-        image=a.image, text=a.text, weight=a.weight, k=a.k, filters=parse_filters(a.filter)
-    )
+    vector = searcher.combined_vector(a.image, a.text, a.weight)
+    hits = searcher.store.search(
+        vector[None, :], a.k, filters or None, offset=a.offset, min_score=a.min_score, sort=a.sort
+    )[0]
     payload = {
         "hits": [h.to_dict() for h in hits],
+        "offset": a.offset,
         "model": searcher.model_version,
         "took_ms": round((time.perf_counter() - start) * 1000, 2),
     }
@@ -326,7 +351,7 @@ def cmd_remove(a: RemoveArgs) -> int:
 
     if not a.paths:
         return _fail("give at least one PATH to remove")
-    store = IndexStore.open(a.index, writable=True)
+    store = IndexStore.open_writer(a.index)
     try:
         wanted = [str(Path(p).resolve()) for p in a.paths]
         keys = [
@@ -347,7 +372,7 @@ def cmd_restore(a: RestoreArgs) -> int:
     if not a.paths:
         return _fail("give at least one PATH to restore")
     wanted = [str(Path(p).resolve()) for p in a.paths]
-    with IndexStore.open(a.index, writable=True) as store:
+    with IndexStore.open_writer(a.index) as store:
         lifted = store.restore(wanted)
     unknown = [w for w in wanted if w not in lifted]
     print(f"restored {len(lifted)} of {len(wanted)} paths; the next build indexes them again")

@@ -5,7 +5,7 @@ work (:mod:`vitrine.build.shards`); per window of shards, ``from_items`` → ``p
 workers (read, sha256, decode, preprocess) → ``EncodeStage`` actors (one model each, on a GPU when
 ``num_gpus_per_worker`` > 0) → the driver, which writes each shard to Parquet as soon as all its rows
 arrived. Finished shards are skipped on a re-run. Then :class:`vitrine.build.shards.ShardReplay` feeds the
-shards through the ordinary Ingestor into the IndexStore (one FAISS training, at the final flush),
+shards through the ordinary Ingestor into the index writer (one FAISS training, at the final flush),
 and the shard folder is deleted.
 
 Ray is imported lazily: without it, ``--engine ray`` fails with one line saying what to install.
@@ -46,7 +46,7 @@ from vitrine.build.shards import (
 from vitrine.catalog.readers import Catalog
 from vitrine.errors import MissingDependency, StoreError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES
-from vitrine.index.store import IndexStore
+from vitrine.index.store import IndexWriter
 from vitrine.model.encoder import Encoder
 from vitrine.open_index import run_build
 
@@ -130,7 +130,7 @@ def _actor_count(ray: ModuleType, opts: RayOptions) -> int:
 def encode_shards(
     ray: ModuleType,
     catalog: Catalog,
-    store: IndexStore,
+    store: IndexWriter,
     encoder: Encoder,
     opts: RayOptions,
     encoder_kwargs: dict[str, Any],
@@ -210,7 +210,7 @@ def _scalar(value: Any) -> Any:
 
 
 def build_with_ray(
-    store: IndexStore,
+    store: IndexWriter,
     encoder: Encoder,
     catalog: Catalog,
     opts: RayOptions,

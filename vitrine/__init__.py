@@ -7,8 +7,8 @@ them, nor gradio or accelerate (tests/unit/test_layering.py enforces it).
 import os
 
 # OpenMP threads that spin while waiting are fast on an idle machine and disastrous on a shared one:
-# with another process on one of the cores, a spinning thread waits for a core that is busy
-# (bench/RESULTS.md, OMP_WAIT_POLICY table). Vitrine runs beside indexers, web
+# with another process on one of the cores, spinning made text queries many times slower than passive
+# waiting (bench/RESULTS.md, "OpenMP wait policy under contention"). Vitrine runs beside indexers, web
 # servers and notebooks, so it asks for passive waiting unless the user chose otherwise. It must be set
 # before torch loads its OpenMP runtime, hence here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

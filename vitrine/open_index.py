@@ -19,7 +19,7 @@ from vitrine.drift.journal import IngestSampler, Journal
 from vitrine.errors import IndexDamaged, StoreError
 from vitrine.index import layout
 from vitrine.index.diagnosis import ABSENT, DAMAGED, diagnose
-from vitrine.index.store import IndexStore
+from vitrine.index.store import IndexStore, IndexWriter
 from vitrine.model.encoder import DEFAULT_MODEL, Encoder
 from vitrine.search.searcher import Searcher, SearchLimits
 
@@ -64,10 +64,10 @@ def encoder_fingerprint(encoder: Encoder) -> dict[str, Any]:
     return {**encoder.fingerprint, "decode": {"draft": encoder.draft_size}}
 
 
-def open_for_build(index: str | Path, encoder: Encoder, *, factory: str | None = None) -> IndexStore:
+def open_for_build(index: str | Path, encoder: Encoder, *, factory: str | None = None) -> IndexWriter:
     """Writable store for ``encoder``: created on first use, fingerprint-checked afterwards."""
     if diagnose(index).kind != ABSENT:  # a damaged index raises its diagnosis here, never starts anew
-        return IndexStore.open(index, expected_fingerprint=encoder.fingerprint, writable=True)
+        return IndexStore.open_writer(index, expected_fingerprint=encoder.fingerprint)
     layout.check_index_dir(Path(index))
     try:
         return IndexStore.create(index, encoder_fingerprint(encoder), factory=factory)
@@ -85,7 +85,7 @@ def open_searcher(
     return Searcher(encoder, store, limits)
 
 
-def run_build(store: IndexStore, encoder: Encoder, catalog: Catalog, **options: Any) -> BuildReport:
+def run_build(store: IndexWriter, encoder: Encoder, catalog: Catalog, **options: Any) -> BuildReport:
     """One :class:`Ingestor` run (``options`` are its knobs) plus the drift bookkeeping around it.
 
     A generation's first complete build becomes its reference sample; later builds into it (new

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from vitrine.errors import StoreError
-from vitrine.index import ann
-from vitrine.index.ann import AnnIndex, choose_factory, exact_search, min_train_size
+from vitrine.index.ann import AnnIndex, exact_search
+from vitrine.index.factories import FLAT_MAX, HNSW_MAX, SQ8_MAX, choose_factory, min_train_size
 
 DIM = 64
 
@@ -155,11 +155,11 @@ def test_trained_factory_falls_back_to_flat_until_enough_data(random_data: tuple
 
 
 def test_choose_factory_thresholds() -> None:
-    assert choose_factory(0, 512) == choose_factory(ann.FLAT_MAX, 512) == "Flat"
-    assert choose_factory(ann.FLAT_MAX + 1, 512) == choose_factory(ann.HNSW_MAX, 512) == "HNSW32"
-    assert choose_factory(ann.HNSW_MAX + 1, 512) == choose_factory(ann.SQ8_MAX, 512) == "IVF2048,SQ8"
-    assert choose_factory(ann.SQ8_MAX + 1, 512) == "IVF8192,SQ8"
-    for n in (ann.HNSW_MAX + 1, ann.SQ8_MAX + 1):  # every auto tier has the data it trains on
+    assert choose_factory(0, 512) == choose_factory(FLAT_MAX, 512) == "Flat"
+    assert choose_factory(FLAT_MAX + 1, 512) == choose_factory(HNSW_MAX, 512) == "HNSW32"
+    assert choose_factory(HNSW_MAX + 1, 512) == choose_factory(SQ8_MAX, 512) == "IVF2048,SQ8"
+    assert choose_factory(SQ8_MAX + 1, 512) == "IVF8192,SQ8"
+    for n in (HNSW_MAX + 1, SQ8_MAX + 1):  # every auto tier has the data it trains on
         assert min_train_size(choose_factory(n, 64), 64) <= n
 
 
@@ -168,11 +168,11 @@ def test_auto_mode_rebuilds_when_a_tier_is_crossed(random_data: tuple) -> None:
     index = AnnIndex(DIM)
     index.rebuild(ids, x)
     assert index.factory is None and index.effective_factory == "Flat"
-    assert not index.needs_rebuild(ann.FLAT_MAX) and index.needs_rebuild(ann.FLAT_MAX + 1)
+    assert not index.needs_rebuild(FLAT_MAX) and index.needs_rebuild(FLAT_MAX + 1)
     index._index = AnnIndex(DIM, "HNSW32")._index  # pretend it was built above the threshold
     index.effective_factory = "HNSW32"
-    assert not index.needs_rebuild(ann.FLAT_MAX - 1)  # hysteresis: no ping-pong around the boundary
-    assert index.needs_rebuild(ann.FLAT_MAX // 2 - 1)
+    assert not index.needs_rebuild(FLAT_MAX - 1)  # hysteresis: no ping-pong around the boundary
+    assert index.needs_rebuild(FLAT_MAX // 2 - 1)
 
 
 def test_bad_factory_and_params_are_refused(tmp_path: Path) -> None:

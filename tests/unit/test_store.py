@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vitrine.errors import FingerprintMismatch, QueryError, StoreError
-from vitrine.index.store import Failure, IndexStore, NewItem
+from vitrine.index.store import Failure, IndexReader, IndexStore, IndexWriter, NewItem
 
 DIM = 16
 FP = {"id": "tiny-clip@abc123", "model": "tiny-clip", "dim": DIM}
@@ -202,11 +203,40 @@ def test_a_second_writer_is_refused(store: IndexStore, root: Path) -> None:
     with pytest.raises(StoreError, match="being written by another process"):
         IndexStore.open(root, writable=True)
     reader = IndexStore.open(root)
-    with pytest.raises(StoreError, match="read-only"):
-        reader.write([item(1)])
+    assert type(reader) is IndexReader and isinstance(store, IndexWriter)
     reader.close()
     store.close()
     IndexStore.open(root, writable=True).close()
+    IndexStore.open_writer(root).close()
+
+
+WRITER_ONLY = {"write", "flush", "restore", "record_catalog", "publish"}
+
+
+def test_readers_have_no_writing_methods_and_the_constructors_say_which_type() -> None:
+    """Misuse fails where it is written: a reader type has no method that changes the index, and every
+    constructor's annotation names the type it returns (what a type checker and a reader of code see)."""
+    assert set(dir(IndexWriter)) >= WRITER_ONLY and not WRITER_ONLY & set(dir(IndexReader))
+    assert issubclass(IndexWriter, IndexReader)  # a writer searches and reads like a reader
+    returns = {
+        name: typing.get_type_hints(getattr(IndexStore, name))["return"]
+        for name in ("open", "open_writer", "create", "create_generation")
+    }
+    assert returns == {
+        "open": IndexReader,
+        "open_writer": IndexWriter,
+        "create": IndexWriter,
+        "create_generation": IndexWriter,
+    }
+    opens = typing.get_overloads(IndexStore.open)
+    assert [typing.get_type_hints(o)["return"] for o in opens] == [IndexReader, IndexWriter]
+
+
+def test_a_closed_writer_refuses_writes(root: Path) -> None:
+    writer = IndexStore.create(root, FP)
+    writer.close()
+    with pytest.raises(StoreError, match="closed; it cannot be changed"):
+        writer.write([item(1)])
 
 
 def test_a_reader_sees_the_writers_commits_after_refresh(store: IndexStore, root: Path) -> None:

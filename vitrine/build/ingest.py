@@ -29,7 +29,7 @@ from PIL import Image
 from vitrine.catalog.readers import Catalog, Record, read_source
 from vitrine.errors import FingerprintMismatch, ImageDecodeError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES
-from vitrine.index.store import Failure, IndexStore, NewItem
+from vitrine.index.store import Failure, IndexReader, IndexWriter, NewItem
 from vitrine.model.encoder import Encoder
 
 
@@ -84,14 +84,14 @@ class Ingestor:
 
     def __init__(
         self,
-        store: IndexStore,
+        store: IndexWriter,
         encoder: Encoder,
         *,
         commit_every: int = 256,
         flush_seconds: float = 120.0,
         prune: bool = True,
         progress: Callable[[int], None] | None = None,
-        donor: IndexStore | None = None,
+        donor: IndexReader | None = None,
         on_commit: Callable[[list[NewItem]], None] | None = None,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:

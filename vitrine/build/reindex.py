@@ -1,10 +1,10 @@
 """Reindex jobs: build the next generation beside the live one, validate it, and only then swap it in.
 
-A job rebuilds every catalog the live generation records (``IndexStore.catalogs()``) into a new
+A job rebuilds every catalog the live generation records (``IndexReader.catalogs()``) into a new
 generation, with a new model or with the same one (then every vector is copied from the live
 generation, never re-encoded, and an IVF index gets a fresh coarse quantizer trained on the current
 data: ``retrain_ivf``). Readers keep serving the live generation throughout and move over in
-``IndexStore.refresh()`` once ``CURRENT`` is replaced.
+``IndexReader.refresh()`` once ``CURRENT`` is replaced.
 
 Why it is safe to ``kill -9`` at any moment: the build holds the writer lock and commits in batches
 like any build; the job (model id, factory, flags, start time) is recorded in ``reindex-job.json``
@@ -44,9 +44,9 @@ from vitrine.drift import assess, reference
 from vitrine.errors import ReindexError, StoreError, ValidationFailed
 from vitrine.evaluate import recall_at_k
 from vitrine.index import generations, layout
-from vitrine.index.ann import write_atomic
+from vitrine.index.atomic import write_atomic
 from vitrine.index.generations import JOB_FILE, read_job
-from vitrine.index.store import IndexStore
+from vitrine.index.store import IndexReader, IndexStore, IndexWriter
 from vitrine.model.encoder import Encoder
 from vitrine.open_index import encoder_fingerprint
 
@@ -155,7 +155,7 @@ class Reindexer:
             report.seconds = round(time.monotonic() - start, 3)
             append_log(self.root, report.to_dict())
 
-    def _drifted(self, live: IndexStore, report: ReindexReport) -> bool:
+    def _drifted(self, live: IndexReader, report: ReindexReport) -> bool:
         """A model change is drift by definition; otherwise :func:`vitrine.drift.assess.assess` decides."""
         if live.fingerprint.get("id") != self.encoder.version:
             report.reason = (
@@ -167,7 +167,7 @@ class Reindexer:
         report.reason, report.drift = assessed.reason, assessed.to_dict()
         return bool(assessed.drifted)
 
-    def _build_and_swap(self, live: IndexStore, report: ReindexReport) -> None:
+    def _build_and_swap(self, live: IndexReader, report: ReindexReport) -> None:
         job = self._job(live)
         new = IndexStore.create_generation(
             self.root,
@@ -195,12 +195,12 @@ class Reindexer:
         finally:
             new.close()
 
-    def _purpose(self, live: IndexStore) -> str:
+    def _purpose(self, live: IndexReader) -> str:
         if live.fingerprint.get("id") != self.encoder.version:
             return f"new model {self.encoder.fingerprint.get('model')} (id {self.encoder.version})"
         return "same model, IVF retrained" if self.settings.retrain_ivf else "same model, rebuilt"
 
-    def _job(self, live: IndexStore) -> dict[str, Any]:
+    def _job(self, live: IndexReader) -> dict[str, Any]:
         return {
             "model": self.encoder.version,
             "model_name": self.encoder.fingerprint.get("model"),
@@ -210,7 +210,7 @@ class Reindexer:
             "from_generation": live.generation,
         }
 
-    def _build(self, live: IndexStore, new: IndexStore) -> tuple[dict[str, int], set[str]]:
+    def _build(self, live: IndexReader, new: IndexWriter) -> tuple[dict[str, int], set[str]]:
         """Ingest every recorded catalog into ``new``; (summed build counters, distinct catalog keys)."""
         catalogs = live.catalogs()
         if not catalogs:
@@ -236,7 +236,7 @@ class Reindexer:
         totals["count"] = len(new)
         return dict(totals), keys
 
-    def _validate(self, live: IndexStore, new: IndexStore, keys: set[str]) -> Validation:
+    def _validate(self, live: IndexReader, new: IndexWriter, keys: set[str]) -> Validation:
         failed_new = {f["key"]: f for f in new.failures() if f["key"] in keys}
         beyond = sorted(set(failed_new) - {f["key"] for f in live.failures()})
         old, fresh = self._recall(live, new)
@@ -256,7 +256,7 @@ class Reindexer:
             )
         return check
 
-    def _recall(self, live: IndexStore, new: IndexStore) -> tuple[float | None, float | None]:
+    def _recall(self, live: IndexReader, new: IndexWriter) -> tuple[float | None, float | None]:
         """R@10 of (live, new) on the same captioned sample; (None, None) when nothing is captioned."""
         chosen = eval_sample(new, self.settings.eval_size)
         keys = live.embeddings(list(chosen))[0]  # items both generations hold
@@ -273,7 +273,7 @@ class Reindexer:
         return _r_at_k(live, keys, old_texts, owner), _r_at_k(new, keys, new_texts, owner)
 
     def _reject(
-        self, live: IndexStore, new: IndexStore, job: dict, report: ReindexReport, check: Validation
+        self, live: IndexReader, new: IndexWriter, job: dict, report: ReindexReport, check: Validation
     ) -> None:
         write_job(self.root / new.generation, {**job, "state": "rejected"})
         report.status = "rejected"
@@ -284,14 +284,14 @@ class Reindexer:
         raise ValidationFailed(report.reason, report)
 
 
-def _r_at_k(store: IndexStore, keys: list[str], texts: np.ndarray, owner: list[int]) -> float:
+def _r_at_k(store: IndexReader, keys: list[str], texts: np.ndarray, owner: list[int]) -> float:
     found, images = store.embeddings(keys)
     if found != keys:
         raise ReindexError(f"generation {store.generation} lacks {len(keys) - len(found)} sampled items")
     return float(recall_at_k(images, texts, owner, ks=(RECALL_K,))[0][f"R@{RECALL_K}"])
 
 
-def eval_sample(store: IndexStore, size: int) -> dict[str, list[str]]:
+def eval_sample(store: IndexReader, size: int) -> dict[str, list[str]]:
     """key -> captions of up to ``size`` captioned items, chosen by a hash of the key (deterministic,
     spread over the whole catalog, and the same items for every generation holding them)."""
     if size <= 0:

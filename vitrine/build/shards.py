@@ -37,7 +37,7 @@ from vitrine.catalog.readers import Catalog, Record, read_source
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, StoreError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES
 from vitrine.images import DEFAULT_MAX_PIXELS, decode_image
-from vitrine.index.store import IndexStore
+from vitrine.index.store import IndexWriter
 from vitrine.model.encoder import Encoder, FastPreprocess
 
 SHARD_RE_SUFFIX = ".parquet"
@@ -287,7 +287,7 @@ class ShardReplay:
     with the driver's ``encoder``; ``missed`` counts those.
     """
 
-    def __init__(self, store: IndexStore, encoder: Encoder, plans: list[ShardPlan], folder: Path) -> None:
+    def __init__(self, store: IndexWriter, encoder: Encoder, plans: list[ShardPlan], folder: Path) -> None:
         self.store, self.encoder, self.folder = store, encoder, folder
         self.plans, self._next, self._rows = plans, 0, {}
         self.missed = 0

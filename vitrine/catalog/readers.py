@@ -291,7 +291,27 @@ def _read_delimited(path: Path, sep: str, given: tuple[str | None, ...]) -> tupl
     text_dtypes = {c: str for c in header if c in text_columns or c.lower() in text_columns}
     frame = pd.read_csv(path, dtype=text_dtypes, **options)
     frame.columns = header
+    for name in header:
+        if name not in text_dtypes:
+            frame[name] = _typed_column(frame[name])
     return header, frame.to_dict("records")
+
+
+def _typed_column(column: Any) -> Any:
+    """Metadata columns stored typed: pandas has parsed numbers and true/false; a number column with
+    blanks (float because of NaN) goes back to integers where every value is whole, and text cells
+    that read as booleans in any case become booleans. ISO dates stay ISO text, which the index
+    schema recognises as dates (:mod:`vitrine.index.schema`)."""
+    import pandas as pd
+
+    values = column.dropna()
+    if column.dtype.kind == "f" and len(values) and (values == values.round()).all():
+        return column.astype("Int64").astype(object).where(column.notna(), None)
+    if column.dtype == object and len(values):
+        lowered = {str(v).strip().lower() for v in values}
+        if lowered <= {"true", "false"}:
+            return column.map(lambda v: None if pd.isna(v) else str(v).strip().lower() == "true")
+    return column
 
 
 def _json_rows(path: Path, text: str, *, lines: bool) -> tuple[list[str], Rows]:

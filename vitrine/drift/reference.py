@@ -22,8 +22,8 @@ import numpy as np
 from vitrine.drift.twosample import Sample
 from vitrine.errors import StoreError
 from vitrine.index import layout
-from vitrine.index.ann import write_atomic
-from vitrine.index.store import IndexStore
+from vitrine.index.atomic import write_atomic
+from vitrine.index.store import IndexReader
 
 FILE = "reference.npz"
 DEFAULT_SIZE = 5000
@@ -55,7 +55,7 @@ class Reference:
         }
 
 
-def capture(store: IndexStore, size: int = DEFAULT_SIZE, seed: int = 0) -> Reference:
+def capture(store: IndexReader, size: int = DEFAULT_SIZE, seed: int = 0) -> Reference:
     """Sample ``size`` items of ``store``'s generation uniformly and save them beside it.
 
     Keys are sorted before sampling and the generator seeded, so capturing the same content twice

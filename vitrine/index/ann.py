@@ -10,21 +10,14 @@ no ``remove_ids``, and IVF removes the codes while the id map shifts under them)
 with the snapshot, excluded from every search by an id selector, and dropped by the next
 :meth:`AnnIndex.rebuild` (requested via :meth:`AnnIndex.needs_rebuild` past :data:`COMPACT_FRACTION`).
 
-``search_params`` knobs (defaults aim at recall@10 >= 0.95 on clustered, CLIP-like data):
-``nprobe`` IVF lists visited per query, default ``clamp(nlist // 64, 16, 512)`` (~1.6% of the lists;
-bench/search.py at 1M, IVF2048,SQ8: recall@10 0.981 at 32 vs 0.982 at 64, for ~25% less time);
-``efSearch`` HNSW query beam, default 256 (never below k; at 100k: 64 -> 0.926, 128 -> 0.955, 256 ->
-0.981 recall@10); ``efConstruction`` HNSW build beam, default 40 (80 doubled build time for +0.3 points);
-``k_factor`` candidates re-ranked per result by refine indexes (``,RFlat`` / ``Refine(...)``),
-default 8 (4 lost ~10 points of recall with PQ); it must grow with n: IVF-PQ32+RFlat at 1M needed 128
-for recall@10 1.0 (8: 0.61), so autotune sweeps it and scales it to the collection (vitrine/autotune.py).
+The structure is chosen and named in :mod:`vitrine.index.factories` (size tiers, training needs,
+``search_params`` knobs and their defaults).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,12 +26,25 @@ import faiss
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.index.factories import describe
+from vitrine.index.atomic import durable_replace, temporary
+from vitrine.index.factories import (
+    DEFAULT_EF_CONSTRUCTION,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_K_FACTOR,
+    SHRINK_HYSTERESIS,
+    auto_tier,
+    auto_tiers,
+    check_params,
+    choose_factory,
+    describe,
+    min_train_size,
+    validate_factory,
+)
 from vitrine.index.gpu import GpuSearcher, gpu_training
 
 # Searches of at most this many queries run on one FAISS thread: waking an OpenMP team for a single
-# query cost more than it saved next to the text encoder's own threads (text search at 1M vectors, end to
-# end p50/p99 102/191 ms with FAISS threads vs 34/40 ms without; bench/RESULTS.md). Batches keep them all.
+# query cost more than it saved next to the text encoder's own threads (bench/RESULTS.md, "Load").
+# Batches keep them all.
 SMALL_QUERY_BATCH = 4
 _DEFAULT_THREADS = faiss.omp_get_max_threads()
 
@@ -57,62 +63,18 @@ def _threads(n: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(_DEFAULT_THREADS)
 
 
-#: Auto choice by size, tuned for a 2-core CPU. Up to FLAT_MAX: exact ``Flat`` (a 50k x 512 scan is a
-#: few ms per query and needs no training, so approximation would only cost recall). Up to HNSW_MAX:
-#: ``HNSW32`` (4*dim + ~270 B/vector, no training; inserting costs a few ms per 512-d vector on 2
-#: cores: 100k in ~80 s busy, 1M x 256-d in 146 s quiet, where recall@10 was only 0.926 at efSearch 256
-#: on bench/scale.py's mixture). Past 200k, IVF2048,SQ8 builds faster, holds 4x less, recalls as well.
-#: Above: ``IVF{nlist},SQ8`` (dim B/vector; recall@10 ~0.98 at
-#: nprobe = nlist/64; k-means on 2 x 39 x nlist samples), nlist 2048 up to SQ8_MAX and 8192 beyond so
-#: lists stay short. PQ/OPQ are left to explicit requests: unrefined, their recall@10 measured 0.2-0.7
-#: on clustered data, and OPQ took minutes to train even on 20k x 64 here. Encoding the images (~20/s
-#: on 2 cores) dwarfs all of these build times.
-FLAT_MAX, HNSW_MAX, SQ8_MAX = 50_000, 200_000, 5_000_000
-IVF_NLIST_SMALL, IVF_NLIST_LARGE = 2048, 8192
 #: Soft-deleted slots beyond this fraction of the structure make a rebuild worthwhile.
 COMPACT_FRACTION = 0.2
-#: Auto mode steps *down* a tier only once n is below half the boundary (no rebuild ping-pong).
-SHRINK_HYSTERESIS = 0.5
 #: Training sample: at most max(FACTOR x the FAISS minimum, FLOOR) vectors; k-means cost is linear in
 #: it and 2x the minimum of 39 points per centroid gives stable centroids.
 TRAIN_SAMPLE_FACTOR, TRAIN_SAMPLE_FLOOR = 2, 100_000
-DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 256, 40, 8.0
 #: Read-only openers (store readers, via snapshots.load_ann) map snapshots of at least this many bytes
 #: instead of reading them: opening no longer reads the whole file, every reader process of a snapshot
 #: shares the OS page cache instead of holding a private copy, and a snapshot larger than RAM stays
-#: searchable. Below it a private copy is cheap (256 MiB reads in well under a second from the page
-#: cache) while mapping still costs: cold-cache queries fault pages in from disk, and the first add or
-#: compacting remove copies the mapped structure into memory (see AnnIndex.load). Writers never map.
+#: searchable. Below it a private copy is cheap (read from the page cache) while mapping still costs:
+#: cold-cache queries fault pages in from disk, and the first add or compacting remove copies the mapped
+#: structure into memory (see AnnIndex.load). Writers never map.
 MMAP_MIN_BYTES = 256 << 20
-_PARAM_KEYS = {"nprobe", "efSearch", "efConstruction", "k_factor"}
-
-
-def choose_factory(n: int, dim: int) -> str:
-    """The factory used when none was requested, by collection size (see FLAT_MAX and friends).
-
-    ``dim`` is part of the contract (a future tier may depend on it) but unused by the current tiers.
-    """
-    if n <= FLAT_MAX:
-        return "Flat"
-    if n <= HNSW_MAX:
-        return "HNSW32"
-    return f"IVF{IVF_NLIST_SMALL if n <= SQ8_MAX else IVF_NLIST_LARGE},SQ8"
-
-
-def _auto_tier(n: int) -> int:
-    return sum(n > limit for limit in (FLAT_MAX, HNSW_MAX, SQ8_MAX))
-
-
-def min_train_size(factory: str, dim: int) -> int:
-    """Vectors a factory needs to train usable (and warning-free) quantizers; 0 when it needs none.
-
-    FAISS wants 39 points per k-means centroid: ``nlist`` for IVF, ``2**nbits`` per PQ sub-quantizer.
-    """
-    if faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained:
-        return 0
-    need = [39 * int(n) for n in re.findall(r"IVF(\d+)", factory)]
-    need += [39 * 2 ** int(bits or 8) for _m, bits in re.findall(r"PQ(\d+)(?:x(\d+))?", factory)]
-    return max(need, default=1000)
 
 
 def _chain(index: faiss.Index) -> list[faiss.Index]:
@@ -138,9 +100,9 @@ class AnnIndex:
         if dim < 1:
             raise ValueError(f"dimension must be positive, got {dim}")
         self.dim, self.factory = dim, (factory or "").strip() or None
-        self.search_params = _check_params(search_params)
+        self.search_params = check_params(search_params)
         self.fallback_reason: str | None = None
-        self._min_train = _validate_factory(dim, self.factory) if self.factory else 0
+        self._min_train = validate_factory(dim, self.factory) if self.factory else 0
         self._index = self._fresh(self._target(0))
         self._n_deleted = 0
         self._mem: tuple[int, int] | None = None  # (bytes, structure size) when last measured
@@ -201,11 +163,11 @@ class AnnIndex:
             return True
         if self.factory is not None:
             return self.effective_factory == "Flat" and self.factory != "Flat" and n >= self._min_train
-        tiers = [choose_factory(t, self.dim) for t in (0, FLAT_MAX + 1, HNSW_MAX + 1, SQ8_MAX + 1)]
+        tiers = auto_tiers(self.dim)
         if self.effective_factory not in tiers:
             return True
-        current, wanted = tiers.index(self.effective_factory), _auto_tier(n)
-        return wanted > current or (wanted < current and _auto_tier(int(n / SHRINK_HYSTERESIS)) < current)
+        current, wanted = tiers.index(self.effective_factory), auto_tier(n)
+        return wanted > current or (wanted < current and auto_tier(int(n / SHRINK_HYSTERESIS)) < current)
 
     def rebuild(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """(Re)create the structure for exactly these vectors: pick the factory, train if needed, add."""
@@ -275,12 +237,15 @@ class AnnIndex:
         return ids, vectors
 
     def search(
-        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
+        self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None, widen: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores, ids), both (nq, k); id -1 (score -inf) where fewer exist.
 
         ``allowed_ids`` restricts results to those ids, inside the search (an id selector), so k
         results come back whenever k allowed ones exist, as far as the structure's recall allows.
+        ``widen`` multiplies the search beam (``efSearch``, ``nprobe``): a selective filter leaves
+        fewer allowed candidates in the lists or graph neighbourhoods visited, so a caller that got
+        fewer than k widens instead of giving up.
         """
         queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32).reshape(-1, self.dim))
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
@@ -290,7 +255,7 @@ class AnnIndex:
         kk = min(k, int(self._index.ntotal))
         if not len(queries) or not kk or not self.ntotal or (allowed is not None and not allowed.size):
             return scores, labels
-        params, _keep_alive = self._params(kk, allowed)
+        params, _keep_alive = self._params(kk, allowed, widen)
         filtered = allowed is not None or self._n_deleted > 0
         result = self._gpu.search(self._index, queries, kk, params, filtered)
         if result is None:  # what a GPU clone cannot answer, and everything on CPU-only machines
@@ -300,7 +265,9 @@ class AnnIndex:
         scores[:, :kk], labels[:, :kk] = np.where(found >= 0, dist, -np.inf), np.where(found >= 0, found, -1)
         return scores, labels
 
-    def _params(self, k: int, allowed: np.ndarray | None) -> tuple[faiss.SearchParameters, list]:
+    def _params(
+        self, k: int, allowed: np.ndarray | None, widen: int = 1
+    ) -> tuple[faiss.SearchParameters, list]:
         """Search parameters for the structure, with the id selector where FAISS honours it.
 
         ``IndexIDMap2`` translates a selector on the *top-level* parameters to external ids and
@@ -311,7 +278,7 @@ class AnnIndex:
         chain = _chain(self._index)
         refine = any(isinstance(p, faiss.IndexRefine) for p in chain)
         k_factor = float(self.search_params.get("k_factor", DEFAULT_K_FACTOR))
-        inner = top = self._inner_params(chain[-1], math.ceil(k * k_factor) if refine else k)
+        inner = top = self._inner_params(chain[-1], math.ceil(k * k_factor) if refine else k, widen)
         keep: list = [inner]
         for part in reversed(chain[:-1]):
             if isinstance(part, faiss.IndexRefine):
@@ -333,14 +300,14 @@ class AnnIndex:
             top.sel = keep[-1]
         return top, keep
 
-    def _inner_params(self, index: faiss.Index, k: int) -> faiss.SearchParameters:
+    def _inner_params(self, index: faiss.Index, k: int, widen: int = 1) -> faiss.SearchParameters:
         if isinstance(index, faiss.IndexHNSW):
             params = faiss.SearchParametersHNSW()
-            params.efSearch = max(int(self.search_params.get("efSearch", DEFAULT_EF_SEARCH)), k)
+            params.efSearch = max(int(self.search_params.get("efSearch", DEFAULT_EF_SEARCH)) * widen, k)
         elif isinstance(index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF()
             nprobe = self.search_params.get("nprobe", min(max(index.nlist // 64, 16), 512))
-            params.nprobe = min(int(nprobe), index.nlist)
+            params.nprobe = min(int(nprobe) * widen, index.nlist)
         else:
             params = faiss.SearchParameters()
         return params
@@ -349,12 +316,12 @@ class AnnIndex:
         """Write atomically: a temporary file in the same folder, fsync, rename over ``path``;
         ``written`` sees the complete temporary file before the rename (a checksum is taken there)."""
         path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp = temporary(path)
         try:
             faiss.write_index(self._index, str(tmp))
             if written is not None:
                 written(tmp)
-            _durable_replace(tmp, path)
+            durable_replace(tmp, path)
         except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write ANN snapshot {path}: {exc}") from exc
@@ -422,49 +389,3 @@ def exact_search(
         top = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
         scores[:, :kk], labels[:, :kk] = np.take_along_axis(sims, top, axis=1), ids[top]
     return scores, labels
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new content."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        _durable_replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {exc}") from exc
-
-
-def _durable_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    finally:
-        os.close(fd)
-
-
-def _check_params(params: dict | None) -> dict:
-    params = dict(params or {})
-    if set(params) - _PARAM_KEYS:
-        raise ValueError(
-            f"unknown search_params {sorted(set(params) - _PARAM_KEYS)}; known: {sorted(_PARAM_KEYS)}"
-        )
-    bad = {
-        k: v for k, v in params.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
-    }
-    if bad:
-        raise ValueError(f"search_params must be positive numbers, got {bad}")
-    return params
-
-
-def _validate_factory(dim: int, factory: str) -> int:
-    if factory.upper().startswith("IDMAP"):
-        raise ValueError("give the factory without IDMap: ids are always mapped")
-    try:
-        return min_train_size(factory, dim)
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        raise ValueError(f"FAISS cannot build factory {factory!r} for dim {dim}: {detail}") from exc

@@ -30,23 +30,39 @@ import faiss
 import numpy as np
 
 from vitrine.errors import VitrineError
-from vitrine.index.ann import AnnIndex, min_train_size, write_atomic
-from vitrine.index.store import IndexStore
+from vitrine.index.ann import AnnIndex
+from vitrine.index.atomic import write_atomic
+from vitrine.index.factories import min_train_size
+from vitrine.index.store import IndexWriter
 
 _SWEEPS = {"nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), "efSearch": (16, 32, 64, 128, 256, 512)}
 #: Refine structures (``,RFlat``): k_factor values tried at each nprobe, smallest first. Their recall is
 #: capped by how far down the coarse codes' ranking the true neighbours fall, which only k_factor
-#: reaches (IVF1024,PQ32,RFlat stayed at recall@10 0.606 at 1M for every nprobe with the default 8).
+#: reaches (at 1M, IVF-PQ + RFlat stayed far below the target for every nprobe with the default 8).
 #: Raising k_factor is tried before raising nprobe: re-ranking k x k_factor candidates costs
 #: k x k_factor x dim flops, a fraction of scanning more lists.
 K_FACTORS = (8, 16, 32, 64, 128, 256)
 #: The chosen k_factor is scaled like the collection (x n / sample size, at most this): with n times
 #: more points, about n times more of them fall within the code's error of a true neighbour and get
-#: ranked ahead of it. Measured (bench/scale.py, IVF-PQ32+RFlat, dim 256): at 100k k_factor 8 gave
-#: recall@10 0.972; at 1M 8 -> 0.606, 32 -> 0.930, 128 -> 1.000, i.e. ~10x for the same recall.
+#: ranked ahead of it: 10x the vectors needed about 10x the k_factor for the same recall
+#: (bench/RESULTS.md, "Scale", IVF-PQ + RFlat with k_factor swept).
 K_FACTOR_MAX = 2048
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 class TuningError(VitrineError):
@@ -129,9 +145,9 @@ def pq_m(dim: int) -> int:
 def candidates(n: int, dim: int) -> list[str]:
     """Factories tried for n vectors (with ``{nlist}`` left to fill in for the size built).
 
-    OPQ + PQ + RFlat rotates (and, past ``4 m`` dimensions, reduces) the vectors before PQ: at 1M x 256
-    (bench/scale.py) it reached recall@10 1.000 at 2.4x the QPS of plain PQ + RFlat for the same memory,
-    though its training makes a build take ~1-2 minutes on 2 cores whatever the sample size.
+    OPQ + PQ + RFlat rotates (and, past ``4 m`` dimensions, reduces) the vectors before PQ: at 1M it
+    reached full recall faster than plain PQ + RFlat for the same memory, though its training makes a
+    build slow whatever the sample size (bench/RESULTS.md, "Scale").
     """
     m = pq_m(dim)
     return [
@@ -207,9 +223,14 @@ def _measure(
     )
     per = bytes_per_vector(full, dim)
     return Candidate(
-        full, params, round(recall, 4), round(_latency_ms(ann, queries, req.k) * scale, 3), per,
-        int(per * n + _fixed_bytes(full, dim)), round(build_seconds, 2),
-    )  # fmt: skip
+        full,
+        params,
+        round(recall, 4),
+        round(_latency_ms(ann, queries, req.k) * scale, 3),
+        per,
+        int(per * n + _fixed_bytes(full, dim)),
+        round(build_seconds, 2),
+    )
 
 
 def tune(vectors: np.ndarray, n: int, req: TuneRequest) -> TuneResult:
@@ -250,7 +271,7 @@ def _choose(measured: list[Candidate], n: int, sample: int, req: TuneRequest) ->
     return TuneResult(best.factory, best.search_params, met, reason, n, sample, measured)
 
 
-def tune_store(store: IndexStore, req: TuneRequest) -> TuneResult:
+def tune_store(store: IndexWriter, req: TuneRequest) -> TuneResult:
     """Tune on a sample of the store's own vectors, record the choice in the manifest (``factory``,
     ``search_params``, ``autotune``) and rebuild the ANN with it (one training on all vectors)."""
     keys = sorted(store.keys())

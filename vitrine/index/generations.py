@@ -29,7 +29,8 @@ from typing import Any
 
 from vitrine.errors import ReindexError, StoreError
 from vitrine.index import layout
-from vitrine.index.ann import AnnIndex, write_atomic
+from vitrine.index.ann import AnnIndex
+from vitrine.index.atomic import write_atomic
 
 HISTORY = "HISTORY"
 JOB_FILE = "reindex-job.json"

@@ -1,7 +1,6 @@
-"""Search plumbing between FAISS and SQLite: query validation, metadata-filter SQL, and hits.
+"""Search plumbing between FAISS and SQLite: query validation, and turning FAISS ids into hits.
 
-Pure functions used by :meth:`vitrine.index.store.IndexStore.search`; kept apart so the store module is
-about the index's life cycle and this one about turning (scores, ids) into results a person reads.
+Pure functions used by :mod:`vitrine.index.searching`: (scores, ids) become results a person reads.
 """
 
 from __future__ import annotations
@@ -43,19 +42,6 @@ def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     if not np.isfinite(q).all() or (norms == 0).any():
         raise QueryError("queries must be finite, non-zero vectors")
     return np.ascontiguousarray(q / norms)
-
-
-def filter_sql(filters: dict[str, str], known: list[str]) -> tuple[str, list]:
-    """SQL condition + args for exact metadata matches (as text, ANDed); unknown fields are refused."""
-    if not filters:
-        return "", []
-    unknown = sorted(set(filters) - set(known))
-    if unknown:
-        raise QueryError(f"unknown filter field(s) {unknown}; known fields: {known or 'none'}")
-    if any('"' in name for name in filters):
-        raise QueryError("filter field names containing '\"' are not supported")
-    args = [a for name, value in sorted(filters.items()) for a in (f'$."{name}"', str(value))]
-    return " AND ".join(["CAST(json_extract(metadata, ?) AS TEXT) = ?"] * len(filters)), args
 
 
 def assemble_hits(

@@ -22,7 +22,8 @@ from urllib.parse import quote
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.index.ann import AnnIndex, write_atomic
+from vitrine.index.ann import AnnIndex
+from vitrine.index.atomic import write_atomic
 
 FORMAT = 1
 CHUNK = 500
@@ -98,8 +99,8 @@ def _open(db: Path, mode: str, readonly: bool, immutable: bool = False) -> sqlit
             conn.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
         if readonly:
             conn.execute("PRAGMA query_only=1")
-            # Searches read ~10 random rows each: through the OS page cache by mmap that took 0.11 ms
-            # per 10-hit lookup at 100k items, against 0.39 ms through SQLite's read() + 2 MB cache.
+            # Searches read ~10 random rows each: through the OS page cache by mmap that is several times
+            # faster than through SQLite's read() and its small page cache (bench/RESULTS.md, "Load").
             conn.execute(f"PRAGMA mmap_size={READER_MMAP_BYTES}")
     except sqlite3.Error:
         conn.close()

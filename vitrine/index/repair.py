@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vitrine.errors import IndexDamaged, StoreError
 from vitrine.index import diagnosis, generations, layout
-from vitrine.index.ann import write_atomic
+from vitrine.index.atomic import write_atomic
 from vitrine.index.snapshots import mirrored_manifest
 from vitrine.index.store import IndexStore
 
@@ -48,7 +48,7 @@ def repair(root: str | Path) -> RepairReport:
     state = diagnosis.diagnose(root)
     if state.kind != diagnosis.OK:
         raise IndexDamaged(state)
-    with IndexStore.open(root, writable=True) as store:
+    with IndexStore.open_writer(root) as store:
         damage = store.snapshot_damage
         store.flush()  # saves a snapshot (with its checksum) over one that failed its checks
         if damage:

@@ -2,8 +2,8 @@
 
 The store's ANN structure is read by every search and changed only by commits, refreshes and
 generation swaps. FAISS searches are safe to run side by side (and release the GIL), so serialising
-them behind one mutex made concurrent requests queue for each other: 46 ms of lock wait per text
-search under 16 clients in the live app, more than the search itself. Readers share this lock; a
+them behind one mutex made concurrent requests queue for each other, for longer than the search
+itself (bench/RESULTS.md, "Serving fixes": shared ANN lock). Readers share this lock; a
 writer waits for the readers in flight and, once it is waiting, holds new readers back, so a steady
 stream of searches cannot starve an index refresh.
 """

@@ -30,7 +30,8 @@ import numpy as np
 
 from vitrine.errors import FingerprintMismatch, StoreError
 from vitrine.index import layout
-from vitrine.index.ann import AnnIndex, write_atomic
+from vitrine.index.ann import AnnIndex
+from vitrine.index.atomic import write_atomic
 
 SNAPSHOT_RE = re.compile(r"^index\.(\d+)\.faiss$")
 SUM_SUFFIX = ".sha256"

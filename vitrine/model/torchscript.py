@@ -3,9 +3,9 @@
 Why a server wants this: it runs the model in one thread beside an event loop and request threads.
 An eager transformers forward is a few hundred small ops, and each op releases the GIL and takes it
 back; whenever another thread is running Python, taking it back waits (up to
-``sys.getswitchinterval()``), so under load a forward's wall time becomes several times its CPU time.
-TorchScript runs the whole graph in C++ after one GIL release, and skips the transformers modules'
-Python too (bench/RESULTS.md, "Serving fixes": the convoy and what tracing changed).
+``sys.getswitchinterval()``), so under load a forward took several times its CPU time in wall time.
+Traced, TorchScript runs the whole graph in C++ after one GIL release, and it also skips the
+transformers modules' Python (bench/RESULTS.md, "Serving fixes": traced forwards).
 
 Parity is proved, not assumed. :func:`trace` traces on one example and compares the traced forward
 with eager on a *second* example of another batch size and, for text, other lengths with padding (so
