@@ -38,9 +38,10 @@ class AppArgs(EncoderSettings):
         2.0, "how long a model call waits for more queries to batch with", env="BATCH_WAIT_MS"
     )
     switch_interval_ms: float = arg(
-        1.0, "how long a thread may hold the GIL while others wait for it (Python's default is 5)",
+        1.0,
+        "how long a thread may hold the GIL while others wait for it (Python's default is 5)",
         env="SWITCH_INTERVAL_MS",
-    )  # fmt: skip
+    )
     max_queue: int = arg(256, "queued requests beyond which new ones are refused", env="MAX_QUEUE")
     max_upload_mb: float = arg(20.0, "largest accepted upload in MB", env="MAX_UPLOAD_MB")
     max_pixels: int = arg(
@@ -78,9 +79,10 @@ class AppArgs(EncoderSettings):
         True, "sample query embeddings into INDEX/drift.sqlite for drift checks", env="RECORD_QUERIES"
     )
     store_query_text: bool = arg(
-        False, "keep query texts with the samples (off: embeddings only; images are never kept)",
+        False,
+        "keep query texts with the samples (off: embeddings only; images are never kept)",
         env="STORE_QUERY_TEXT",
-    )  # fmt: skip
+    )
     admin: bool = arg(
         False,
         "allow the page and API to write: index uploaded photos, run drift checks, start reindex jobs",
@@ -145,10 +147,15 @@ def server_settings(a: AppArgs):  # type: ignore[no-untyped-def]
             raise VitrineError("--auth must be USER:PASSWORD")
         auth = (user, password)
     return ServerSettings(
-        host=a.host, port=a.port, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_upload_mb=a.max_upload_mb, auth=auth, switch_interval_ms=a.switch_interval_ms,
+        host=a.host,
+        port=a.port,
+        concurrency=a.concurrency,
+        max_queue=a.max_queue,
+        max_upload_mb=a.max_upload_mb,
+        auth=auth,
+        switch_interval_ms=a.switch_interval_ms,
         upload_ttl_minutes=a.upload_ttl_minutes,
-    )  # fmt: skip
+    )
 
 
 def torch_threads(requested: int) -> int:
@@ -176,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = service.info()
             logging.getLogger("vitrine.app").info(
                 "serving %s items (model %s, version %s) on http://%s:%d",
-                info["count"], info["model"], info["model_version"], args.host, args.port,
-            )  # fmt: skip
+                info["count"],
+                info["model"],
+                info["model_version"],
+                args.host,
+                args.port,
+            )
         else:
             logging.getLogger("vitrine.app").warning("%s", service.empty_message())
         serve(service, settings)

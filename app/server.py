@@ -34,9 +34,10 @@ from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
 
 from app.items_api import add_item_routes
+from app.live_index import settle_heap
 from app.metrics import Metrics
 from app.ratelimit import RateLimits, refuse
-from app.service import SearchService, settle_heap
+from app.service import SearchService
 from app.ui import CSS, build_demo
 
 Message = MutableMapping[str, Any]
@@ -89,11 +90,22 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
     demo.queue(default_concurrency_limit=concurrency, max_size=settings.max_queue)
     service.start()
     mounted = gr.mount_gradio_app(
-        app, demo, path="/", server_name=settings.host, server_port=settings.port,
-        auth=settings.auth, max_file_size=int(settings.max_upload_mb * 1024 * 1024), ssr_mode=False,
-        theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, footer_links=["api"],
-        show_error=True, allowed_paths=[], run_history=False, enable_monitoring=False,
-    )  # fmt: skip
+        app,
+        demo,
+        path="/",
+        server_name=settings.host,
+        server_port=settings.port,
+        auth=settings.auth,
+        max_file_size=int(settings.max_upload_mb * 1024 * 1024),
+        ssr_mode=False,
+        theme=gr.themes.Soft(primary_hue="indigo"),
+        css=CSS,
+        footer_links=["api"],
+        show_error=True,
+        allowed_paths=[],
+        run_history=False,
+        enable_monitoring=False,
+    )
     # Gradio imports pandas on the 1,000th event (its analytics summary): under load that import held
     # the GIL for ~150 ms and stalled every request in flight. Import it now, before the heap is frozen.
     importlib.import_module("pandas")
