@@ -57,6 +57,7 @@ class AppArgs(EncoderSettings):
     )
     max_text_chars: int = arg(1000, "longest accepted text query", env="MAX_TEXT_CHARS")
     max_k: int = arg(100, "largest top-k a request may ask for", env="MAX_K")
+    max_depth: int = arg(1000, "how deep pages go: offset + k at most this", env="MAX_DEPTH")
     torch_threads: int = arg(
         0,
         "CPU threads per model call; text and image batches run side by side, so 0 means half the cores "
@@ -75,6 +76,15 @@ class AppArgs(EncoderSettings):
         2.0, "how often to look for index changes (builds, reindex swaps); 0 disables", env="REFRESH_SECONDS"
     )
     auth: str | None = arg(None, "require a login USER:PASSWORD for the page and API", env="AUTH")
+    api_key: str | None = arg(None, "an API key for /api/v1 (Authorization: Bearer KEY), 16+ characters")
+    api_keys_file: str | None = arg(
+        None, "file of API keys for /api/v1, one a line (VITRINE_API_KEYS)", env="API_KEYS"
+    )
+    allow_url_fetch: str = arg(
+        "",
+        "HOST[,HOST]: query images may be fetched by URL from these hosts (public addresses only)",
+        env="ALLOW_URL_FETCH",
+    )
     record_queries: bool = arg(
         True, "sample query embeddings into INDEX/drift.sqlite for drift checks", env="RECORD_QUERIES"
     )
@@ -120,6 +130,7 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
             encoder_kwargs=a.encoder_kwargs(),
             max_text_chars=a.max_text_chars,
             max_k=a.max_k,
+            max_depth=a.max_depth,
             max_upload_mb=a.max_upload_mb,
             max_pixels=a.max_pixels,
             max_query_pixels=a.max_query_pixels,
@@ -138,6 +149,7 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
 
 
 def server_settings(a: AppArgs):  # type: ignore[no-untyped-def]
+    from app.rest.auth import load_keys
     from app.server import ServerSettings
 
     auth = None
@@ -155,6 +167,8 @@ def server_settings(a: AppArgs):  # type: ignore[no-untyped-def]
         auth=auth,
         switch_interval_ms=a.switch_interval_ms,
         upload_ttl_minutes=a.upload_ttl_minutes,
+        api_keys=load_keys([a.api_key] if a.api_key else [], a.api_keys_file),
+        allow_url_fetch=tuple(h.strip() for h in a.allow_url_fetch.split(",") if h.strip()),
     )
 
 

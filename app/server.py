@@ -33,10 +33,12 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
 
-from app.items_api import add_item_routes
 from app.live_index import settle_heap
 from app.metrics import Metrics
 from app.ratelimit import RateLimits, refuse
+from app.rest.api import RestSettings, create_rest_app
+from app.rest.auth import Access, gradio_page
+from app.rest.fetch import FetchPolicy
 from app.service import SearchService
 from app.ui import CSS, build_demo
 
@@ -61,6 +63,8 @@ class ServerSettings:
     auth: tuple[str, str] | None = None
     switch_interval_ms: float = 1.0
     upload_ttl_minutes: float = 10.0
+    api_keys: tuple[bytes, ...] = ()  # accepted as Authorization: Bearer on /api/v1
+    allow_url_fetch: tuple[str, ...] = ()  # hosts query images may be fetched from (none: no URLs)
 
 
 def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
@@ -77,10 +81,10 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
-    add_item_routes(app, service, settings.auth)
+    concurrency = settings.concurrency or 2 * service.settings.max_batch
+    app.mount("/api/v1", create_rest_app(service, rest_settings(service, settings, concurrency, app)))
     app.add_middleware(RefusedUploads, metrics=service.metrics, limit=_upload_request_limit(service))
     app.add_middleware(RateLimits, limiter=service.limiter)
-    concurrency = settings.concurrency or 2 * service.settings.max_batch
     for name, value in GRADIO_ANALYTICS.items():
         os.environ.setdefault(name, value)
     demo = build_demo(service)
@@ -111,6 +115,20 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
     importlib.import_module("pandas")
     settle_heap()
     return mounted
+
+
+def rest_settings(
+    service: SearchService, settings: ServerSettings, concurrency: int, app: FastAPI
+) -> RestSettings:
+    """The REST API's door: the page's login or an API key; a body holds one upload as base64; as many
+    requests inside at once as Gradio's queue holds (running plus waiting)."""
+    upload = int(service.settings.max_upload_mb * 1024 * 1024)
+    return RestSettings(
+        access=Access(basic=settings.auth, keys=settings.api_keys, page=gradio_page(app)),
+        fetch=FetchPolicy(hosts=frozenset(h.lower() for h in settings.allow_url_fetch), max_bytes=upload),
+        max_body=upload * 4 // 3 + 1024 * 1024,
+        max_in_flight=concurrency + settings.max_queue,
+    )
 
 
 def _upload_request_limit(service: SearchService) -> int:

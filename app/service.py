@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -196,7 +196,7 @@ class SearchService:
 
     # ------------------------------------------------------------------ answering (any front end)
     def answer(
-        self, endpoint: str, fields: dict[str, Any], empty: str, photo: Photo | None = None
+        self, endpoint: str, fields: dict[str, Any], empty: str, photo: PhotoSource | None = None
     ) -> Answered:
         """Parse ``fields`` into a Query (the photo is decoded only once the rest is valid), search, and
         time and count it under ``endpoint``."""
@@ -221,7 +221,9 @@ class SearchService:
                 page = await asyncio.to_thread(translate, lambda: self.live.search(searcher, query))
         return Answered(endpoint, query, page, searcher, _ms(start))
 
-    def parse(self, searcher: Searcher, fields: dict[str, Any], empty: str, photo: Photo | None) -> Query:
+    def parse(
+        self, searcher: Searcher, fields: dict[str, Any], empty: str, photo: PhotoSource | None
+    ) -> Query:
         """The request's fields → Query: the one validation (:func:`vitrine.search.query.parse_query`)."""
         if photo is None:
             return translate(lambda: searcher.parse(**fields, empty=empty))
@@ -324,6 +326,12 @@ class SearchService:
             f"`python -m indexer build CATALOG --index {self.settings.index}`, "
             "or add photos under 'Index photos' on the page"
         )
+
+
+class PhotoSource(Protocol):
+    """Where a query's photo comes from; decoded only once the rest of the query is valid."""
+
+    def decode(self, searcher: Searcher) -> Image.Image | None: ...
 
 
 @dataclass(frozen=True)

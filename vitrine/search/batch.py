@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vitrine.errors import QueryError
 from vitrine.model.encoder import Encoder
 from vitrine.search.query import Query
 from vitrine.search.searcher import Page, Searcher
@@ -58,7 +59,11 @@ def search_texts(encoder: Encoder, items: Sequence[str | TextSearch]) -> list[np
         if isinstance(item, str):
             out.append(rows[start])
             continue
-        out.append(push_away(rows[start], rows[start + 1 : start + n], item.query.negative_weight))
+        try:
+            out.append(push_away(rows[start], rows[start + 1 : start + n], item.query.negative_weight))
+        except QueryError as exc:  # this query's answer alone
+            out.append(exc)
+            continue
         groups.setdefault((id(item.searcher), item.query.page), []).append(j)
     for members in groups.values():
         _answer(items, out, members)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vitrine.errors import QueryError
+
 
 def mix(text_vec: np.ndarray | None, image_vec: np.ndarray | None, weight: float) -> np.ndarray:
     """``weight`` is the text's share: both are unit vectors, so the weighted sum is re-normalised to
@@ -24,7 +26,12 @@ def push_away(vec: np.ndarray, negatives: np.ndarray | None, weight: float) -> n
     re-normalise, so items close to what the client does not want rank lower."""
     if negatives is None or len(negatives) == 0 or weight == 0:
         return vec
-    return _unit(vec - weight * np.asarray(negatives, dtype=np.float32).mean(axis=0))
+    pushed = vec - weight * np.asarray(negatives, dtype=np.float32).mean(axis=0)
+    if float(np.linalg.norm(pushed)) < 1e-4:  # nothing is left to search for
+        raise QueryError(
+            "the negative texts cancel the query: use other words or a lower weight", "bad_negative"
+        )
+    return _unit(pushed)
 
 
 def _unit(vec: np.ndarray) -> np.ndarray:
