@@ -5,6 +5,11 @@ refused when not allowed and for private addresses; OpenAPI; /metrics counting R
 from __future__ import annotations
 
 import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import pytest
 from app.rest.fetch import FetchPolicy, FetchRefused, fetch_image, public_address
 from tests.app.live import LiveServer, start_server, stop
 from tests.app.test_api import metric
+from tests.conftest import REPO
 
 KEY = "k" * 12 + "-secret-api-key"
 USER = ("ann", "pw-for-ann")
@@ -190,3 +196,30 @@ def test_fetch_refuses_unlisted_hosts_odd_schemes_and_local_names() -> None:
         with pytest.raises(FetchRefused) as info:
             fetch_image(url, policy)
         assert info.value.reason == reason, url
+
+
+def test_readme_rest_quick_start_runs_against_a_live_server(live_server: LiveServer, tmp_path: Path) -> None:
+    """The README's REST examples (curl and httpx), unchanged but for the address, run and answer."""
+    text = (REPO / "README.md").read_text()
+    region = text[text.index("<!-- rest:start -->") : text.index("<!-- rest:end -->")]
+    shell = re.findall(r"```bash\n(.*?)```", region, flags=re.S)[0]
+    code = re.findall(r"```python\n(.*?)```", region, flags=re.S)[0]
+    shutil.copy(live_server.catalog / "images" / "p005.jpg", tmp_path / "photo.jpg")
+    here = live_server.url
+    run = {"cwd": tmp_path, "capture_output": True, "text": True, "timeout": 120, "check": False}
+    curl = subprocess.run(["bash", "-c", shell.replace("http://127.0.0.1:7860", here)], **run)
+    answers, rest, decoder = [], curl.stdout.strip(), json.JSONDecoder()
+    while rest:  # curl prints each answer without a newline after it
+        answer, end = decoder.raw_decode(rest)
+        answers.append(answer)
+        rest = rest[end:].strip()
+    assert curl.returncode == 0 and [len(a["hits"]) for a in answers[:2]] == [5, 5], curl.stdout[-2000:]
+    assert answers[1]["hits"][0]["file"] == "images/p005.jpg"
+    assert answers[2]["offset"] == 5 and all(h["score"] >= 0.1 for h in answers[2]["hits"])
+    (tmp_path / "rest.py").write_text(code.replace("http://127.0.0.1:7860", here))
+    out = subprocess.run([sys.executable, "rest.py"], **run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[-2:] == ["gen-000001", "5"] and len(lines) == 1 + 5 + 1
+    assert all(" images/p0" in line and "/api/v1/items/" in line for line in lines[1:6])
+    assert lines[-1] == "images/p005.jpg ['pattern number 5']"
