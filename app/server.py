@@ -1,15 +1,15 @@
 """The HTTP server: FastAPI with ``/healthz`` and ``/metrics``, and the Gradio page mounted at ``/``.
 
-Gradio owns ``/`` and ``/gradio_api/*`` (page, uploads, queue, API); the two operations routes live on
-the parent FastAPI app so they answer even while the queue is busy, and stay open when the page has a
-login (probes and Prometheus scrapers do not log in). ``/api/v1/items/{key}/image``
-(``app.items_api``) serves an indexed item's thumbnail, the ``url`` of every hit. Uploads larger than
-``max_upload_mb`` are refused by Gradio before they reach disk (413); an upload request larger than one
-file (or, with ``--admin``, than one "Index photos" batch) or without a ``Content-Length`` is refused
-before Gradio reads it (413/411). Refusals are counted under ``errors_total`` with reason
-``upload_too_large``. Uploads and logins are rate-limited per client (:mod:`app.ratelimit`, 429), and
-Gradio deletes uploads from its cache once they are ``upload_ttl_minutes`` old (its ``delete_cache``,
-which also works mounted: the mounted app's lifespan runs it).
+Gradio owns ``/`` and ``/gradio_api/*`` (page, uploads, queue, API); the two operations routes live on the
+parent FastAPI app so they answer even while the queue is busy, and stay open when the page has a login
+(probes and Prometheus scrapers do not log in). The REST API (``app.rest``) is a FastAPI app mounted at
+``/api/v1`` (search, items, an indexed item's thumbnail: the ``url`` of every hit). Uploads larger than
+``max_upload_mb`` are refused by Gradio before they reach disk (413); an upload request larger than one file
+(or, with ``--admin``, than one "Index photos" batch) or without a ``Content-Length`` is refused before
+Gradio reads it (413/411). Refusals are counted under ``errors_total`` with reason ``upload_too_large``.
+Uploads and logins are rate-limited per client (:mod:`app.ratelimit`, 429), and Gradio deletes uploads from
+its cache once they are ``upload_ttl_minutes`` old (its ``delete_cache``, which also works mounted: the
+mounted app's lifespan runs it).
 
 Queueing: Gradio runs at most ``concurrency`` requests at once (default: two model batches' worth) and
 holds the rest in its queue (``max_queue`` long, then refused). Running requests do not compete for the

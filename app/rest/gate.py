@@ -26,7 +26,7 @@ ASGIApp = Callable[[Message, Receive, Send], Awaitable[None]]
 OPEN_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect")
 
 
-def endpoint_label(method: str, path: str) -> str:
+def endpoint_label(path: str) -> str:
     """The metrics label of a REST path (inside the /api/v1 mount)."""
     if path.rstrip("/") == "/search/image":
         return "rest_search_image"
@@ -57,7 +57,7 @@ class Gate:
         refusal = self._refusal(scope)
         if refusal is not None:
             status, reason, message, headers = refusal
-            self.metrics.observe(endpoint_label(scope["method"], _inner(scope)), 0.0, reason)
+            self.metrics.observe(endpoint_label(_inner(scope)), 0.0, reason)
             await answer(send, status, reason, message, headers, legacy=_inner(scope).endswith("/image"))
             return
         self.in_flight += 1
