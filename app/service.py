@@ -45,8 +45,6 @@ __all__ = ["RequestRefused", "SearchService", "ServiceSettings", "settle_heap"]
 
 log = logging.getLogger("vitrine.app")
 
-ENDPOINTS = ("search_text", "search_image", "search", "more_like")
-
 
 @dataclass
 class ServiceSettings:
@@ -205,7 +203,7 @@ class SearchService:
             searcher = self._require()
             query = self.parse(searcher, fields, empty, photo)
             page = translate(lambda: self.live.search(searcher, query))
-        return Answered(endpoint, query, page, searcher, _ms(start))
+        return _logged(Answered(endpoint, query, page, searcher, _ms(start)))
 
     async def answer_async(self, endpoint: str, fields: dict[str, Any], empty: str) -> Answered:
         """:meth:`answer` on the event loop: a text-only query is awaited from the text batcher, any
@@ -219,7 +217,7 @@ class SearchService:
                 page = translate(lambda: unwrap(answer).page)
             else:
                 page = await asyncio.to_thread(translate, lambda: self.live.search(searcher, query))
-        return Answered(endpoint, query, page, searcher, _ms(start))
+        return _logged(Answered(endpoint, query, page, searcher, _ms(start)))
 
     def parse(
         self, searcher: Searcher, fields: dict[str, Any], empty: str, photo: PhotoSource | None
@@ -237,9 +235,6 @@ class SearchService:
         ``model_version`` is the embedding-space id; ``model`` the checkpoint's display name. A hit's
         ``model`` is the same id as its ``model_version`` (kept for existing clients; deprecated)."""
         page, searcher = answered.page, answered.searcher
-        log.info(
-            "%s ok %.1fms k=%d hits=%d", answered.endpoint, answered.took_ms, answered.query.k, len(page.hits)
-        )
         info, folders = self.info(), self.images.folders(searcher.store)
         return {
             "hits": [self.public_hit(h, folders) for h in page.hits],
@@ -344,6 +339,13 @@ class Photo:
 
     def decode(self, searcher: Searcher) -> Image.Image | None:
         return self.service.decode(searcher, self.sent, self.required)
+
+
+def _logged(answered: Answered) -> Answered:
+    """One log line per answered request, with its latency (refusals are logged by ``_handled``)."""
+    k, hits = answered.query.k, len(answered.page.hits)
+    log.info("%s ok %.1fms k=%d hits=%d", answered.endpoint, answered.took_ms, k, hits)
+    return answered
 
 
 def _ms(start: float) -> float:
