@@ -28,9 +28,14 @@ class MicroBatcher(Generic[T]):
     """``submit(x).result()`` is ``fn([x])[0]``, computed together with whatever else is waiting."""
 
     def __init__(
-        self, fn: Callable[[list[T]], Sequence[Any]], *, max_batch: int = 16, max_wait_ms: float = 2.0,
-        name: str = "batcher", on_batch: Callable[[int], None] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        fn: Callable[[list[T]], Sequence[Any]],
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        name: str = "batcher",
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self.fn = fn
         self.on_batch = on_batch or (lambda n: None)
         self.max_batch = max(1, max_batch)

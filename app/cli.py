@@ -38,9 +38,10 @@ class AppArgs(EncoderSettings):
         2.0, "how long a model call waits for more queries to batch with", env="BATCH_WAIT_MS"
     )
     switch_interval_ms: float = arg(
-        1.0, "how long a thread may hold the GIL while others wait for it (Python's default is 5)",
+        1.0,
+        "how long a thread may hold the GIL while others wait for it (Python's default is 5)",
         env="SWITCH_INTERVAL_MS",
-    )  # fmt: skip
+    )
     max_queue: int = arg(256, "queued requests beyond which new ones are refused", env="MAX_QUEUE")
     max_upload_mb: float = arg(20.0, "largest accepted upload in MB", env="MAX_UPLOAD_MB")
     max_pixels: int = arg(
@@ -56,6 +57,7 @@ class AppArgs(EncoderSettings):
     )
     max_text_chars: int = arg(1000, "longest accepted text query", env="MAX_TEXT_CHARS")
     max_k: int = arg(100, "largest top-k a request may ask for", env="MAX_K")
+    max_depth: int = arg(1000, "how deep pages go: offset + k at most this", env="MAX_DEPTH")
     torch_threads: int = arg(
         0,
         "CPU threads per model call; text and image batches run side by side, so 0 means half the cores "
@@ -74,13 +76,23 @@ class AppArgs(EncoderSettings):
         2.0, "how often to look for index changes (builds, reindex swaps); 0 disables", env="REFRESH_SECONDS"
     )
     auth: str | None = arg(None, "require a login USER:PASSWORD for the page and API", env="AUTH")
+    api_key: str | None = arg(None, "an API key for /api/v1 (Authorization: Bearer KEY), 16+ characters")
+    api_keys_file: str | None = arg(
+        None, "file of API keys for /api/v1, one a line (VITRINE_API_KEYS)", env="API_KEYS"
+    )
+    allow_url_fetch: str = arg(
+        "",
+        "HOST[,HOST]: query images may be fetched by URL from these hosts (public addresses only)",
+        env="ALLOW_URL_FETCH",
+    )
     record_queries: bool = arg(
         True, "sample query embeddings into INDEX/drift.sqlite for drift checks", env="RECORD_QUERIES"
     )
     store_query_text: bool = arg(
-        False, "keep query texts with the samples (off: embeddings only; images are never kept)",
+        False,
+        "keep query texts with the samples (off: embeddings only; images are never kept)",
         env="STORE_QUERY_TEXT",
-    )  # fmt: skip
+    )
     admin: bool = arg(
         False,
         "allow the page and API to write: index uploaded photos, run drift checks, start reindex jobs",
@@ -118,6 +130,7 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
             encoder_kwargs=a.encoder_kwargs(),
             max_text_chars=a.max_text_chars,
             max_k=a.max_k,
+            max_depth=a.max_depth,
             max_upload_mb=a.max_upload_mb,
             max_pixels=a.max_pixels,
             max_query_pixels=a.max_query_pixels,
@@ -136,6 +149,7 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
 
 
 def server_settings(a: AppArgs):  # type: ignore[no-untyped-def]
+    from app.rest.auth import load_keys
     from app.server import ServerSettings
 
     auth = None
@@ -145,10 +159,17 @@ def server_settings(a: AppArgs):  # type: ignore[no-untyped-def]
             raise VitrineError("--auth must be USER:PASSWORD")
         auth = (user, password)
     return ServerSettings(
-        host=a.host, port=a.port, concurrency=a.concurrency, max_queue=a.max_queue,
-        max_upload_mb=a.max_upload_mb, auth=auth, switch_interval_ms=a.switch_interval_ms,
+        host=a.host,
+        port=a.port,
+        concurrency=a.concurrency,
+        max_queue=a.max_queue,
+        max_upload_mb=a.max_upload_mb,
+        auth=auth,
+        switch_interval_ms=a.switch_interval_ms,
         upload_ttl_minutes=a.upload_ttl_minutes,
-    )  # fmt: skip
+        api_keys=load_keys([a.api_key] if a.api_key else [], a.api_keys_file),
+        allow_url_fetch=tuple(h.strip() for h in a.allow_url_fetch.split(",") if h.strip()),
+    )
 
 
 def torch_threads(requested: int) -> int:
@@ -176,8 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = service.info()
             logging.getLogger("vitrine.app").info(
                 "serving %s items (model %s, version %s) on http://%s:%d",
-                info["count"], info["model"], info["model_version"], args.host, args.port,
-            )  # fmt: skip
+                info["count"],
+                info["model"],
+                info["model_version"],
+                args.host,
+                args.port,
+            )
         else:
             logging.getLogger("vitrine.app").warning("%s", service.empty_message())
         serve(service, settings)

@@ -37,9 +37,16 @@ def drift_tab(service: SearchService) -> None:
         status = service.drift.status()
         summary = gr.HTML(_summary(status), elem_id="drift-summary")
         plot = gr.LinePlot(
-            _history(status), x="time", y="value", color="metric", color_map=COLOURS,
-            title="Drift history", height=260, y_lim=[0, 1], elem_id="drift-plot",
-        )  # fmt: skip
+            _history(status),
+            x="time",
+            y="value",
+            color="metric",
+            color_map=COLOURS,
+            title="Drift history",
+            height=260,
+            y_lim=[0, 1],
+            elem_id="drift-plot",
+        )
         with gr.Row():
             check_btn = gr.Button("Check drift now", interactive=service.drift.admin, elem_id="drift-check")
             reindex_btn = gr.Button(
@@ -124,12 +131,14 @@ def _summary(status: dict[str, Any]) -> str:
         )
     if last:
         numbers = ", ".join(f"{k} {v}" for k, v in (last.get("validation") or {}).items() if v is not None)
-        rows.append((
-            "Last reindex",
-            f"{html.escape(str(last.get('status')))}: {html.escape(str(last.get('from_generation')))} → "
-            f"{html.escape(str(last.get('to_generation')))} ({html.escape(numbers)}) "
-            f"{html.escape(str(last.get('reason') or ''))}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                "Last reindex",
+                f"{html.escape(str(last.get('status')))}: {html.escape(str(last.get('from_generation')))} → "
+                f"{html.escape(str(last.get('to_generation')))} ({html.escape(numbers)}) "
+                f"{html.escape(str(last.get('reason') or ''))}",
+            )
+        )
     rows.append(
         (
             "Reindex job",

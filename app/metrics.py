@@ -13,10 +13,13 @@ Names (all prefixed ``vitrine_``):
   ms on CPU, image search with a 50-megapixel upload is seconds).
 * ``errors_total{endpoint, reason}`` — refused or failed requests by a short machine-readable reason
   (``empty_query``, ``text_too_long``, ``bad_image``, ``unknown_filter``, ``no_index``…).
-* ``index_items`` — items in the live index; ``index_info{generation, model}`` — always 1, labels say
-  which generation and embedding space are live.
-* ``model_info{model, version}`` — always 1; ``version`` is the encoder fingerprint id returned with
-  every result.
+* ``index_items`` — items in the live index; ``index_info{generation, model_version}`` — always 1,
+  labels say which generation and embedding space are live.
+* ``model_info{model, model_version, version}`` — always 1; ``model`` is the display name (checkpoint),
+  ``model_version`` the embedding-space id (the encoder fingerprint id) returned with every result;
+  ``version`` is the same id under its old label name (deprecated).
+
+Terms: ``model_version`` is always the embedding-space id, ``model`` always a display name.
 * ``model_batch_size{modality}`` — queries per model call (``text`` or ``image``): how well concurrent
   requests share forwards under load.
 * ``index_refreshes_total`` — times a reader picked up new commits or a new generation.
@@ -54,13 +57,20 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         ns, reg = namespace, self.registry
         self.requests = Counter(
-            "requests", "Requests handled, by endpoint and outcome", ["endpoint", "outcome"],
-            namespace=ns, registry=reg,
-        )  # fmt: skip
+            "requests",
+            "Requests handled, by endpoint and outcome",
+            ["endpoint", "outcome"],
+            namespace=ns,
+            registry=reg,
+        )
         self.latency = Histogram(
-            "request_seconds", "Request latency by endpoint", ["endpoint"],
-            namespace=ns, registry=reg, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
+            "request_seconds",
+            "Request latency by endpoint",
+            ["endpoint"],
+            namespace=ns,
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
+        )
         self.errors = Counter(
             "errors",
             "Failed or refused requests by reason",
@@ -70,16 +80,27 @@ class Metrics:
         )
         self.index_items = Gauge("index_items", "Items in the live index", namespace=ns, registry=reg)
         self.index_info = Gauge(
-            "index_info", "Live index generation (value is always 1)", ["generation", "model"],
-            namespace=ns, registry=reg,
-        )  # fmt: skip
+            "index_info",
+            "Live index generation (value is always 1)",
+            ["generation", "model_version"],
+            namespace=ns,
+            registry=reg,
+        )
         self.model_info = Gauge(
-            "model_info", "Loaded model (value is always 1)", ["model", "version"], namespace=ns, registry=reg
+            "model_info",
+            "Loaded model (value is always 1)",
+            ["model", "model_version", "version"],
+            namespace=ns,
+            registry=reg,
         )
         self.batch_size = Histogram(
-            "model_batch_size", "Queries per model call (micro-batching)", ["modality"],
-            namespace=ns, registry=reg, buckets=(1, 2, 4, 8, 16, 32, 64),
-        )  # fmt: skip
+            "model_batch_size",
+            "Queries per model call (micro-batching)",
+            ["modality"],
+            namespace=ns,
+            registry=reg,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
         self.refreshes = Counter(
             "index_refreshes", "Index changes picked up without a restart", namespace=ns, registry=reg
         )
@@ -121,11 +142,11 @@ class Metrics:
             raise
         self.observe(endpoint, time.perf_counter() - start)
 
-    def set_index(self, items: int, generation: str, model: str) -> None:
+    def set_index(self, items: int, generation: str, model_version: str) -> None:
         """Publish the live index's size and identity (old label sets are dropped)."""
         self.index_items.set(items)
         self.index_info.clear()
-        self.index_info.labels(generation, model).set(1)
+        self.index_info.labels(generation, model_version).set(1)
         number = generation.rpartition("-")[2]
         if number.isdigit():
             self.index_generation.set(int(number))
@@ -145,9 +166,9 @@ class Metrics:
                 gauge.labels(source).set(float(values[name]))
         self.drift_checked.set(float(report.get("time") or time.time()))
 
-    def set_model(self, model: str, version: str) -> None:
+    def set_model(self, model: str, model_version: str) -> None:
         self.model_info.clear()
-        self.model_info.labels(model, version).set(1)
+        self.model_info.labels(model, model_version, model_version).set(1)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition format."""

@@ -143,8 +143,16 @@ class DriftMonitor:
         with self._job_lock:
             if self._job is not None and self._job.poll() is None:
                 raise JobRefused(f"a reindex is already running (pid {self._job.pid})")
-            command = [sys.executable, "-m", "indexer", "reindex", "--index", str(self.index), "--json",
-                       *self.reindex_args]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "indexer",
+                "reindex",
+                "--index",
+                str(self.index),
+                "--json",
+                *self.reindex_args,
+            ]
             root = str(Path(__file__).resolve().parents[1])  # where app/ and indexer/ are installed
             env = {
                 **os.environ,

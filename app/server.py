@@ -1,15 +1,15 @@
 """The HTTP server: FastAPI with ``/healthz`` and ``/metrics``, and the Gradio page mounted at ``/``.
 
-Gradio owns ``/`` and ``/gradio_api/*`` (page, uploads, queue, API); the two operations routes live on
-the parent FastAPI app so they answer even while the queue is busy, and stay open when the page has a
-login (probes and Prometheus scrapers do not log in). ``/api/v1/items/{key}/image``
-(``app.items_api``) serves an indexed item's thumbnail, the ``url`` of every hit. Uploads larger than
-``max_upload_mb`` are refused by Gradio before they reach disk (413); an upload request larger than one
-file (or, with ``--admin``, than one "Index photos" batch) or without a ``Content-Length`` is refused
-before Gradio reads it (413/411). Refusals are counted under ``errors_total`` with reason
-``upload_too_large``. Uploads and logins are rate-limited per client (:mod:`app.ratelimit`, 429), and
-Gradio deletes uploads from its cache once they are ``upload_ttl_minutes`` old (its ``delete_cache``,
-which also works mounted: the mounted app's lifespan runs it).
+Gradio owns ``/`` and ``/gradio_api/*`` (page, uploads, queue, API); the two operations routes live on the
+parent FastAPI app so they answer even while the queue is busy, and stay open when the page has a login
+(probes and Prometheus scrapers do not log in). The REST API (``app.rest``) is a FastAPI app mounted at
+``/api/v1`` (search, items, an indexed item's thumbnail: the ``url`` of every hit). Uploads larger than
+``max_upload_mb`` are refused by Gradio before they reach disk (413); an upload request larger than one file
+(or, with ``--admin``, than one "Index photos" batch) or without a ``Content-Length`` is refused before
+Gradio reads it (413/411). Refusals are counted under ``errors_total`` with reason ``upload_too_large``.
+Uploads and logins are rate-limited per client (:mod:`app.ratelimit`, 429), and Gradio deletes uploads from
+its cache once they are ``upload_ttl_minutes`` old (its ``delete_cache``, which also works mounted: the
+mounted app's lifespan runs it).
 
 Queueing: Gradio runs at most ``concurrency`` requests at once (default: two model batches' worth) and
 holds the rest in its queue (``max_queue`` long, then refused). Running requests do not compete for the
@@ -33,10 +33,13 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
 
-from app.items_api import add_item_routes
+from app.live_index import settle_heap
 from app.metrics import Metrics
 from app.ratelimit import RateLimits, refuse
-from app.service import SearchService, settle_heap
+from app.rest.api import RestSettings, create_rest_app
+from app.rest.auth import Access, gradio_page
+from app.rest.fetch import FetchPolicy
+from app.service import SearchService
 from app.ui import CSS, build_demo
 
 Message = MutableMapping[str, Any]
@@ -60,6 +63,8 @@ class ServerSettings:
     auth: tuple[str, str] | None = None
     switch_interval_ms: float = 1.0
     upload_ttl_minutes: float = 10.0
+    api_keys: tuple[bytes, ...] = ()  # accepted as Authorization: Bearer on /api/v1
+    allow_url_fetch: tuple[str, ...] = ()  # hosts query images may be fetched from (none: no URLs)
 
 
 def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
@@ -76,10 +81,10 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
-    add_item_routes(app, service, settings.auth)
+    concurrency = settings.concurrency or 2 * service.settings.max_batch
+    app.mount("/api/v1", create_rest_app(service, rest_settings(service, settings, concurrency, app)))
     app.add_middleware(RefusedUploads, metrics=service.metrics, limit=_upload_request_limit(service))
     app.add_middleware(RateLimits, limiter=service.limiter)
-    concurrency = settings.concurrency or 2 * service.settings.max_batch
     for name, value in GRADIO_ANALYTICS.items():
         os.environ.setdefault(name, value)
     demo = build_demo(service)
@@ -89,16 +94,41 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
     demo.queue(default_concurrency_limit=concurrency, max_size=settings.max_queue)
     service.start()
     mounted = gr.mount_gradio_app(
-        app, demo, path="/", server_name=settings.host, server_port=settings.port,
-        auth=settings.auth, max_file_size=int(settings.max_upload_mb * 1024 * 1024), ssr_mode=False,
-        theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, footer_links=["api"],
-        show_error=True, allowed_paths=[], run_history=False, enable_monitoring=False,
-    )  # fmt: skip
+        app,
+        demo,
+        path="/",
+        server_name=settings.host,
+        server_port=settings.port,
+        auth=settings.auth,
+        max_file_size=int(settings.max_upload_mb * 1024 * 1024),
+        ssr_mode=False,
+        theme=gr.themes.Soft(primary_hue="indigo"),
+        css=CSS,
+        footer_links=["api"],
+        show_error=True,
+        allowed_paths=[],
+        run_history=False,
+        enable_monitoring=False,
+    )
     # Gradio imports pandas on the 1,000th event (its analytics summary): under load that import held
     # the GIL for ~150 ms and stalled every request in flight. Import it now, before the heap is frozen.
     importlib.import_module("pandas")
     settle_heap()
     return mounted
+
+
+def rest_settings(
+    service: SearchService, settings: ServerSettings, concurrency: int, app: FastAPI
+) -> RestSettings:
+    """The REST API's door: the page's login or an API key; a body holds one upload as base64; as many
+    requests inside at once as Gradio's queue holds (running plus waiting)."""
+    upload = int(service.settings.max_upload_mb * 1024 * 1024)
+    return RestSettings(
+        access=Access(basic=settings.auth, keys=settings.api_keys, page=gradio_page(app)),
+        fetch=FetchPolicy(hosts=frozenset(h.lower() for h in settings.allow_url_fetch), max_bytes=upload),
+        max_body=upload * 4 // 3 + 1024 * 1024,
+        max_in_flight=concurrency + settings.max_queue,
+    )
 
 
 def _upload_request_limit(service: SearchService) -> int:

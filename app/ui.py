@@ -89,15 +89,25 @@ def build_demo(service: SearchService) -> gr.Blocks:
             with gr.Tab("Search", id="search"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=1, min_width=300):
-                        image = _unchecked(gr.Image(
-                            label="Photo", type="filepath", sources=["upload", "clipboard"], height=240,
-                            elem_id="query-image",
-                        ), lambda payload: _upload_path(payload, demo))  # fmt: skip
-                        text = _unchecked(gr.Textbox(  # a list must be refused, not stringified
-                            label="Description",
-                            placeholder="a dog running on the beach — or, with a photo: 'but in red'",
-                            lines=1, max_lines=3, elem_id="query-text",
-                        ))  # fmt: skip
+                        image = _unchecked(
+                            gr.Image(
+                                label="Photo",
+                                type="filepath",
+                                sources=["upload", "clipboard"],
+                                height=240,
+                                elem_id="query-image",
+                            ),
+                            lambda payload: _upload_path(payload, demo),
+                        )
+                        text = _unchecked(
+                            gr.Textbox(  # a list must be refused, not stringified
+                                label="Description",
+                                placeholder="a dog running on the beach — or, with a photo: 'but in red'",
+                                lines=1,
+                                max_lines=3,
+                                elem_id="query-text",
+                            )
+                        )
                         weight = _unchecked(
                             gr.Slider(0, 1, value=0.5, step=0.05, label="Text weight (photo + text)")
                         )
@@ -113,9 +123,13 @@ def build_demo(service: SearchService) -> gr.Blocks:
                     with gr.Column(scale=3):
                         status = gr.Markdown("", elem_id="vitrine-status")
                         gallery = gr.Gallery(
-                            label="Matches — click one for more like it", columns=4, height=560,
-                            object_fit="cover", allow_preview=False, elem_id="results",
-                        )  # fmt: skip
+                            label="Matches — click one for more like it",
+                            columns=4,
+                            height=560,
+                            object_fit="cover",
+                            allow_preview=False,
+                            elem_id="results",
+                        )
                         table = gr.HTML("")
                         with gr.Accordion("API response (JSON)", open=False):
                             result = gr.JSON(label="result")

@@ -2,10 +2,12 @@
 
 For each model the benchmark builds (once, cached) a 100k-item index of synthetic unit vectors in that
 model's embedding space, starts the real server as a subprocess, and runs ``--clients`` closed-loop
-clients (each sends its next request when the previous one answers) for ``--seconds`` per endpoint,
-through Gradio's HTTP API (``POST /gradio_api/call/<name>`` then read the event stream), each client
-keeping one session as a ``gradio_client.Client`` or a browser tab does (a new session per request
-makes Gradio rebuild the page's per-session state, about 10 ms of CPU) and one keep-alive connection.
+clients (each sends its next request when the previous one answers) for ``--seconds`` per endpoint:
+text search through the REST API (``POST /api/v1/search``, one JSON request) and, for comparison in the
+same run, text and image search through Gradio's HTTP API (``POST /gradio_api/call/<name>`` then read
+the event stream), each Gradio client keeping one session as a ``gradio_client.Client`` or a browser
+tab does (a new session per request makes Gradio rebuild the page's per-session state, about 10 ms
+of CPU); every client keeps one keep-alive connection.
 The clients share the server's cores, so they are kept light: a minimal HTTP/1.1 client on asyncio
 streams (0.5-0.8 ms of CPU per search; httpx cost 5-7, ``gradio_client``'s per-call threads more),
 and their CPU per request is reported. It reports throughput, p50/p95/p99 latency and the error count.
@@ -205,7 +207,13 @@ async def one_call(conn: Connection, name: str, data: list, session: str) -> Non
     raise RuntimeError("stream ended without a result")
 
 
-async def load(url: str, name: str, make_data, clients: int, seconds: float) -> dict:  # type: ignore[no-untyped-def]
+async def rest_call(conn: Connection, name: str, data: dict, session: str) -> None:
+    """One search through the REST API: a single JSON POST (no queue protocol, no session)."""
+    if not json.loads(await conn.request("POST", "/api/v1/search", json.dumps(data).encode()))["hits"]:
+        raise RuntimeError("no hits")
+
+
+async def load(url: str, name: str, make_data, clients: int, seconds: float, call=one_call) -> dict:  # type: ignore[no-untyped-def]
     latencies: list[float] = []
     errors: list[str] = []
     calls = [0]
@@ -217,7 +225,7 @@ async def load(url: str, name: str, make_data, clients: int, seconds: float) -> 
             start = time.perf_counter()
             calls[0] += 1
             try:
-                await asyncio.wait_for(one_call(conns[cid], name, make_data(i), f"bench-client-{cid}"), 60)
+                await asyncio.wait_for(call(conns[cid], name, make_data(i), f"bench-client-{cid}"), 60)
                 if record:
                     latencies.append(time.perf_counter() - start)
             except Exception as exc:
@@ -284,22 +292,24 @@ def run_model(name: str, a: LoadArgs) -> list[list]:
             "orig_name": "query.jpg",
         }
         plans = {
-            "search_text": lambda i: [QUERIES[i % len(QUERIES)], a.k, {}],
-            "search_image": lambda i: [photo_data, a.k, {}],
+            "search_text": (one_call, lambda i: [QUERIES[i % len(QUERIES)], a.k, {}]),
+            "rest_search (text)": (rest_call, lambda i: {"text": QUERIES[i % len(QUERIES)], "k": a.k}),
+            "search_image": (one_call, lambda i: [photo_data, a.k, {}]),
         }
-        for endpoint, make in plans.items():
+        for endpoint, (call, make) in plans.items():
             cpu_before, client_before = process_cpu(proc.pid), time.process_time()
-            result = asyncio.run(load(url, endpoint, make, a.clients, a.seconds))
+            result = asyncio.run(load(url, endpoint, make, a.clients, a.seconds, call))
             cpu_used = process_cpu(proc.pid) - cpu_before
             client_ms = (time.process_time() - client_before) * 1000 / max(1, result["calls"])
             lat, errs = result["latencies"], result["errors"]
-            b50 = statistics.median(base[endpoint]) * 1000
+            same = "search_image" if endpoint == "search_image" else "search_text"  # the baseline's query
+            b50 = statistics.median(base[same]) * 1000
             rows.append([
                 name, endpoint, a.clients, len(lat), f"{len(lat) / result['elapsed']:.1f}",
                 f"{pct(lat, 50):.0f}", f"{pct(lat, 95):.0f}", f"{pct(lat, 99):.0f}", len(errs),
-                f"{b50:.1f}", f"{pct(base[endpoint], 99):.1f}",
+                f"{b50:.1f}", f"{pct(base[same], 99):.1f}",
                 f"{cpu_used * 1000 / max(1, result['calls']):.1f}",
-                f"{base[endpoint + '_cpu'][0] * 1000:.1f}", f"{client_ms:.1f}",
+                f"{base[same + '_cpu'][0] * 1000:.1f}", f"{client_ms:.1f}",
                 factory,
             ])  # fmt: skip
             if errs:

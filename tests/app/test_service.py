@@ -201,12 +201,14 @@ def test_server_settles_its_heap_and_gradio_does_not_resummarise_per_request(tmp
 def test_text_batch_answers_each_query_and_isolates_bad_ones(
     photo_folder: Path, tmp_path: Path, clip_path: Path
 ) -> None:
-    """The text batcher's work (app.textqueries): one forward for the batch, grouped searches, each
+    """The text batcher's work (vitrine.search.batch): one forward for the batch, grouped searches, each
     query its own answer; a bad filter is that query's error only. The async endpoint agrees with the
     synchronous one."""
     import asyncio
 
-    from app.textqueries import TextQuery, encode_or_search
+    from vitrine.errors import QueryError
+    from vitrine.search.batch import TextSearch, search_texts
+    from vitrine.search.query import Query
 
     build_index(photo_folder, tmp_path / "index", clip_path)
     settings = ServiceSettings(index=str(tmp_path / "index"), model=str(clip_path), refresh_seconds=0)
@@ -214,15 +216,22 @@ def test_text_batch_answers_each_query_and_isolates_bad_ones(
     try:
         s = service.searcher
         assert s is not None
+
+        def query(text: str, k: int, filters: dict | None = None) -> TextSearch:
+            return TextSearch(s, Query(text=text, k=k, filters=filters or {}))
+
         items = [
-            TextQuery(s, "a photo", 3, {}), "plain text", TextQuery(s, "stripes", 5, None),
-            TextQuery(s, "a photo", 3, {"colour": "red"}), TextQuery(s, "dots", 3, {}),
-        ]  # fmt: skip
-        out = encode_or_search(s.encoder, service._answer_texts, items)
+            query("a photo", 3),
+            "plain text",
+            query("stripes", 5),
+            query("a photo", 3, {"colour": "red"}),  # past the edge's check: the store refuses it
+            query("dots", 3),
+        ]
+        out = search_texts(s.encoder, items)
         for i, (text, k) in {0: ("a photo", 3), 2: ("stripes", 5), 4: ("dots", 3)}.items():
-            assert [h.key for h in out[i]] == [h.key for h in s.search_text(text, k)]
+            assert [h.key for h in out[i].page.hits] == [h.key for h in s.search_text(text, k)]
         np.testing.assert_allclose(out[1], s.encoder.encode_texts(["plain text"])[0], atol=1e-6)
-        assert isinstance(out[3], RequestRefused) and out[3].reason == "unknown_filter"
+        assert isinstance(out[3], QueryError) and "unknown filter field" in str(out[3])
 
         sync = service.search_text("stripes", 4)
         by_loop = asyncio.run(service.search_text_async("stripes", 4))

@@ -1,0 +1,89 @@
+"""The REST API's request and response bodies (pydantic): they are its OpenAPI schema and its docs.
+
+Pydantic checks shapes and types (a number where a number belongs); ranges, limits and the index's own
+fields are checked once, by :func:`vitrine.search.query.parse_query`, for REST and Gradio alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageRef(BaseModel):
+    """A query photo: its bytes as base64, or (only where the server allows the host) a URL to fetch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base64: str | None = Field(None, description="The image file's bytes, base64-encoded (no data: prefix).")
+    url: str | None = Field(
+        None,
+        description="http(s) URL of the image; only hosts listed by --allow-url-fetch, never private "
+        "addresses, no redirects to other hosts, size and time limited.",
+    )
+
+
+class SearchRequest(BaseModel):
+    """One search. Give at least one of ``text``, ``image`` or ``key`` (``image`` and ``key`` not both)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="What to find, in words (or, with a photo: 'but in red').")
+    image: ImageRef | None = Field(None, description="Search by a photo.")
+    key: str | None = Field(None, description="Search for items like this indexed item (its key).")
+    negative: list[str] = Field(
+        default_factory=list, description="Texts to push away from (rclip's '-' terms): 'not this'."
+    )
+    weight: float = Field(
+        0.5, description="The text's share against the photo or item: 0 = photo only, 1 = text only."
+    )
+    negative_weight: float = Field(0.5, description="How hard the negative texts push (0 to 1).")
+    k: int = Field(10, description="Hits per page (1 to the server's --max-k).")
+    offset: int = Field(0, description="Where the page starts; offset + k is at most --max-depth.")
+    filters: dict[str, Any] | None = Field(
+        None, description='Exact metadata matches, all required: {"color": "red", "shop": "s1"}.'
+    )
+    min_score: float | None = Field(None, description="Relevance cutoff: no hit scores below it (cosine).")
+    mode: str = Field("vector", description="vector (lexical and hybrid: not on this server yet).")
+    sort: str | None = Field(None, description="By score (default); metadata fields: not yet supported.")
+
+
+class Hit(BaseModel):
+    key: str = Field(description="The item's key in the index (GET /api/v1/items/{key}).")
+    file: str = Field(description="The item's file name relative to its catalog (never a server path).")
+    url: str = Field(description="A thumbnail of the item: GET this (relative to the server).")
+    score: float = Field(description="Cosine similarity to the query (higher is closer).")
+    captions: list[str]
+    metadata: dict[str, Any]
+    model: str | None = Field(description="Display name of the model that embedded the item.")
+    model_version: str = Field(description="The embedding-space id (encoder fingerprint id).")
+    generation: str = Field(description="The index generation the hit comes from.")
+    duplicates: list[str] = Field(description="Other keys with identical content.")
+
+
+class SearchResponse(BaseModel):
+    hits: list[Hit]
+    offset: int
+    next_offset: int | None = Field(description="The offset of the next page; null at the end.")
+    model: str | None = Field(description="Display name of the model (checkpoint).")
+    model_version: str = Field(description="The embedding-space id; scores from two versions don't compare.")
+    generation: str | None
+    took_ms: float
+
+
+class Item(BaseModel):
+    key: str
+    file: str
+    url: str
+    captions: list[str]
+    metadata: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    reason: str = Field(description="Short stable label (also the errors_total metric label).")
+    message: str = Field(description="What to change, for a person.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
