@@ -31,7 +31,7 @@ from typing import TypeVar
 import numpy as np
 
 from vitrine.errors import QueryError, StoreError
-from vitrine.index import diagnosis, exclusions, generations, layout, snapshots
+from vitrine.index import diagnosis, exclusions, fulltext, generations, layout, snapshots
 from vitrine.index.ann import AnnIndex, exact_search
 from vitrine.index.hits import Hit, assemble_hits, check_queries, filter_sql
 from vitrine.index.layout import Failure, NewItem
@@ -203,6 +203,7 @@ class IndexStore:
         if self.writable:
             with layout.writing(self._conn_to(gen.path), self.root):
                 self._conn_to(gen.path).execute(exclusions.TABLE)
+                fulltext.ensure(self._conn_to(gen.path))  # migration of indexes made before FTS
         return gen
 
     @property
