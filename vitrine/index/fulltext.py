@@ -7,7 +7,7 @@ reindex's copy, a replay after ``kill -9``) updates both or neither. ``rowid`` t
 Tokenizer (why, and the measurement: bench/RESULTS.md "Hybrid search"): ``unicode61`` with
 ``remove_diacritics 2`` (``café`` finds ``cafe``) splits a product code such as ``SKU-4471-B`` into
 ``sku 4471 b``; the user's ``SKU-4471-B`` becomes the phrase ``"sku 4471 b"``, so the exact code is
-found, and prefix indexes (``prefix='2 3'``) make a partial code (``SKU-447``) a fast prefix phrase.
+found, and a prefix index (``prefix='3'``) makes a partial code (``SKU-447``) a fast prefix phrase.
 A trigram table would also find codes by an inner substring (``471-B``) but is several times the size
 and does not fold diacritics in this SQLite (3.40).
 
@@ -60,7 +60,7 @@ _INSERT = f"INSERT INTO {TABLE}(rowid, {', '.join(COLUMNS)}) VALUES (NEW.rowid, 
 #: Statements one by one: executescript() would COMMIT the caller's migration transaction.
 DDL = (
     f"CREATE VIRTUAL TABLE {TABLE} USING fts5({', '.join(COLUMNS)}, "
-    "tokenize='unicode61 remove_diacritics 2', prefix='2 3')",
+    "tokenize='unicode61 remove_diacritics 2', prefix='3')",
     # The DELETE before each INSERT also clears a row left by a reused rowid.
     f"CREATE TRIGGER {TABLE}_insert AFTER INSERT ON items BEGIN "
     f"DELETE FROM {TABLE} WHERE rowid = NEW.rowid; {_INSERT} END",
