@@ -7,9 +7,11 @@ reindex's copy, a replay after ``kill -9``) updates both or neither. ``rowid`` t
 Tokenizer (why, and the measurement: bench/RESULTS.md "Hybrid search"): ``unicode61`` with
 ``remove_diacritics 2`` (``café`` finds ``cafe``) splits a product code such as ``SKU-4471-B`` into
 ``sku 4471 b``; the user's ``SKU-4471-B`` becomes the phrase ``"sku 4471 b"``, so the exact code is
-found, and a prefix index (``prefix='3'``) makes a partial code (``SKU-447``) a fast prefix phrase.
-A trigram table would also find codes by an inner substring (``471-B``) but is several times the size
-and does not fold diacritics in this SQLite (3.40).
+found, and a partial code (``SKU-447``) is a prefix phrase (``"sku 447"*``). FTS5 answers prefix
+queries without a prefix index; one (``prefix='3'``) made the table larger without a gain that
+matters next to whole-caption queries. A trigram table would also find an inner substring
+(``471-B``) but is about twice the size, ranks captions slightly worse and does not fold diacritics
+in this SQLite (3.40).
 
 An index made before this module has no ``items_fts``: :func:`ensure` creates and fills it when a
 writer opens the generation (a migration); readers of such an index get a clear
@@ -60,7 +62,7 @@ _INSERT = f"INSERT INTO {TABLE}(rowid, {', '.join(COLUMNS)}) VALUES (NEW.rowid, 
 #: Statements one by one: executescript() would COMMIT the caller's migration transaction.
 DDL = (
     f"CREATE VIRTUAL TABLE {TABLE} USING fts5({', '.join(COLUMNS)}, "
-    "tokenize='unicode61 remove_diacritics 2', prefix='3')",
+    "tokenize='unicode61 remove_diacritics 2')",
     # The DELETE before each INSERT also clears a row left by a reused rowid.
     f"CREATE TRIGGER {TABLE}_insert AFTER INSERT ON items BEGIN "
     f"DELETE FROM {TABLE} WHERE rowid = NEW.rowid; {_INSERT} END",
