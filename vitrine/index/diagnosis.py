@@ -163,7 +163,8 @@ def _database_problem(db: Path) -> str | None:
         conn = layout.connect(db, readonly=True)
         try:
             conn.execute("SELECT value FROM state WHERE name='seq'").fetchone()
-            conn.execute("SELECT COUNT(*) FROM items").fetchone()
+            for table in ("items", "vectors", "failures", "catalogs"):  # what every command reads
+                conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
         finally:
             conn.close()
     except (sqlite3.Error, StoreError) as exc:

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import numpy as np
 
 from vitrine.errors import StoreError
+from vitrine.index import fulltext
 from vitrine.index.ann import AnnIndex
 from vitrine.index.atomic import write_atomic
 
@@ -232,7 +233,7 @@ def new_generation(root: Path, fingerprint: dict, factory: str | None, search_pa
         conn = connect(root / name / "meta.sqlite", readonly=False, create=True)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
+            conn.executescript(SCHEMA + fulltext.SCHEMA)  # items_fts and the triggers keeping it in step
         finally:
             conn.close()
     except (OSError, sqlite3.Error) as exc:

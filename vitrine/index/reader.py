@@ -92,6 +92,11 @@ class IndexReader:
     def _load_generation(self, name: str) -> snapshots.Generation:
         return snapshots.load_generation(self.root, name, self._expected, self.writable)
 
+    def connection(self) -> sqlite3.Connection:
+        """This thread's read connection to the live generation's SQLite (for queries beside the
+        vector search, e.g. full text, that must see the same commit)."""
+        return self._conn()
+
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise StoreError(f"index {self.root} is closed")

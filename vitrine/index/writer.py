@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.index import exclusions, generations, layout, snapshots
+from vitrine.index import exclusions, fulltext, generations, layout, snapshots
 from vitrine.index.ann import AnnIndex
 from vitrine.index.layout import Failure, NewItem
 from vitrine.index.reader import IndexReader
@@ -43,6 +43,7 @@ class IndexWriter(IndexReader):
         gen = super()._load_generation(name)
         with layout.writing(self._conn_to(gen.path), self.root):
             self._conn_to(gen.path).execute(exclusions.TABLE)
+            fulltext.ensure(self._conn_to(gen.path))  # migration of indexes made before full text
         return gen
 
     def close(self, flush: bool = True) -> None:
