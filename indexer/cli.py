@@ -338,7 +338,8 @@ def cmd_search(a: SearchArgs) -> int:
         "offset": query.offset,
         "next_offset": page.next_offset,
         "mode": query.mode,
-        "model": searcher.model_version,
+        "model_version": searcher.model_version,
+        "model": searcher.model_version,  # deprecated: the old name of model_version
         "took_ms": round((time.perf_counter() - start) * 1000, 2),
     }
     _emit(
