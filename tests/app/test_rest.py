@@ -41,7 +41,16 @@ def test_base64_and_multipart_photo_search_return_the_photo_first(live_server: L
     assert body["hits"][0]["key"] == str(photo.resolve()) and body["hits"][0]["score"] == pytest.approx(
         1, abs=1e-3
     )
-    assert set(body) == {"hits", "offset", "next_offset", "model", "model_version", "generation", "took_ms"}
+    assert set(body) == {
+        "hits",
+        "offset",
+        "next_offset",
+        "mode",
+        "model",
+        "model_version",
+        "generation",
+        "took_ms",
+    }
     hit = body["hits"][0]
     assert hit["model_version"] == body["model_version"] and hit["model"] == body["model"]
     assert hit["file"] == "images/p007.jpg" and "path" not in hit and body["next_offset"] == 3
