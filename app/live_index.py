@@ -114,8 +114,10 @@ class LiveIndex:
         """Any query, blocking: text-only ones are answered in the text batcher, others here."""
         if query.texts_only:
             return unwrap(self.submit_text(searcher, query).result()).page
+        if query.mode == "lexical":  # no query vector: nothing for the drift journal
+            return searcher.answer(query, None)
         vector = searcher.vector(query, self._embeds[id(searcher.encoder)])
-        page = searcher.pages(vector[None, :], query)[0]
+        page = searcher.answer(query, vector)
         self._record(searcher, vector, page, query.kind)
         return page
 
@@ -128,7 +130,8 @@ class LiveIndex:
         return out
 
     def _record(self, searcher: Searcher, vector: np.ndarray, page: Page, mode: str) -> None:
-        best = page.hits[0].score if page.hits else None
+        # the best cosine (the first hit is not it when sorted by a field or fused with the lexical side)
+        best = max((h.vector_score for h in page.hits if h.vector_score is not None), default=None)
         self.drift.record(searcher.store.generation, searcher.model_version, vector, best, mode)
 
     # ------------------------------------------------------------------ loading and swapping

@@ -37,9 +37,9 @@ def translate(call: Callable[[], _T]) -> _T:
         raise RequestRefused("index_unavailable", str(exc)) from None
 
 
-def normalise_filters(value: Any) -> dict[str, str]:
-    """A client's filters as the store compares them (``vitrine.search.filters.normalise_filters``)."""
-    return translate(lambda: filters.normalise_filters(value))
+def normalise_filters(value: Any) -> dict[str, Any]:
+    """A client's filters as one filter object (``vitrine.search.filters.filter_object``)."""
+    return translate(lambda: filters.filter_object(value))
 
 
 def file_size(path: Any) -> int:

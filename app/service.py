@@ -44,6 +44,22 @@ from vitrine.search.searcher import Page, Searcher
 __all__ = ["RequestRefused", "SearchService", "ServiceSettings", "settle_heap"]
 
 log = logging.getLogger("vitrine.app")
+#: The fields :meth:`SearchService.query` takes (the REST body's, less ``image``).
+QUERY_FIELDS = frozenset(
+    {
+        "text",
+        "key",
+        "negative",
+        "weight",
+        "negative_weight",
+        "k",
+        "offset",
+        "filters",
+        "min_score",
+        "mode",
+        "sort",
+    }
+)
 
 
 @dataclass
@@ -192,6 +208,34 @@ class SearchService:
         fields = dict(key=key if isinstance(key, str) else None, k=k, filters=filters)
         return self.result(self.answer("more_like", fields, "choose a result to search for more like it"))
 
+    def query(self, fields: dict[str, Any], image: Any = None) -> dict[str, Any]:
+        """A search from the REST body's fields (``text``, ``key``, ``negative``, ``weight``,
+        ``negative_weight``, ``k``, ``offset``, ``filters``, ``min_score``, ``mode``, ``sort``) and an
+        optional photo (an upload's path, bytes or PIL); answers what ``POST /api/v1/search`` answers.
+        The page's controls call this; unknown field names are refused."""
+        if not isinstance(fields, dict) or set(fields) - QUERY_FIELDS:
+            unknown = sorted(map(str, set(fields) - QUERY_FIELDS)) if isinstance(fields, dict) else []
+            raise RequestRefused("bad_request", f"unknown search field(s): {', '.join(unknown)[:200]}")
+        photo = None if image is None or image == "" else Photo(self, image, required=True)
+        return self.page_result(self.answer("query", dict(fields), EMPTY_ANY, photo))
+
+    def page_result(self, answered: Answered) -> dict[str, Any]:
+        """The REST answer: hits with ``vector_score``/``lexical_score``, the page's ``offset`` and
+        ``next_offset`` (null at the end); a hit's ``model`` is the display name, ``model_version`` the id."""
+        page, searcher = answered.page, answered.searcher
+        info, folders = self.info(), self.images.folders(searcher.store)
+        hits = [{**self.public_hit(h, folders), "model": info["model"]} for h in page.hits]
+        return {
+            "hits": hits,
+            "offset": answered.query.offset,
+            "next_offset": page.next_offset,
+            "mode": answered.query.mode,
+            "model": info["model"],
+            "model_version": searcher.model_version,
+            "generation": page.hits[0].generation if page.hits else info["generation"],
+            "took_ms": round(answered.took_ms, 2),
+        }
+
     # ------------------------------------------------------------------ answering (any front end)
     def answer(
         self, endpoint: str, fields: dict[str, Any], empty: str, photo: PhotoSource | None = None
@@ -247,7 +291,7 @@ class SearchService:
 
     @staticmethod
     def public_hit(hit: Hit, folders: list[str]) -> dict[str, Any]:
-        return {**public_hit(hit.to_dict(), folders), "model_version": hit.model}
+        return public_hit(hit.to_dict(), folders)
 
     def _require(self) -> Searcher:
         searcher = self.live.searcher

@@ -4,7 +4,8 @@
         [--engine local|ray] [--memory-budget 2GB] [--latency-target 5ms]
     python -m indexer status --index DIR [--json] [--suggest-cutoff [--cutoff-sample N]]
     python -m indexer search --index DIR (--text T | --image PATH | both) [-k K] [--offset N]
-        [--filter key=value | --filter '{"price": {"$lt": 50}}'] [--min-score S] [--sort [-]FIELD] [--json]
+        [--filter key=value | --filter '{"price": {"$lt": 50}}'] [--min-score S] [--sort [-]FIELD]
+        [--mode vector|lexical|hybrid] [--max-depth N] [--json]
     python -m indexer remove --index DIR PATH...
     python -m indexer restore --index DIR PATH...
     python -m indexer repair --index DIR [--json]
@@ -115,8 +116,12 @@ class SearchArgs(EncoderSettings):
         '{"$or": [{"color": "red"}, {"year": {"$gte": 2020}}]} (repeatable; all must match)',
         nargs="*",
     )
-    min_score: float | None = arg(None, "leave out hits scoring below this (cosine similarity)")
+    min_score: float | None = arg(
+        None, "leave out hits scoring below this (vector: cosine; lexical: BM25; hybrid: RRF value)"
+    )
     sort: str | None = arg(None, "order the relevant hits by a metadata field (-field: descending)")
+    mode: str = arg("vector", "ranking: vector, lexical (BM25 over captions/metadata/names) or hybrid (RRF)")
+    max_depth: int = arg(1000, "deepest rank a page may reach (offset + k)")
     json: bool = arg(False, "machine-readable output")
 
 
@@ -312,24 +317,29 @@ def _suggest_cutoff(index: str, sample: int) -> dict[str, Any]:
 
 
 def cmd_search(a: SearchArgs) -> int:
-    from vitrine.index.filters import cli_filter_object
+    from dataclasses import replace
+
     from vitrine.open_index import open_searcher
-    from vitrine.search.searcher import check_k
+    from vitrine.search.filters import filter_object
+    from vitrine.search.query import with_image
 
     if not a.text and not a.image:
         return _fail("give --text, --image, or both")
-    filters = cli_filter_object(a.filter)  # malformed JSON fails before the model loads
+    filters = filter_object(a.filter)  # malformed JSON fails before the model loads
     searcher = open_searcher(a.index, a.model, **a.encoder_kwargs())
-    check_k(a.k, searcher.limits)
-    start = time.perf_counter()
-    vector = searcher.combined_vector(a.image, a.text, a.weight)
-    hits = searcher.store.search(
-        vector[None, :], a.k, filters or None, offset=a.offset, min_score=a.min_score, sort=a.sort
-    )[0]
+    searcher.limits = replace(searcher.limits, max_depth=a.max_depth)
+    fields = dict(text=a.text, weight=a.weight, k=a.k, offset=a.offset, filters=filters)
+    query = searcher.parse(**fields, min_score=a.min_score, sort=a.sort, mode=a.mode, empty=None)
+    start = time.perf_counter()  # the photo is read only for a valid query
+    query = with_image(query, searcher.encoder.load_image(a.image) if a.image else None)
+    page = searcher.run(query)
     payload = {
-        "hits": [h.to_dict() for h in hits],
-        "offset": a.offset,
-        "model": searcher.model_version,
+        "hits": [h.to_dict() for h in page.hits],
+        "offset": query.offset,
+        "next_offset": page.next_offset,
+        "mode": query.mode,
+        "model_version": searcher.model_version,
+        "model": searcher.model_version,  # deprecated: the old name of model_version
         "took_ms": round((time.perf_counter() - start) * 1000, 2),
     }
     _emit(

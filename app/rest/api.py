@@ -28,7 +28,7 @@ from app.rest.fetch import FetchPolicy, FetchRefused, fetch_image
 from app.rest.gate import Gate, Limits
 from app.rest.models import ErrorBody, ImageRef, Item, SearchRequest, SearchResponse
 from app.service import Answered, RequestRefused, SearchService
-from app.sources import clamp_size, display_name, item_url, jpeg, public_hit
+from app.sources import clamp_size, display_name, item_url, jpeg
 from vitrine.search.query import EMPTY_ANY
 from vitrine.search.searcher import Searcher
 
@@ -132,10 +132,12 @@ def _search_routes(api: FastAPI, service: SearchService, settings: RestSettings)
         filters: Annotated[str | None, Form(description='JSON object or "k=v, k2=v2".')] = None,
         min_score: Annotated[float | None, Form()] = None,
         negative: Annotated[list[str] | None, Form(description="Repeat for several.")] = None,
+        mode: Annotated[str, Form(description="vector, lexical or hybrid (a text is needed)")] = "vector",
+        sort: Annotated[str | None, Form(description="A metadata field, -field descending.")] = None,
     ) -> dict:
         """The same search with the photo as a multipart upload (``curl -F image=@photo.jpg -F k=5``)."""
         fields = {"text": text, "weight": weight, "k": k, "offset": offset, "filters": filters}
-        fields |= {"min_score": min_score, "negative": negative}
+        fields |= {"min_score": min_score, "negative": negative, "mode": mode, "sort": sort}
         photo = RestPhoto(service, settings.fetch, await image.read(), None)
         answered = await asyncio.to_thread(service.answer, "rest_search_image", fields, EMPTY_ANY, photo)
         return result(service, answered)
@@ -174,22 +176,8 @@ def _item_routes(api: FastAPI, service: SearchService) -> None:
 
 
 def result(service: SearchService, answered: Answered) -> dict[str, Any]:
-    """The REST answer: a hit's ``model`` is the display name and ``model_version`` the id, as at the top."""
-    page, searcher = answered.page, answered.searcher
-    info, folders = service.info(), service.images.folders(searcher.store)
-    hits = [
-        {**public_hit(h.to_dict(), folders), "model": info["model"], "model_version": h.model}
-        for h in page.hits
-    ]
-    return {
-        "hits": hits,
-        "offset": answered.query.offset,
-        "next_offset": page.next_offset,
-        "model": info["model"],
-        "model_version": searcher.model_version,
-        "generation": page.hits[0].generation if page.hits else info["generation"],
-        "took_ms": round(answered.took_ms, 2),
-    }
+    """The REST answer (:meth:`SearchService.page_result`)."""
+    return service.page_result(answered)
 
 
 def error(status: int, reason: str, message: str) -> JSONResponse:

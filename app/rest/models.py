@@ -42,18 +42,33 @@ class SearchRequest(BaseModel):
     k: int = Field(10, description="Hits per page (1 to the server's --max-k).")
     offset: int = Field(0, description="Where the page starts; offset + k is at most --max-depth.")
     filters: dict[str, Any] | None = Field(
-        None, description='Exact metadata matches, all required: {"color": "red", "shop": "s1"}.'
+        None,
+        description='Metadata filter (Mongo style): {"color": "red"}, {"price": {"$lt": 50}}, '
+        '{"$or": [{"color": {"$in": ["red", "blue"]}}, {"added": {"$gte": "2024-01-01"}}]}; operators '
+        "$eq $ne $gt $gte $lt $lte $in $nin $exists. Unknown fields are refused, naming the known ones.",
     )
-    min_score: float | None = Field(None, description="Relevance cutoff: no hit scores below it (cosine).")
-    mode: str = Field("vector", description="vector (lexical and hybrid: not on this server yet).")
-    sort: str | None = Field(None, description="By score (default); metadata fields: not yet supported.")
+    min_score: float | None = Field(
+        None,
+        description="Relevance cutoff: no hit scores below it. vector: a cosine (-1..1); lexical: a BM25 "
+        "score; hybrid: a reciprocal-rank-fusion value (at most about 0.033).",
+    )
+    mode: str = Field(
+        "vector",
+        description="vector (embeddings), lexical (BM25 over captions, metadata and file names) or "
+        "hybrid (both fused by reciprocal rank fusion); lexical and hybrid need a text.",
+    )
+    sort: str | None = Field(
+        None, description="By score (default), or a metadata field: 'price', '-added' for descending."
+    )
 
 
 class Hit(BaseModel):
     key: str = Field(description="The item's key in the index (GET /api/v1/items/{key}).")
     file: str = Field(description="The item's file name relative to its catalog (never a server path).")
     url: str = Field(description="A thumbnail of the item: GET this (relative to the server).")
-    score: float = Field(description="Cosine similarity to the query (higher is closer).")
+    score: float = Field(description="The rank score of the mode: cosine, BM25 or RRF (higher is closer).")
+    vector_score: float | None = Field(None, description="Cosine similarity; null if not vector-ranked.")
+    lexical_score: float | None = Field(None, description="BM25 score (-bm25); null if no word matched.")
     captions: list[str]
     metadata: dict[str, Any]
     model: str | None = Field(description="Display name of the model that embedded the item.")
@@ -66,6 +81,7 @@ class SearchResponse(BaseModel):
     hits: list[Hit]
     offset: int
     next_offset: int | None = Field(description="The offset of the next page; null at the end.")
+    mode: str = Field(description="How the hits were ranked: vector, lexical or hybrid.")
     model: str | None = Field(description="Display name of the model (checkpoint).")
     model_version: str = Field(description="The embedding-space id; scores from two versions don't compare.")
     generation: str | None

@@ -104,7 +104,7 @@ BAD_TEXT = [
     ("", 5, {}, "empty_query", "text query is empty"),
     ("   ", 5, {}, "empty_query", "text query is empty"),
     ("x" * 10_000, 5, {}, "text_too_long", "10000 characters"),
-    ("red", 5, {"brand": "acme"}, "unknown_filter", "unknown filter key(s) brand; known keys: color, shop"),
+    ("red", 5, {"brand": "acme"}, "unknown_filter", "filter field(s) brand; known fields: color"),
     ("red", 0, {}, "bad_k", "k must be between 1 and 100"),
     ("red", 5000, {}, "bad_k", "k must be between 1 and 100"),
     ("red", 5, "{not json", "bad_filter", "not valid JSON"),

@@ -41,7 +41,16 @@ def test_base64_and_multipart_photo_search_return_the_photo_first(live_server: L
     assert body["hits"][0]["key"] == str(photo.resolve()) and body["hits"][0]["score"] == pytest.approx(
         1, abs=1e-3
     )
-    assert set(body) == {"hits", "offset", "next_offset", "model", "model_version", "generation", "took_ms"}
+    assert set(body) == {
+        "hits",
+        "offset",
+        "next_offset",
+        "mode",
+        "model",
+        "model_version",
+        "generation",
+        "took_ms",
+    }
     hit = body["hits"][0]
     assert hit["model_version"] == body["model_version"] and hit["model"] == body["model"]
     assert hit["file"] == "images/p007.jpg" and "path" not in hit and body["next_offset"] == 3
@@ -91,7 +100,10 @@ BAD = [
     ({"json": {"text": "x", "k": 101}}, 400, "bad_k"),
     ({"json": {"text": "x", "surprise": 1}}, 400, "bad_request"),
     ({"json": {"text": "x", "filters": {"brand": "a"}}}, 400, "unknown_filter"),
-    ({"json": {"text": "x", "mode": "hybrid"}}, 400, "unsupported"),
+    ({"json": {"text": "x", "mode": "fuzzy"}}, 400, "bad_mode"),
+    ({"json": {"key": "no-such-key", "mode": "lexical"}}, 400, "bad_mode"),
+    ({"json": {"text": "x", "filters": {"color": {"$lt": 3}}}}, 400, "bad_filter"),
+    ({"json": {"text": "x", "sort": "-brand"}}, 400, "bad_sort"),
     ({"json": {}}, 400, "empty_query"),
     ({"json": {"key": "no-such-key"}}, 404, "unknown_key"),
     ({"json": {"image": {"base64": "###"}}}, 400, "bad_image"),

@@ -105,14 +105,14 @@ def test_search_filters_pages_and_cutoff(typed_index: str) -> None:
 
 def test_bad_filters_are_one_line_errors_naming_the_fields(typed_index: str) -> None:
     for bad, reason in [
-        ('{"size": "M"}', "unknown filter field(s) ['size']; known fields: added (date), color (string)"),
+        ('{"size": "M"}', "unknown filter field(s) size; known fields: added (date), color (string)"),
         ('{"price": {"$lt": "cheap"}}', "'price' holds number values"),
         ("{not json", "is not valid JSON"),
     ]:
         out = indexer("search", "--index", typed_index, "--text", "x", "--filter", bad, check=False)
         assert out.returncode == 1 and reason in out.stderr, out.stderr
     out = indexer("search", "--index", typed_index, "--text", "x", "--offset", "995", check=False)
-    assert out.returncode == 1 and "max_depth 1000" in out.stderr
+    assert out.returncode == 1 and "offset + k at most 1000" in out.stderr  # the edge refuses it
     assert (
         json.loads(indexer("search", "--index", typed_index, "--text", "x", "--json").stdout)["offset"] == 0
     )

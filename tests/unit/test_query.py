@@ -10,16 +10,18 @@ import pytest
 
 from tests.app.live import build_index
 from vitrine.errors import QueryError
+from vitrine.index.filters import Condition, Group
+from vitrine.index.schema import FieldInfo
 from vitrine.open_index import open_searcher
 from vitrine.search.query import Query, SearchLimits, parse_query
 from vitrine.search.vectors import mix, push_away
 
 LIMITS = SearchLimits(max_text_chars=50, max_k=20, max_depth=40, max_negative=2)
-FIELDS = {"color": ["red"], "shop": ["s1"]}
+FIELDS = {"color": FieldInfo("string", 3), "shop": FieldInfo("string", 3), "price": FieldInfo("number", 3)}
 
 
 def parse(**fields: object) -> Query:
-    return parse_query(LIMITS, known_fields=lambda: FIELDS, **fields)  # type: ignore[arg-type]
+    return parse_query(LIMITS, schema=lambda: FIELDS, **fields)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -36,13 +38,14 @@ def parse(**fields: object) -> Query:
         ({"text": "a", "weight": float("nan")}, "bad_weight", "weight must be a finite number"),
         ({"text": "a", "offset": -1}, "bad_offset", "offset must be at least 0"),
         ({"text": "a", "k": 20, "offset": 21}, "bad_offset", "offset + k at most 40"),
-        ({"text": "a", "filters": {"brand": "x"}}, "unknown_filter", "known keys: color, shop"),
+        ({"text": "a", "filters": {"brand": "x"}}, "unknown_filter", "known fields: color (string), price"),
         ({"text": "a", "filters": "{nope"}, "bad_filter", "not valid JSON"),
-        ({"text": "a", "filters": {"color": {"$in": ["red"]}}}, "unsupported", "operators ($in)"),
+        ({"text": "a", "filters": {"price": {"$lt": "cheap"}}}, "bad_filter", "'price' holds number values"),
+        ({"text": "a", "filters": {"color": {"$near": 1}}}, "bad_filter", "unknown filter operator '$near'"),
         ({"text": "a", "min_score": 2}, "bad_min_score", "between -1 and 1"),
         ({"text": "a", "mode": "fuzzy"}, "bad_mode", "vector, lexical, hybrid"),
-        ({"text": "a", "mode": "hybrid"}, "unsupported", "mode 'hybrid' is not available"),
-        ({"text": "a", "sort": "-price"}, "unsupported", "sorting by a metadata field"),
+        ({"key": "k1", "mode": "hybrid"}, "bad_mode", "mode 'hybrid' ranks by the words of a text"),
+        ({"text": "a", "sort": "-size"}, "bad_sort", "unknown field '-size'; known fields: color"),
         ({"text": "a", "negative": "b"}, None, None),
         ({"text": "a", "negative": [1]}, "bad_negative", "negative must be a list of texts"),
         ({"text": "a", "negative": ["b", "c", "d"]}, "bad_negative", "at most 2 negative texts"),
@@ -60,9 +63,25 @@ def test_each_problem_has_one_reason(fields: dict, reason: str | None, message: 
 
 def test_loose_values_become_typed_fields() -> None:
     q = parse(text="  red dress ", k=5.0, weight="0.25", filters="color=red", offset="3", min_score="0.1")
-    assert q == Query(text="red dress", k=5, weight=0.25, filters={"color": "red"}, offset=3, min_score=0.1)
+    red = Condition("color", "$eq", "red", "text")
+    assert q == Query(text="red dress", k=5, weight=0.25, filters=red, offset=3, min_score=0.1)
     assert q.texts_only and q.kind == "text"
     assert parse(key="k1", text="but red").kind == "both" and not parse(key="k1").texts_only
+
+
+def test_filters_in_every_form_parse_once_into_one_expression() -> None:
+    """The old forms (object, JSON string, pairs) and the language all become the expression the store
+    and the full-text side search with; operators, $or, sort and the other modes are accepted."""
+    red = Condition("color", "$eq", "red", "text")
+    for form in ({"color": "red"}, '{"color": "red"}', "color=red", ["color=red"], {"color": "red", "x": ""}):
+        assert parse(text="a", filters=form).filters == red
+    cheap = parse(text="a", filters={"$or": [{"price": {"$lt": 50}}, {"color": {"$in": ["red"]}}]})
+    assert cheap.filters == Group(
+        "$or", (Condition("price", "$lt", 50, "number"), Condition("color", "$in", ("red",), "text"))
+    )
+    q = parse(text="a", sort="-price", mode="hybrid", min_score=0.02)
+    assert (q.sort, q.mode, q.min_score, q.texts_only) == ("-price", "hybrid", 0.02, False)
+    assert parse(text="a", mode="lexical", min_score=7.5).min_score == 7.5  # BM25 scores exceed 1
 
 
 def test_vectors_mix_and_push_away_stay_unit_length() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,7 +70,9 @@ def parse_filter(obj: Any, schema: Mapping[str, FieldInfo]) -> FilterExpr | None
     parser = _Parser(schema)
     expr = parser.object(obj, 0)
     if parser.conditions > MAX_CONDITIONS:
-        raise QueryError(f"a filter may hold at most {MAX_CONDITIONS} conditions, got {parser.conditions}")
+        raise QueryError(
+            f"a filter may hold at most {MAX_CONDITIONS} conditions, got {parser.conditions}", "bad_filter"
+        )
     return expr
 
 
@@ -91,14 +94,20 @@ def cli_filter_object(items: list[str]) -> dict:
             try:
                 obj = json.loads(item)
             except json.JSONDecodeError as exc:
-                raise QueryError(f"filter {item!r} is not valid JSON: {exc.msg}") from None
+                raise QueryError(
+                    f"filter {_short(item)} is not valid JSON: {exc.msg}", "bad_filter"
+                ) from None
             if not isinstance(obj, dict):
-                raise QueryError(f'filter {item!r} must be a JSON object such as {{"color": "red"}}')
+                raise QueryError(
+                    f'filter {_short(item)} must be a JSON object such as {{"color": "red"}}', "bad_filter"
+                )
             parts.append(obj)
             continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise QueryError(f'filter {item!r} is not of the form key=value or {{"key": "value"}}')
+            raise QueryError(
+                f'filter {_short(item)} is not of the form key=value or {{"key": "value"}}', "bad_filter"
+            )
         parts.append({key.strip(): value})
     return {} if not parts else parts[0] if len(parts) == 1 else {"$and": parts}
 
@@ -112,46 +121,57 @@ class _Parser:
 
     def object(self, obj: Any, depth: int) -> FilterExpr:
         if not isinstance(obj, dict) or not obj:
-            raise QueryError(f"a filter must be a non-empty JSON object, got {obj!r}")
+            raise QueryError(f"a filter must be a non-empty JSON object, got {_short(obj)}", "bad_filter")
         if depth > MAX_NESTING:
-            raise QueryError(f"filters may nest $and/$or at most {MAX_NESTING} deep")
+            raise QueryError(f"filters may nest $and/$or at most {MAX_NESTING} deep", "bad_filter")
         unknown = sorted(k for k in obj if not k.startswith("$") and k not in self.schema)
         if unknown:
-            raise QueryError(f"unknown filter field(s) {unknown}; known fields: {self.known()}")
+            names = ", ".join(_short(u)[1:-1] for u in unknown[:5])
+            raise QueryError(
+                f"unknown filter field(s) {names}; known fields: {self.known()}", "unknown_filter"
+            )
         parts = [self.entry(key, value, depth) for key, value in obj.items()]
         return parts[0] if len(parts) == 1 else Group("$and", tuple(parts))
 
     def entry(self, key: str, value: Any, depth: int) -> FilterExpr:
         if key in ("$and", "$or"):
             if not isinstance(value, list) or not value:
-                raise QueryError(f"{key} takes a non-empty list of filter objects")
+                raise QueryError(f"{key} takes a non-empty list of filter objects", "bad_filter")
             return Group(key, tuple(self.object(v, depth + 1) for v in value))
         if key.startswith("$"):
-            raise QueryError(f"unknown filter operator {key!r} at the top level: use $and or $or")
+            raise QueryError(
+                f"unknown filter operator {_short(key)} at the top level: use $and or $or", "bad_filter"
+            )
         if isinstance(value, dict):
             if not value:
-                raise QueryError(f"filter field {key!r} has an empty operator object")
+                raise QueryError(f"filter field {_short(key)} has an empty operator object", "bad_filter")
             parts = [self.condition(key, op, operand) for op, operand in value.items()]
             return parts[0] if len(parts) == 1 else Group("$and", tuple(parts))
         if isinstance(value, list) or value is None:
             raise QueryError(
-                f"filter field {key!r} must have a single text, number or boolean value, "
-                'or an operator object such as {"$in": [...]}'
+                f"filter field {_short(key)} must have a single text, number or boolean value, "
+                'or an operator object such as {"$in": [...]}',
+                "bad_filter",
             )
         return self.condition(key, "$eq", value)
 
     def condition(self, name: str, op: str, operand: Any) -> Condition:
         self.conditions += 1
         if op not in OPERATORS:
-            raise QueryError(f"unknown filter operator {op!r} for field {name!r}; known: {OPERATORS}")
+            raise QueryError(
+                f"unknown filter operator {_short(op)} for field {_short(name)}; known: {OPERATORS}",
+                "bad_filter",
+            )
         info = self.schema[name]
         if op == "$exists":
             if not isinstance(operand, bool):
-                raise QueryError(f"$exists takes true or false, got {operand!r}")
+                raise QueryError(f"$exists takes true or false, got {_short(operand)}", "bad_filter")
             return Condition(name, op, operand, "exists")
         if op in ("$in", "$nin"):
             if not isinstance(operand, list) or len(operand) > MAX_IN:
-                raise QueryError(f"{op} takes a list of at most {MAX_IN} values for field {name!r}")
+                raise QueryError(
+                    f"{op} takes a list of at most {MAX_IN} values for field {_short(name)}", "bad_filter"
+                )
             checked = [self.operand(name, info, op, v) for v in operand]
             compares = {c for c, _ in checked}
             compare = compares.pop() if len(compares) == 1 else "text"
@@ -180,9 +200,20 @@ class _Parser:
         if kind in ("string", "mixed") and op in EQUALITY_OPS and isinstance(value, int | float):
             return "text", _as_text(value)
         raise QueryError(
-            f"filter field {name!r} holds {kind} values: {op} cannot compare it with {value!r}; "
-            f"known fields: {self.known()}"
+            f"filter field {_short(name)} holds {kind} values: {op} cannot compare it with {_short(value)}; "
+            f"known fields: {self.known()}",
+            "bad_filter",
         )
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to a readable length: an error echoes what a client sent, not a megabyte of it."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
 
 
 def parse_iso_date(text: str) -> datetime | None:
@@ -227,5 +258,5 @@ def _condition_sql(c: Condition) -> tuple[str, list]:
 def json_path(name: str) -> str:
     """The JSON path of a top-level field, quoted so dots and brackets in names stay part of the name."""
     if '"' in name or "\\" in name:
-        raise QueryError("filter field names containing '\"' or '\\' are not supported")
+        raise QueryError("filter field names containing '\"' or '\\' are not supported", "bad_filter")
     return f'$."{name}"'

@@ -17,19 +17,26 @@ from vitrine.index.layout import select_in
 
 @dataclass
 class Hit:
-    """One result; ``model`` (fingerprint id) and ``generation`` say which embedding space produced it."""
+    """One result; ``model_version`` (the encoder fingerprint id) and ``generation`` say which embedding
+    space produced it."""
 
     key: str
     path: str
     score: float
     captions: list[str]
     metadata: dict
-    model: str
+    model_version: str
     generation: str
     duplicates: list[str]  # other keys with identical content
 
+    @property
+    def model(self) -> str:
+        """Deprecated: the old name of :attr:`model_version`."""
+        return self.model_version
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The hit as JSON; ``model`` repeats ``model_version`` for existing clients (deprecated)."""
+        return {**asdict(self), "model": self.model_version}
 
 
 def check_queries(queries: np.ndarray, dim: int) -> np.ndarray:

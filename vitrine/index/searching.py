@@ -96,7 +96,7 @@ def plan(
         raise QueryError(f"filters must be a JSON object, got {type(filters).__name__}")
     expr = parse_filter(dict(filters), schema()) if isinstance(filters, Mapping) else filters
     where, args = to_sql(expr) if expr is not None else ("", [])
-    key = _sort_key(sort, schema) if sort else None
+    key = sort_key(sort, schema) if sort else None
     return Plan(q, k, offset, where, args, min_score, key, max_depth if key else offset + k)
 
 
@@ -107,7 +107,7 @@ def _count(value: Any, name: str, least: int) -> int:
     return int(value)
 
 
-def _sort_key(sort: str, schema: Callable[[], dict[str, FieldInfo]]) -> SortKey:
+def sort_key(sort: str, schema: Callable[[], dict[str, FieldInfo]]) -> SortKey:
     fields = schema()
     if not isinstance(sort, str):
         raise QueryError(f"sort must be a metadata field name (-name for descending), got {sort!r}")

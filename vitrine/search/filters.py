@@ -1,117 +1,73 @@
-"""Metadata filters as clients send them, parsed into the one form the store searches with.
+"""Metadata filters as clients send them, turned into one filter object of the filter language.
 
-Today a filter is a set of exact matches, ``field -> value`` compared as strings and ANDed. Clients send
-it loosely (an object, a JSON object string, ``"k=v, k2=v2"`` pairs, or a list of pairs), so it is parsed
-once, here, and every key is checked against the index's own metadata fields before any search runs.
-Operator objects (``{"price": {"$lt": 50}}``) are refused as ``unsupported`` until the store's filter
-language lands; the parsed form is what :class:`vitrine.search.query.Query` carries.
+The language itself (``{"color": "red"}``, ``{"price": {"$lt": 50}}``, ``$and``/``$or``...) is
+:mod:`vitrine.index.filters`, which parses an object against the index's schema into the expression the
+store and the full-text side search with. Clients send filters loosely: an object, a JSON object string,
+``"k=v, k2=v2"`` pairs, or a list of pairs and JSON objects (the CLI's repeated ``--filter``). This module
+turns all of them into one object; :func:`vitrine.search.query.parse_query` then parses it once.
 """
 
 from __future__ import annotations
 
 import json
 import reprlib
-from collections.abc import Mapping
 from typing import Any
 
 from vitrine.errors import QueryError
 
-Filters = dict[str, str]
+FilterObject = dict[str, Any]
 
 
-def normalise_filters(filters: Any) -> Filters:
-    """Accept ``{"k": "v"}``, a JSON object string, ``"k=v, k2=v2"`` or ``["k=v"]``; values as strings."""
+def filter_object(filters: Any) -> FilterObject:
+    """Accept a filter object, a JSON object string, ``"k=v, k2=v2"`` or a list of ``"k=v"`` pairs and
+    JSON object strings (all ANDed). ``k=v`` is text equality, as filters always were. A top-level field
+    whose value is None or "" means "any" (an unset dropdown) and is left out."""
     if filters is None or filters == "" or filters == {} or filters == []:
         return {}
     if isinstance(filters, str):
         text = filters.strip()
         if text.startswith("{"):
-            filters = _json_object(text)
-        else:
-            filters = [p for p in (s.strip() for s in text.replace(";", ",").split(",")) if p]
-    if isinstance(filters, list):
-        return parse_filters([str(p) for p in filters])
+            return _unset_dropped(_json_object(text))
+        filters = [p for p in (s.strip() for s in text.replace(";", ",").split(",")) if p]
+    if isinstance(filters, list | tuple) and all(isinstance(p, str) for p in filters):
+        return _pairs(list(filters))
     if isinstance(filters, dict):
-        return _scalars(filters)
-    raise QueryError('filters must be an object such as {"folder": "red"}', "bad_filter")
+        return _unset_dropped(filters)
+    raise QueryError('filters must be an object such as {"color": "red"}', "bad_filter")
 
 
-def parse_filters(pairs: list[str] | None) -> Filters:
-    """``["color=red", "size=M"]`` → ``{"color": "red", "size": "M"}`` (values may contain '=').
-
-    An item that starts with ``{`` is a JSON object of fields and values, the form for keys that contain
-    ``=`` (``{"a=b": "c"}``).
-    """
-    filters: Filters = {}
-    for pair in pairs or []:
-        if pair.lstrip().startswith("{"):
-            filters.update(filter_object(pair))
+def _pairs(items: list[str]) -> FilterObject:
+    """``["color=red", "a=b=c", '{"price": {"$lt": 5}}']`` → one object (values may contain '=');
+    a JSON object is the form for fields containing '=' and for operators."""
+    pairs: FilterObject = {}
+    objects: list[FilterObject] = []
+    for item in items:
+        if item.lstrip().startswith("{"):
+            objects.append(_unset_dropped(_json_object(item)))
             continue
-        key, sep, value = pair.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise QueryError(
-                f'filter {pair!r} is not of the form key=value or {{"key": "value"}}', "bad_filter"
+                f'filter {short(item)} is not of the form key=value or {{"key": "value"}}', "bad_filter"
             )
-        filters[key.strip()] = value
-    return filters
-
-
-def filter_object(text: str) -> Filters:
-    """A JSON object of field -> scalar value, as the strings filters compare (booleans as true/false)."""
-    out: Filters = {}
-    for key, value in _json_object(text).items():
-        if isinstance(value, dict | list) or value is None:
-            raise QueryError(
-                f"filter field {key!r} must have a single text, number or boolean value", "bad_filter"
-            )
-        out[key] = _text(value)
-    return out
-
-
-def check_known(filters: Filters, known: Mapping[str, Any]) -> Filters:
-    """``filters`` when every key is a known metadata field, else an error that lists the known ones."""
-    unknown = sorted(set(filters) - set(known))
-    if unknown:
-        raise QueryError(
-            f"unknown filter key(s) {', '.join(short(u)[1:-1] for u in unknown[:5])}; "
-            f"known keys: {', '.join(sorted(known)) or 'none'}",
-            "unknown_filter",
-        )
-    return filters
+        pairs[key.strip()] = value
+    parts = [p for p in ([pairs] if pairs else []) + objects if p]
+    return {} if not parts else parts[0] if len(parts) == 1 else {"$and": parts}
 
 
 def _json_object(text: str) -> Any:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise QueryError(f"filters are not valid JSON: {exc.msg}", "bad_filter") from None
+        raise QueryError(f"filter {short(text)} is not valid JSON: {exc.msg}", "bad_filter") from None
     if not isinstance(obj, dict):
         message = f'filter {short(text)} must be a JSON object such as {{"color": "red"}}'
         raise QueryError(message, "bad_filter")
     return obj
 
 
-def _scalars(obj: dict) -> Filters:
-    """A client's filter object: empty values mean "any" (an unset dropdown), operators are refused."""
-    out: Filters = {}
-    for key, value in obj.items():
-        if value is None or value == "":
-            continue
-        if isinstance(value, dict) and any(str(op).startswith("$") for op in value):
-            raise QueryError(
-                f"filter {short(key)} uses operators ({', '.join(map(str, value))}), which this index "
-                "cannot apply yet: give one exact value",
-                "unsupported",
-            )
-        if isinstance(value, dict | list) or value is None:
-            raise QueryError(f"filter {short(key)} must be a single value", "bad_filter")
-        out[str(key)] = _text(value)
-    return out
-
-
-def _text(value: Any) -> str:
-    """The string a metadata value compares as (JSON booleans as true/false, like SQLite's json)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def _unset_dropped(obj: dict) -> FilterObject:
+    return {str(k): v for k, v in obj.items() if str(k).startswith("$") or (v is not None and v != "")}
 
 
 def short(value: Any) -> str:

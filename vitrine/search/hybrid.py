@@ -5,6 +5,10 @@ Hybrid search fuses two rankings by reciprocal rank fusion (Cormack et al. 2009)
 BM25 score never have to be put on one scale. Each side is taken to depth ``max(k + offset, floor)``
 so that page 2 is fused from the same lists as page 1 (pages are stable within a generation).
 
+``min_score`` cuts the ranked list before the page is taken (a BM25 score in lexical mode, an RRF value
+in hybrid mode); ``sort`` (a metadata field, ``-field`` descending) reorders what is above the cutoff
+among the ranked candidates, as the store does for vector search.
+
 Filters apply to both sides: the vector side through :meth:`IndexStore.search`, the lexical side as
 the same SQL condition on ``items``. Items with identical content share a vector and come back as one
 hit on both sides (the first matching key, the others as ``duplicates``), so they fuse by key.
@@ -24,6 +28,7 @@ from vitrine.errors import QueryError
 from vitrine.index import fulltext
 from vitrine.index.filters import Condition, Group, parse_filter, to_sql
 from vitrine.index.hits import Hit, assemble_hits
+from vitrine.index.searching import MAX_DEPTH, sort_hits, sort_key
 from vitrine.index.store import IndexStore
 
 #: RRF's constant: larger flattens the difference between the top ranks (60 is the paper's value).
@@ -62,10 +67,18 @@ def rrf(
 
 
 def lexical(
-    store: IndexStore, text: str, k: int = 10, offset: int = 0, filters: dict[str, str] | None = None
+    store: IndexStore,
+    text: str,
+    k: int = 10,
+    offset: int = 0,
+    filters: Any = None,
+    *,
+    min_score: float | None = None,
+    sort: str | None = None,
 ) -> list[RankedHit]:
     """Hits ``offset .. offset + k`` by BM25 over captions, metadata strings and file names."""
-    return _lexical_hits(store, text, _depth(k, offset, 0), filters)[offset : offset + k]
+    hits = _lexical_hits(store, text, _depth(k, offset, MAX_DEPTH if sort else 0), filters)
+    return _cut(store, hits, k, offset, min_score, sort)
 
 
 def search(
@@ -74,42 +87,54 @@ def search(
     text: str,
     k: int = 10,
     offset: int = 0,
-    filters: dict[str, str] | None = None,
+    filters: Any = None,
     *,
+    min_score: float | None = None,
+    sort: str | None = None,
     rrf_k: int = RRF_K,
     floor: int = DEPTH_FLOOR,
     lexical_weight: float = 1.0,
 ) -> list[RankedHit]:
     """Hits ``offset .. offset + k`` of the RRF fusion of the vector ranking (``vector``, a query
     embedding) and the lexical ranking (``text``); ``lexical_weight`` scales the lexical side's share."""
-    depth = _depth(k, offset, floor)
-    by_vector = [_ranked(h, vector_score=h.score) for h in store.search(vector, k=depth, filters=filters)[0]]
+    depth = _depth(k, offset, MAX_DEPTH if sort else floor)
+    found = store.search(vector, k=depth, filters=filters, max_depth=depth)[0]
+    by_vector = [ranked(h, vector_score=h.score) for h in found]
     by_text = _lexical_hits(store, text, depth, filters)
     fused = rrf([[h.key for h in by_vector], [h.key for h in by_text]], rrf_k, [1.0, lexical_weight])
-    found = {h.key: h for h in by_text} | {h.key: h for h in by_vector}
+    hits = {h.key: h for h in by_text} | {h.key: h for h in by_vector}
     lexical_scores = {h.key: h.lexical_score for h in by_text}
     out = []
-    for key in list(fused)[offset : offset + k]:
-        hit = found[key]
-        hit.score, hit.lexical_score = fused[key], lexical_scores.get(key)
+    for key, score in fused.items():
+        hit = hits[key]
+        hit.score, hit.lexical_score = score, lexical_scores.get(key)
         out.append(hit)
-    return out
+    return _cut(store, out, k, offset, min_score, sort)
 
 
-def _lexical_hits(
-    store: IndexStore, text: str, depth: int, filters: dict[str, str] | None
+def _cut(
+    store: IndexStore, hits: list[RankedHit], k: int, offset: int, min_score: float | None, sort: str | None
 ) -> list[RankedHit]:
+    """The page of a ranked list: cut at ``min_score``, ordered by ``sort`` if given."""
+    if min_score is not None:
+        hits = [h for h in hits if h.score >= min_score]
+    if sort:
+        hits = sort_hits(hits, sort_key(sort, store.schema))  # type: ignore[assignment]
+    return hits[offset : offset + k]
+
+
+def _lexical_hits(store: IndexStore, text: str, depth: int, filters: Any) -> list[RankedHit]:
     conn = _connection(store)
     fulltext.require(conn, f"{store.root}/{store.generation}")
     where, args = _filter_sql(store, filters)
-    ranked = fulltext.search(conn, text, depth, where, args)
-    if not ranked:
+    rows = fulltext.search(conn, text, depth, where, args)
+    if not rows:
         return []
-    ids = np.array([r[0] for r in ranked], dtype=np.int64)[None, :]
-    scores = np.array([r[1] for r in ranked], dtype=np.float32)[None, :]
+    ids = np.array([r[0] for r in rows], dtype=np.int64)[None, :]
+    scores = np.array([r[1] for r in rows], dtype=np.float32)[None, :]
     model = str(store.fingerprint.get("id"))
     hits = assemble_hits(conn, store.generation, model, scores, ids, where, args)[0]
-    return [_ranked(h, lexical_score=h.score) for h in hits]
+    return [ranked(h, lexical_score=h.score) for h in hits]
 
 
 def _connection(store: IndexStore) -> sqlite3.Connection:
@@ -126,7 +151,8 @@ def _filter_sql(store: IndexStore, filters: Any) -> tuple[str, list]:
     return to_sql(expr) if expr is not None else ("", [])
 
 
-def _ranked(hit: Hit, **scores: float) -> RankedHit:
+def ranked(hit: Hit, **scores: float) -> RankedHit:
+    """``hit`` with the given side scores."""
     return RankedHit(**{f.name: getattr(hit, f.name) for f in fields(Hit)}, **scores)
 
 

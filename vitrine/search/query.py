@@ -4,13 +4,14 @@ Clients send loosely typed values (a slider's float for ``k``, filters as an obj
 ``"k=v"`` pairs, a list where a string belongs). :func:`parse_query` turns them into a :class:`Query` or
 raises one :class:`~vitrine.errors.QueryError` whose ``reason`` names the problem (``bad_k``,
 ``bad_text``, ``empty_query``, ``text_too_long``, ``bad_weight``, ``bad_offset``, ``bad_min_score``,
-``unknown_filter``, ``bad_filter``, ``unsupported``...). The Searcher, the batcher and the web service
-take a Query as given.
+``unknown_filter``, ``bad_filter``, ``bad_mode``, ``bad_sort``...). Filters are parsed here, once,
+against the index's schema (:func:`vitrine.index.filters.parse_filter`); the expression is what the
+store and the full-text side search with. The Searcher, the batcher and the web service take a Query as
+given.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,9 @@ from typing import Any
 from PIL import Image
 
 from vitrine.errors import QueryError
-from vitrine.search.filters import Filters, check_known, normalise_filters, short
+from vitrine.index.filters import FilterExpr, parse_filter
+from vitrine.index.schema import FieldInfo
+from vitrine.search.filters import filter_object, short
 
 MODES = ("vector", "lexical", "hybrid")
 EMPTY_TEXT = "the text query is empty: type a description such as 'a red dress'"
@@ -43,7 +46,9 @@ class Query:
     """One validated search. Sources: ``text``, ``image`` (decoded) and ``key`` (an indexed item); at
     least one is set, ``image`` and ``key`` not both. ``weight`` is the text's share against the photo
     or item; ``negative`` texts are pushed away from with ``negative_weight``. The result is the page
-    ``[offset, offset + k)`` of hits scoring at least ``min_score``, matching ``filters`` exactly."""
+    ``[offset, offset + k)`` of hits scoring at least ``min_score`` and matching ``filters`` (a parsed
+    expression), ranked by ``mode`` and ordered by score or by ``sort`` (a metadata field, ``-field``
+    descending)."""
 
     text: str | None = None
     image: Image.Image | None = field(default=None, compare=False)
@@ -53,7 +58,7 @@ class Query:
     negative_weight: float = 0.5
     k: int = 10
     offset: int = 0
-    filters: Filters = field(default_factory=dict)
+    filters: FilterExpr | None = None
     min_score: float | None = None
     mode: str = "vector"
     sort: str | None = None
@@ -61,12 +66,12 @@ class Query:
     @property
     def texts_only(self) -> bool:
         """Answerable from text embeddings alone (the text batcher answers it whole)."""
-        return self.image is None and self.key is None and self.text is not None
+        return self.image is None and self.key is None and self.text is not None and self.mode == "vector"
 
     @property
     def page(self) -> tuple:
         """What queries must share to be searched in one store call."""
-        return (self.k, self.offset, self.min_score, json.dumps(self.filters, sort_keys=True))
+        return (self.k, self.offset, self.min_score, repr(self.filters), self.sort, self.mode)
 
     @property
     def kind(self) -> str:
@@ -90,18 +95,20 @@ def parse_query(
     min_score: Any = None,
     mode: Any = "vector",
     sort: Any = None,
-    known_fields: Callable[[], Mapping[str, Any]] | None = None,
+    schema: Callable[[], Mapping[str, FieldInfo]] | None = None,
     empty: str | None = EMPTY_ANY,
 ) -> Query:
-    """The one place client values are checked. ``known_fields`` (called only when there are filters)
-    gives the index's metadata fields; ``empty`` is the message when no source is given (None: a photo
-    may still follow, added by :func:`with_image`, so that a photo is decoded only for a valid query)."""
+    """The one place client values are checked. ``schema`` (called only when there are filters or a
+    sort) gives the index's metadata fields and types; ``empty`` is the message when no source is given
+    (None: a photo may still follow, added by :func:`with_image`, so that a photo is decoded only for a
+    valid query)."""
     kk = number(k, "k", int)
     check_k(kk, limits)
     words = clean_text(optional_text(text), limits)
     w, nw = number(weight, "weight", float), number(negative_weight, "negative_weight", float)
     check_weight(w, "weight")
     check_weight(nw, "negative_weight")
+    how = _mode(mode)
     query = Query(
         text=words,
         image=image,
@@ -111,11 +118,13 @@ def parse_query(
         negative_weight=nw,
         k=kk,
         offset=_offset(offset, kk, limits),
-        filters=_filters(filters, known_fields),
-        min_score=_min_score(min_score),
-        mode=_mode(mode),
-        sort=_sort(sort),
+        filters=_filters(filters, schema),
+        min_score=_min_score(min_score, how),
+        mode=how,
+        sort=_sort(sort, schema),
     )
+    if how != "vector" and query.text is None:
+        raise QueryError(f"mode {how!r} ranks by the words of a text: give a text", "bad_mode")
     return query if empty is None else require_source(query, empty)
 
 
@@ -206,16 +215,17 @@ def _offset(offset: Any, k: int, limits: SearchLimits) -> int:
     return value
 
 
-def _filters(filters: Any, known_fields: Callable[[], Mapping[str, Any]] | None) -> Filters:
-    parsed = normalise_filters(filters)
-    return check_known(parsed, known_fields() if known_fields is not None else {}) if parsed else parsed
+def _filters(filters: Any, schema: Callable[[], Mapping[str, FieldInfo]] | None) -> FilterExpr | None:
+    obj = filter_object(filters)
+    return parse_filter(obj, schema() if schema is not None else {}) if obj else None
 
 
-def _min_score(min_score: Any) -> float | None:
+def _min_score(min_score: Any, mode: str) -> float | None:
+    """A cosine in vector mode; in lexical mode a BM25 score and in hybrid an RRF value (any number)."""
     if min_score is None or min_score == "":
         return None
     value = number(min_score, "min_score", float)
-    if not -1.0 <= value <= 1.0:
+    if mode == "vector" and not -1.0 <= value <= 1.0:
         raise QueryError(f"min_score must be between -1 and 1 (a cosine), got {value}", "bad_min_score")
     return value
 
@@ -225,14 +235,16 @@ def _mode(mode: Any) -> str:
         return "vector"
     if mode not in MODES:
         raise QueryError(f"mode must be one of {', '.join(MODES)}, got {short(mode)}", "bad_mode")
-    if mode != "vector":
-        raise QueryError(f"mode {mode!r} is not available on this server yet; use 'vector'", "unsupported")
     return mode
 
 
-def _sort(sort: Any) -> str | None:
+def _sort(sort: Any, schema: Callable[[], Mapping[str, FieldInfo]] | None) -> str | None:
     if sort is None or sort == "" or sort == "score":
         return None
     if not isinstance(sort, str):
         raise QueryError("sort must be a metadata field name (or -field)", "bad_sort")
-    raise QueryError("sorting by a metadata field is not available on this server yet", "unsupported")
+    fields = schema() if schema is not None else {}
+    if sort.removeprefix("-") not in fields:
+        known = ", ".join(f"{n} ({f.type})" for n, f in sorted(fields.items())) or "none"
+        raise QueryError(f"cannot sort by unknown field {short(sort)}; known fields: {known}", "bad_sort")
+    return sort

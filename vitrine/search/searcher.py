@@ -1,5 +1,11 @@
 """Searcher: a :class:`~vitrine.search.query.Query` → its query vector → a page of hits.
 
+``mode`` says how hits are ranked: ``vector`` (cosine, in the store), ``lexical`` (BM25 over the
+full-text index) or ``hybrid`` (both fused by reciprocal rank fusion, :mod:`vitrine.search.hybrid`).
+Every hit is a :class:`~vitrine.search.hybrid.RankedHit` carrying ``vector_score`` and
+``lexical_score`` (None where that side did not rank it). Filters, pages, ``min_score`` and ``sort``
+are applied inside the store's search (or the lexical/hybrid ranking), never by slicing here.
+
 The Searcher is given its encoder and store (so tests and the app pass in real tiny parts). It takes a
 Query as already validated (:func:`vitrine.search.query.parse_query` is the one place that checks client
 values); the convenience methods (``search_text``, ``search``...) are the library's own edge and parse
@@ -17,14 +23,15 @@ import numpy as np
 from PIL import Image
 
 from vitrine.errors import FingerprintMismatch, QueryError
-from vitrine.index.store import Hit, IndexStore
+from vitrine.index.store import IndexStore
 from vitrine.model.encoder import Encoder
-from vitrine.search.filters import parse_filters as parse_filters
+from vitrine.search import hybrid
+from vitrine.search.hybrid import RankedHit, ranked
 from vitrine.search.query import EMPTY_TEXT, Query, SearchLimits, parse_query
 from vitrine.search.vectors import mix, push_away
 
 ImageInput = str | os.PathLike | bytes | Image.Image
-__all__ = ["Embed", "ImageInput", "Page", "SearchLimits", "Searcher", "parse_filters"]
+__all__ = ["Embed", "ImageInput", "Page", "SearchLimits", "Searcher"]
 
 
 class Embed(Protocol):
@@ -39,7 +46,7 @@ class Embed(Protocol):
 class Page:
     """One page of hits; ``next_offset`` is where the next page starts, None when there is none."""
 
-    hits: list[Hit]
+    hits: list[RankedHit]
     next_offset: int | None
 
 
@@ -75,8 +82,8 @@ class Searcher:
 
     # ------------------------------------------------------------------ validated queries
     def parse(self, **fields: Any) -> Query:
-        """A client's fields → Query, with filter keys checked against this index's metadata fields."""
-        return parse_query(self.limits, known_fields=self.store.metadata_fields, **fields)
+        """A client's fields → Query, filters and sort checked against this index's metadata schema."""
+        return parse_query(self.limits, schema=self.store.schema, **fields)
 
     def vector(self, query: Query, embed: Embed | None = None) -> np.ndarray:
         """The query's one unit vector: text and photo (or item) mixed by ``weight``, negatives pushed
@@ -100,14 +107,41 @@ class Searcher:
         return vectors[0]
 
     def run(self, query: Query, embed: Embed | None = None) -> Page:
-        return self.pages(self.vector(query, embed)[None, :], query)[0]
+        return self.answer(query, None if query.mode == "lexical" else self.vector(query, embed))
+
+    def answer(self, query: Query, vector: np.ndarray | None) -> Page:
+        """The page of ``query`` ranked by its mode; ``vector`` is its query vector (None in lexical
+        mode). One hit past the page says whether another page follows."""
+        if query.mode == "vector":
+            assert vector is not None
+            return self.pages(vector[None, :], query)[0]
+        assert query.text is not None  # parse_query refuses lexical/hybrid without a text
+        opts = dict(filters=query.filters, min_score=query.min_score, sort=query.sort)
+        if query.mode == "lexical":
+            hits = hybrid.lexical(self.store, query.text, query.k + 1, query.offset, **opts)
+        else:
+            assert vector is not None
+            hits = hybrid.search(self.store, vector, query.text, query.k + 1, query.offset, **opts)
+        return self._page(hits, query)
 
     def pages(self, vectors: np.ndarray, query: Query) -> list[Page]:
-        """Several queries sharing ``query.page`` (k, offset, min_score, filters) in one FAISS call and one
-        metadata lookup: a server's batch. One hit past the page says whether another page follows."""
+        """Vector-mode queries sharing ``query.page`` in one store call (a server's batch): the store
+        applies the filter, ``min_score``, ``sort`` and the page."""
+        found = self.store.search(
+            vectors,
+            query.k + 1,
+            query.filters,
+            offset=query.offset,
+            min_score=query.min_score,
+            sort=query.sort,
+            max_depth=self.limits.max_depth + 1,  # the one hit past the deepest page
+        )
+        return [self._page([ranked(h, vector_score=h.score) for h in hits], query) for hits in found]
+
+    def _page(self, hits: list[RankedHit], query: Query) -> Page:
         end = query.offset + query.k
-        found = self.store.search(vectors, k=end + 1, filters=query.filters or None)
-        return [_page(hits, query, end) for hits in found]
+        more = len(hits) > query.k and end < self.limits.max_depth
+        return Page(hits[: query.k], end if more else None)
 
     # ------------------------------------------------------------------ the library's own edge
     def text_vector(self, text: str) -> np.ndarray:
@@ -118,10 +152,10 @@ class Searcher:
         """Normalised query embedding for an image; undecodable input raises ImageDecodeError."""
         return self.direct.image(self.encoder.load_image(image))
 
-    def search_text(self, text: str, k: int = 10, filters: Any = None) -> list[Hit]:
+    def search_text(self, text: str, k: int = 10, filters: Any = None) -> list[RankedHit]:
         return self.run(self.parse(text=text, k=k, filters=filters, empty=EMPTY_TEXT)).hits
 
-    def search_image(self, image: ImageInput, k: int = 10, filters: Any = None) -> list[Hit]:
+    def search_image(self, image: ImageInput, k: int = 10, filters: Any = None) -> list[RankedHit]:
         return self.run(self.parse(image=self.encoder.load_image(image), k=k, filters=filters)).hits
 
     def search(
@@ -131,21 +165,11 @@ class Searcher:
         weight: float = 0.5,
         k: int = 10,
         filters: Any = None,
-    ) -> list[Hit]:
+    ) -> list[RankedHit]:
         """Photo, text, or both ("this dress but in red")."""
         photo = None if image is None else self.encoder.load_image(image)
         return self.run(self.parse(image=photo, text=text, weight=weight, k=k, filters=filters)).hits
 
-    def more_like(self, key: str, k: int = 10, filters: Any = None) -> list[Hit]:
+    def more_like(self, key: str, k: int = 10, filters: Any = None) -> list[RankedHit]:
         """Neighbours of an indexed item, from its stored embedding (no re-encoding)."""
         return self.run(self.parse(key=key, k=k, filters=filters)).hits
-
-
-def _page(hits: list[Hit], query: Query, end: int) -> Page:
-    page = hits[query.offset : end]
-    more = len(hits) > end
-    if query.min_score is not None:
-        kept = [h for h in page if h.score >= query.min_score]
-        more = more and len(kept) == len(page) and hits[end].score >= query.min_score
-        page = kept
-    return Page(page, end if more else None)
