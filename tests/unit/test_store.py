@@ -106,7 +106,8 @@ def test_write_then_search_returns_the_item_first(store: IndexStore) -> None:
             "score",
             "captions",
             "metadata",
-            "model",
+            "model",  # deprecated name of model_version (README)
+            "model_version",
             "generation",
             "duplicates",
         }
