@@ -112,7 +112,14 @@ def build_demo(service: SearchService) -> gr.Blocks:
                         )
                         controls = uq.query_controls(_unchecked)
                         k = _unchecked(
-                            gr.Slider(1, max_k, value=min(DEFAULT_K, max_k), step=1, label="Results per page")
+                            gr.Slider(
+                                1,
+                                max_k,
+                                value=min(DEFAULT_K, max_k),
+                                step=1,
+                                label="Results per page",
+                                elem_id="query-k",
+                            )
                         )
                         with gr.Accordion("Filters", open=False):
                             slots = [_filter_slot(i) for i in range(FILTER_SLOTS)]
