@@ -47,9 +47,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 #: Gradio summarises its last 10,000 events with pandas after *every* event by default (for the API
-#: page's timings): a per-request cost that grows with uptime, 12.6 ms of CPU per request once 10,000
-#: events are recorded (measured here; a text search costs about 20). Recompute every 1,000 events over
-#: the last 2,000 instead (an explicit environment setting still wins).
+#: page's timings): a per-request cost that grows with uptime until it rivals a search itself
+#: (bench/RESULTS.md, Load). Recompute every 1,000 events over the last 2,000 instead (an explicit
+#: environment setting still wins).
 GRADIO_ANALYTICS = {"GRADIO_ANALYTICS_CACHE_FREQUENCY": "1000", "GRADIO_ANALYTICS_MAX_EVENTS": "2000"}
 
 
@@ -110,8 +110,8 @@ def create_app(service: SearchService, settings: ServerSettings) -> FastAPI:
         run_history=False,
         enable_monitoring=False,
     )
-    # Gradio imports pandas on the 1,000th event (its analytics summary): under load that import held
-    # the GIL for ~150 ms and stalled every request in flight. Import it now, before the heap is frozen.
+    # Gradio imports pandas on the 1,000th event (its analytics summary): under load that import holds
+    # the GIL long enough to stall every request in flight. Import it now, before the heap is frozen.
     importlib.import_module("pandas")
     settle_heap()
     return mounted
@@ -178,8 +178,8 @@ def serve(service: SearchService, settings: ServerSettings) -> None:
 
     # A thread that wants the GIL back waits for the holder to yield, at most the switch interval (5 ms
     # by default). Model calls and SQLite release and retake the GIL many times per request while the
-    # event loop runs Python, so every retake could cost up to that: 1 ms raised text-search throughput
-    # under 16 clients by 8% here (bench/RESULTS.md).
+    # event loop runs Python, so every retake could cost up to that; a shorter interval raised
+    # text-search throughput under load (bench/RESULTS.md, Load).
     sys.setswitchinterval(settings.switch_interval_ms / 1000)
     app = create_app(service, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)

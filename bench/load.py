@@ -53,12 +53,19 @@ REPO = Path(__file__).resolve().parents[1]
 DEIT = REPO.parent / "shared" / "models" / "deit-tiny-patch16-224"
 HEADING = "## Load (bench/load.py)"
 QUERIES = [
-    "a dog running on the beach", "two children playing football in a park", "a red dress on a hanger",
-    "a man riding a bicycle down a city street", "snow covered mountains at sunset", "a cat asleep on a sofa",
-    "people waiting at a train station", "a bowl of fresh fruit on a wooden table", "a surfer on a big wave",
-    "a black and white photo of an old car", "a woman in a blue coat holding an umbrella",
+    "a dog running on the beach",
+    "two children playing football in a park",
+    "a red dress on a hanger",
+    "a man riding a bicycle down a city street",
+    "snow covered mountains at sunset",
+    "a cat asleep on a sofa",
+    "people waiting at a train station",
+    "a bowl of fresh fruit on a wooden table",
+    "a surfer on a big wave",
+    "a black and white photo of an old car",
+    "a woman in a blue coat holding an umbrella",
     "a group of friends laughing at a picnic",
-]  # fmt: skip
+]
 
 
 @dataclass(kw_only=True)
@@ -109,11 +116,21 @@ def synthetic_index(encoder, items: int) -> Path:  # type: ignore[no-untyped-def
     try:
         for start in range(0, items, 5000):
             vecs = rng.standard_normal((min(5000, items - start), encoder.dim)).astype(np.float32)
-            store.write([
-                NewItem(key=f"item-{i}", path=f"/catalog/{i:06d}.jpg", sha256=f"{i:064x}", size=1, mtime_ns=0,
-                        captions=[f"synthetic item {i}"], metadata={"shop": f"s{i % 7}"}, embedding=v)
-                for i, v in zip(range(start, start + len(vecs)), vecs, strict=True)
-            ])  # fmt: skip
+            store.write(
+                [
+                    NewItem(
+                        key=f"item-{i}",
+                        path=f"/catalog/{i:06d}.jpg",
+                        sha256=f"{i:064x}",
+                        size=1,
+                        mtime_ns=0,
+                        captions=[f"synthetic item {i}"],
+                        metadata={"shop": f"s{i % 7}"},
+                        embedding=v,
+                    )
+                    for i, v in zip(range(start, start + len(vecs)), vecs, strict=True)
+                ]
+            )
     finally:
         store.close()
     return root
@@ -304,14 +321,25 @@ def run_model(name: str, a: LoadArgs) -> list[list]:
             lat, errs = result["latencies"], result["errors"]
             same = "search_image" if endpoint == "search_image" else "search_text"  # the baseline's query
             b50 = statistics.median(base[same]) * 1000
-            rows.append([
-                name, endpoint, a.clients, len(lat), f"{len(lat) / result['elapsed']:.1f}",
-                f"{pct(lat, 50):.0f}", f"{pct(lat, 95):.0f}", f"{pct(lat, 99):.0f}", len(errs),
-                f"{b50:.1f}", f"{pct(base[same], 99):.1f}",
-                f"{cpu_used * 1000 / max(1, result['calls']):.1f}",
-                f"{base[same + '_cpu'][0] * 1000:.1f}", f"{client_ms:.1f}",
-                factory,
-            ])  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    endpoint,
+                    a.clients,
+                    len(lat),
+                    f"{len(lat) / result['elapsed']:.1f}",
+                    f"{pct(lat, 50):.0f}",
+                    f"{pct(lat, 95):.0f}",
+                    f"{pct(lat, 99):.0f}",
+                    len(errs),
+                    f"{b50:.1f}",
+                    f"{pct(base[same], 99):.1f}",
+                    f"{cpu_used * 1000 / max(1, result['calls']):.1f}",
+                    f"{base[same + '_cpu'][0] * 1000:.1f}",
+                    f"{client_ms:.1f}",
+                    factory,
+                ]
+            )
             if errs:
                 print(f"{name} {endpoint}: {len(errs)} errors, first: {errs[0]}", file=sys.stderr)
     finally:
@@ -320,9 +348,23 @@ def run_model(name: str, a: LoadArgs) -> list[list]:
     return rows
 
 
-HEADERS = ["model", "endpoint", "clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-           "in-process p50 ms", "in-process p99 ms", "server CPU ms/req", "in-process CPU ms/query",
-           "client CPU ms/req", "FAISS"]  # fmt: skip
+HEADERS = [
+    "model",
+    "endpoint",
+    "clients",
+    "requests",
+    "req/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "errors",
+    "in-process p50 ms",
+    "in-process p99 ms",
+    "server CPU ms/req",
+    "in-process CPU ms/query",
+    "client CPU ms/req",
+    "FAISS",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

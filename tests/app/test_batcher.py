@@ -59,6 +59,13 @@ def test_build_demo_does_no_work_and_writes_no_stub_files(tmp_path) -> None:  # 
     demo = build_demo(service)
     assert isinstance(demo, gr.Blocks)
     names = {d.api_name for d in demo.fns.values() if d.api_visibility == "public"}
-    assert names == {"search_text", "search_image", "search", "more_like", "check_drift", "drift_status",
-                     "start_reindex"}  # fmt: skip
+    assert names == {
+        "search_text",
+        "search_image",
+        "search",
+        "more_like",
+        "check_drift",
+        "drift_status",
+        "start_reindex",
+    }
     assert not list((REPO / "app").glob("*.pyi"))

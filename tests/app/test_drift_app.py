@@ -79,9 +79,12 @@ def test_reindex_from_the_page_needs_admin(service: SearchService):
 def test_admin_reindex_runs_as_a_job_and_the_service_moves_to_the_new_generation(tmp_path: Path, clip_path):
     build_index(make_catalog(tmp_path / "catalog"), tmp_path / "index", clip_path)
     settings = ServiceSettings(
-        index=str(tmp_path / "index"), encoder_kwargs={"device": "cpu"}, refresh_seconds=0,
-        admin=True, reindex_args=["--retrain-ivf"],
-    )  # fmt: skip
+        index=str(tmp_path / "index"),
+        encoder_kwargs={"device": "cpu"},
+        refresh_seconds=0,
+        admin=True,
+        reindex_args=["--retrain-ivf"],
+    )
     service = SearchService(settings)
     try:
         before = service.search_text("pattern number 3")

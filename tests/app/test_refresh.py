@@ -36,8 +36,20 @@ def healthz(url: str) -> dict:
 
 
 def indexer_build(manifest: Path, index: Path, model: Path) -> None:
-    cmd = [sys.executable, "-m", "indexer", "build", str(manifest), "--index", str(index),
-           "--model", str(model), "--no-progress", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "indexer",
+        "build",
+        str(manifest),
+        "--index",
+        str(index),
+        "--model",
+        str(model),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=120)
 
 

@@ -199,8 +199,8 @@ def test_fetch_refuses_unlisted_hosts_odd_schemes_and_local_names() -> None:
 
 
 def test_readme_rest_quick_start_runs_against_a_live_server(live_server: LiveServer, tmp_path: Path) -> None:
-    """The README's REST examples (curl and httpx), unchanged but for the address, run and answer."""
-    text = (REPO / "README.md").read_text()
+    """The REST doc's examples (curl and httpx), unchanged but for the address, run and answer."""
+    text = (REPO / "docs" / "rest.md").read_text()
     region = text[text.index("<!-- rest:start -->") : text.index("<!-- rest:end -->")]
     shell = re.findall(r"```bash\n(.*?)```", region, flags=re.S)[0]
     code = re.findall(r"```python\n(.*?)```", region, flags=re.S)[0]

@@ -188,7 +188,7 @@ def test_server_settles_its_heap_and_gradio_does_not_resummarise_per_request(tmp
     before = {id(o) for o in gc.get_objects() if type(o) is Queue}
     try:
         create_app(service, ServerSettings())
-        # The loaded heap is frozen (full collections stalled every request for ~0.4 s under load).
+        # The loaded heap is frozen (full collections stalled every request in flight under load).
         assert gc.get_freeze_count() > 10_000
         gc.unfreeze()  # frozen objects are invisible to gc.get_objects()
         queues = [o for o in gc.get_objects() if type(o) is Queue and id(o) not in before]
