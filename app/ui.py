@@ -6,9 +6,9 @@ beyond asking the service what it already holds.
 Every search is one named, public endpoint that returns the JSON result (``/search_text``,
 ``/search_image``, ``/search``, ``/more_like``); the page shows that same JSON in "API response" and a
 private follow-up step turns it into the gallery, so API clients pay for no thumbnails. Filters travel as
-one JSON object (``{"folder": "red"}``), which the page composes from dropdowns built from the index's
-metadata columns. Refusals become ``gr.Error`` with the service's message: a toast on the page, an
-exception carrying the message in ``gradio_client``.
+one JSON object (``{"folder": "red"}``), which the page composes, when a search starts, from controls
+built from the index's metadata columns. Refusals become ``gr.Error`` with the service's message: a toast
+on the page, an exception carrying the message in ``gradio_client``.
 """
 
 from __future__ import annotations
@@ -121,9 +121,11 @@ def build_demo(service: SearchService) -> gr.Blocks:
                                 elem_id="query-k",
                             )
                         )
-                        with gr.Accordion("Filters", open=False):
+                        with gr.Accordion("Filters", open=False, elem_id="filters"):
                             slots = [_filter_slot(i) for i in range(FILTER_SLOTS)]
-                            filters = gr.JSON(value={}, label="Filters sent with each search")
+                            filters = gr.JSON(
+                                value={}, label="Filters sent with the last search", elem_id="filters-sent"
+                            )
                         with gr.Row():
                             search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
                             clear_btn = gr.ClearButton([image, text], value="Clear")
@@ -188,9 +190,10 @@ def build_demo(service: SearchService) -> gr.Blocks:
         async def page_query(b: Any, photo: Any) -> dict:  # "more like" and "load more": a key wins
             return await query(b, None if isinstance(b, dict) and b.get("key") else photo)
 
+        filter_inputs = [c for pair in slots for c in pair] + [c for r in controls.ranges for c in r]
         compose_inputs = [text, controls.negative, weight, k, controls.min_score, controls.mode]
-        compose_inputs += [controls.sort_field, controls.sort_dir, filters]
-        compose = {"fn": uq.compose_body, "inputs": compose_inputs, "outputs": [body], **private}
+        compose_inputs += [controls.sort_field, controls.sort_dir, *filter_inputs]
+        compose = {"fn": _compose(service), "inputs": compose_inputs, "outputs": [body, filters], **private}
         named = {"fn": query, "inputs": [body, image], "outputs": [result]}
         for i, trigger in enumerate([text.submit, search_btn.click, image.upload]):
             visible = {"api_name": "query"} if i == 0 else private  # one named endpoint, three triggers
@@ -209,11 +212,8 @@ def build_demo(service: SearchService) -> gr.Blocks:
         for field, value in slots:
             field.change(lambda f: _values(service, f), inputs=[field], outputs=[value], **private)
         for field, low, high in controls.ranges:
-            field.change(lambda f: uq.range_hint(service, f), inputs=[field], outputs=[low, high], **private)
-        filter_inputs = [c for pair in slots for c in pair] + [c for r in controls.ranges for c in r]
-        for comp in filter_inputs:
-            change = comp.input if isinstance(comp, gr.Textbox) else comp.change
-            change(_compose(service), inputs=filter_inputs, outputs=[filters], queue=False, **private)
+            hint = {"inputs": [field], "outputs": [low, high], "queue": False, **private}
+            field.change(lambda f: uq.range_hint(service, f), **hint)
 
         def index(a: Any, b: Any, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
             sent = [*(a if isinstance(a, list) else [a]), *(b if isinstance(b, list) else [b])]
@@ -339,8 +339,9 @@ def _values(service: SearchService, field: str | None) -> Any:
 
 
 def _compose(service: SearchService) -> Any:
-    """The filters object of the equality pairs and the ranges (:func:`app.ui_query.compose_filters`)."""
-    return lambda *values: uq.compose_filters(service, FILTER_SLOTS, *values)
+    """The REST body and filters of the page's controls at the moment of the search
+    (:func:`app.ui_query.compose_page`)."""
+    return lambda *values: uq.compose_page(service, FILTER_SLOTS, *values)
 
 
 def _index(service: SearchService, files: list, progress: gr.Progress, request: gr.Request) -> str:

@@ -40,7 +40,7 @@ class QueryControls:
     """The components :func:`query_controls` declares, for :mod:`app.ui` to wire."""
 
     negative: gr.Textbox
-    min_score: gr.Number
+    min_score: gr.Textbox
     mode: gr.Radio
     ranges: list[tuple[gr.Dropdown, gr.Textbox, gr.Textbox]]
     sort_field: gr.Dropdown
@@ -59,13 +59,13 @@ def query_controls(unchecked: Any) -> QueryControls:
         )
     )
     with gr.Row():
+        # a Textbox, not a gr.Number: an untouched Number sends 0, and a cutoff of 0 is not "off"
         min_score = unchecked(
-            gr.Number(
-                value=None,
+            gr.Textbox(
                 label="Relevance cutoff (empty = off)",
-                minimum=-1,
-                maximum=1,
-                step=0.01,
+                placeholder="e.g. 0.2",
+                lines=1,
+                max_lines=1,
                 elem_id="query-min-score",
             )
         )
@@ -107,11 +107,12 @@ def sort_fields(service: SearchService) -> list[str]:
 
 
 def range_hint(service: SearchService, field: Any) -> tuple[Any, Any]:
-    """The from/to boxes for ``field``: cleared, with its smallest and largest value as placeholders."""
+    """The from/to boxes for ``field``: its smallest and largest value as placeholders. The values are
+    left alone: this answer can arrive after a person (or a test) has already typed the bounds."""
     info = schema(service).get(field) if isinstance(field, str) else None
     low = "" if info is None or info.min is None else f"min {info.min}"
     high = "" if info is None or info.max is None else f"max {info.max}"
-    return gr.update(value="", placeholder=low), gr.update(value="", placeholder=high)
+    return gr.update(placeholder=low), gr.update(placeholder=high)
 
 
 # ---------------------------------------------------------------------------------------------- composing
@@ -173,11 +174,24 @@ def compose_body(
         "negative": negative or None,
         "weight": None if weight == 0.5 else weight,
         "filters": filters or None,
-        "min_score": None if min_score == "" else min_score,
+        "min_score": _cutoff(min_score),
         "mode": None if mode in ("", "vector") else mode,
         "sort": _sort(sort, way),
     }
     return body | {name: value for name, value in optional.items() if value is not None}
+
+
+def _cutoff(value: Any) -> Any:
+    """The cutoff box's text as a number (None when empty: off); other text is left for the endpoint
+    to refuse with its reason."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _sort(field: Any, way: Any) -> Any:
@@ -186,6 +200,17 @@ def _sort(field: Any, way: Any) -> Any:
     if not isinstance(field, str):
         return field  # refused by the endpoint, with its reason
     return field if way == "ascending" else f"-{field}"
+
+
+def compose_page(service: SearchService, equal_slots: int, *values: Any) -> tuple[dict, dict]:
+    """The REST body and its filters from all the page's controls, read when the search starts: the
+    eight :func:`compose_body` controls, then the filter controls of :func:`compose_filters`.
+
+    Composed in one step on purpose: a filters object kept up to date by per-box events goes stale,
+    because gradio's Textbox fires ``.input`` from ``keypress`` only (not on paste, Backspace, autofill).
+    """
+    filters = compose_filters(service, equal_slots, *values[8:])
+    return compose_body(*values[:8], filters), filters
 
 
 def like_body(body: Any, key: Any) -> dict[str, Any]:

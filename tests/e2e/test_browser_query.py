@@ -33,10 +33,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, clip_path: Path) -> Iterato
     rows = []
     for i in range(ROWS):
         pattern_image(i).save(root / "images" / f"p{i:03d}.jpg", quality=90)
+        image, caption = f"images/p{i:03d}.jpg", f"pattern number {i}"
         rows.append(
-            {"image": f"images/p{i:03d}.jpg", "caption": f"pattern number {i}", "price": f"{i * 2.5:.2f}",
-             "added": f"2024-01-{i + 1:02d}"}
-        )  # fmt: skip
+            {"image": image, "caption": caption, "price": f"{i * 2.5:.2f}", "added": f"2024-01-{i + 1:02d}"}
+        )
     with (root / "captions.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -81,14 +81,14 @@ def search(page) -> str:  # type: ignore[no-untyped-def]
     page.wait_for_function(f"({changed}) || document.querySelector('.toast-body')")
     toast = page.locator(".toast-body")
     if toast.count():
-        message = toast.first.inner_text()
+        message = page.locator(".toast-wrap").first.inner_text()
         page.locator(".toast-close").first.click()
         return message
     return page.locator("#vitrine-status").inner_text()
 
 
 def skip_if_unsupported(message: str) -> None:
-    if "not available on this server yet" in message or "not yet" in message:
+    if any(words in message for words in ("not available on this server yet", "cannot apply yet")):
         pytest.skip(f"the server refuses it until the core is wired: {message[:200]}")
 
 
@@ -156,7 +156,15 @@ def test_not_cutoff_load_more_and_the_curl_line(page, tmp_path: Path) -> None:  
     fill(page, "query-min-score", "")
 
 
-@pytest.mark.xfail(reason="open: the range boxes' values do not reach the filters JSON in the browser yet")
+def filters_sent(page, *parts: str) -> str:  # type: ignore[no-untyped-def]
+    """The "Filters sent with the last search" panel's text once it shows ``parts`` (opened if closed)."""
+    if not page.locator("#filters-sent").is_visible():
+        page.locator("#filters").get_by_text("Filters", exact=True).first.click()
+    shown = "document.querySelector('#filters-sent').innerText"
+    page.wait_for_function(f"{json.dumps(list(parts))}.every(p => {shown}.includes(p))")
+    return page.locator("#filters-sent").inner_text()
+
+
 def test_a_price_range_narrows_the_results(page) -> None:  # type: ignore[no-untyped-def]
     fill(page, "query-text", "pattern")
     fill(page, "query-negative", "")
@@ -166,11 +174,9 @@ def test_a_price_range_narrows_the_results(page) -> None:  # type: ignore[no-unt
     page.locator("#range-0-field input").click()
     page.get_by_role("option", name="price").click()
     fill(page, "range-0-from", "10")
-    fill(page, "range-0-to", "20")
-    page.locator("#range-0-to input, #range-0-to textarea").first.press("Tab")
-    page.get_by_text("Filters", exact=True).click()
-    page.wait_for_timeout(500)
+    fill(page, "range-0-to", "20")  # fill() types no keys: gradio's Textbox fires no .input for it
     status = search(page)
+    filters_sent(page, "price", "$gte", "10", "$lte", "20")  # the range reached the request
     skip_if_unsupported(status)
     assert "5 matches" in status, status  # prices 10.0, 12.5, 15.0, 17.5, 20.0
     assert sorted(table_files(page)) == [f"p{i:03d}.jpg" for i in range(4, 9)]
@@ -180,7 +186,6 @@ def test_a_price_range_narrows_the_results(page) -> None:  # type: ignore[no-unt
 def test_switching_the_mode_searches_the_captions(page) -> None:  # type: ignore[no-untyped-def]
     fill(page, "range-0-from", "")
     fill(page, "range-0-to", "")
-    page.locator("#range-0-to input, #range-0-to textarea").first.press("Tab")
     fill(page, "query-text", "number 12")
     page.locator("#query-mode").get_by_text("lexical").click()
     status = search(page)
