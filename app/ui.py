@@ -6,9 +6,9 @@ beyond asking the service what it already holds.
 Every search is one named, public endpoint that returns the JSON result (``/search_text``,
 ``/search_image``, ``/search``, ``/more_like``); the page shows that same JSON in "API response" and a
 private follow-up step turns it into the gallery, so API clients pay for no thumbnails. Filters travel as
-one JSON object (``{"folder": "red"}``), which the page composes from dropdowns built from the index's
-metadata columns. Refusals become ``gr.Error`` with the service's message: a toast on the page, an
-exception carrying the message in ``gradio_client``.
+one JSON object (``{"folder": "red"}``), which the page composes, when a search starts, from controls
+built from the index's metadata columns. Refusals become ``gr.Error`` with the service's message: a toast
+on the page, an exception carrying the message in ``gradio_client``.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ from __future__ import annotations
 import base64
 import functools
 import html
-import json
 from typing import Any
 
 import gradio as gr
 from gradio.data_classes import ImageData
-from PIL import Image
 
+from app import ui_query as uq
 from app.drift_tab import drift_tab
 from app.service import RequestRefused, SearchService
+from app.ui_results import show as show_results
 from app.upload_gate import REFUSED, is_upload, only_uploads
 
 FILTER_SLOTS = 2
 DEFAULT_K = 12
-_PLACEHOLDER = (236, 238, 242)
 
 CSS = """
 #vitrine-header {padding: 4px 0 0 0;}
@@ -111,12 +110,22 @@ def build_demo(service: SearchService) -> gr.Blocks:
                         weight = _unchecked(
                             gr.Slider(0, 1, value=0.5, step=0.05, label="Text weight (photo + text)")
                         )
+                        controls = uq.query_controls(_unchecked)
                         k = _unchecked(
-                            gr.Slider(1, max_k, value=min(DEFAULT_K, max_k), step=1, label="Results (top-k)")
+                            gr.Slider(
+                                1,
+                                max_k,
+                                value=min(DEFAULT_K, max_k),
+                                step=1,
+                                label="Results per page",
+                                elem_id="query-k",
+                            )
                         )
-                        with gr.Accordion("Filters", open=False):
+                        with gr.Accordion("Filters", open=False, elem_id="filters"):
                             slots = [_filter_slot(i) for i in range(FILTER_SLOTS)]
-                            filters = gr.JSON(value={}, label="Filters sent with each search")
+                            filters = gr.JSON(
+                                value={}, label="Filters sent with the last search", elem_id="filters-sent"
+                            )
                         with gr.Row():
                             search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
                             clear_btn = gr.ClearButton([image, text], value="Clear")
@@ -130,8 +139,12 @@ def build_demo(service: SearchService) -> gr.Blocks:
                             allow_preview=False,
                             elem_id="results",
                         )
+                        more_btn = gr.Button("Load more", visible=False, elem_id="load-more")
                         table = gr.HTML("")
-                        with gr.Accordion("API response (JSON)", open=False):
+                        with gr.Accordion("API response (JSON)", open=False, elem_id="api-response"):
+                            curl = gr.Code(
+                                label="The same search over REST", language="shell", elem_id="curl-line"
+                            )
                             result = gr.JSON(label="result")
                 with gr.Accordion("Index photos", open=not service.ready, visible=service.settings.admin):
                     gr.Markdown(
@@ -147,36 +160,60 @@ def build_demo(service: SearchService) -> gr.Blocks:
             drift_tab(service)
         hits = gr.State([])
         key = gr.Textbox(visible=False)
+        body = _unchecked(gr.JSON(value={}, visible=False))  # the REST body the controls compose
+        api_only = gr.Button(visible=False)  # the original endpoints, kept for API clients
 
         private: dict[str, Any] = {"api_visibility": "private"}
-        show = {
-            "fn": lambda r: _render(service, r),
-            "inputs": [result],
-            "outputs": [gallery, status, table, hits],
+        shown = [gallery, status, table, hits, more_btn, curl]
+
+        def show(append: bool) -> dict:
+            def fn(r: Any, b: Any, photo: Any, before: list, request: gr.Request) -> tuple:
+                return show_results(service, r, b, photo, before if append else [], request)
+
+            return {"fn": fn, "inputs": [result, body, image, hits], "outputs": shown, **private}
+
+        refresh_page = {
+            "fn": lambda: _page(service),
+            "outputs": [
+                header,
+                empty,
+                *[s[0] for s in slots],
+                *[r[0] for r in controls.ranges],
+                controls.sort_field,
+            ],
         }
-        refresh_page = {"fn": lambda: _page(service), "outputs": [header, empty, *[s[0] for s in slots]]}
 
-        def endpoint(name: str, fn: Any, inputs: list) -> Any:
-            return {"fn": fn, "inputs": inputs, "outputs": [result], "api_name": name}
+        async def query(body: Any, image: Any) -> dict:
+            """Search with the REST API's body (its fields and JSON answer); ``image``: an optional upload."""
+            return await _refused_as_error(uq.run_query(service, body, image))
 
-        by_text = _api_async(service.search_text_async)
-        text_ev = text.submit(**endpoint("search_text", by_text, [text, k, filters]))
-        text_ev.success(**show, **private)
-        image_ev = image.upload(**endpoint("search_image", _api(service.search_image), [image, k, filters]))
-        image_ev.success(**show, **private)
-        both = search_btn.click(**endpoint("search", _api(service.search), [image, text, weight, k, filters]))
-        both.success(**show, **private)
+        async def page_query(b: Any, photo: Any) -> dict:  # "more like" and "load more": a key wins
+            return await query(b, None if isinstance(b, dict) and b.get("key") else photo)
+
+        filter_inputs = [c for pair in slots for c in pair] + [c for r in controls.ranges for c in r]
+        compose_inputs = [text, controls.negative, weight, k, controls.min_score, controls.mode]
+        compose_inputs += [controls.sort_field, controls.sort_dir, *filter_inputs]
+        compose = {"fn": _compose(service), "inputs": compose_inputs, "outputs": [body, filters], **private}
+        named = {"fn": query, "inputs": [body, image], "outputs": [result]}
+        for i, trigger in enumerate([text.submit, search_btn.click, image.upload]):
+            visible = {"api_name": "query"} if i == 0 else private  # one named endpoint, three triggers
+            ev = trigger(**compose, queue=False).success(**named, **visible)
+            ev.success(**show(append=False))
+        again = {"fn": page_query, "inputs": [body, image], "outputs": [result], **private}
+        more = more_btn.click(uq.next_body, inputs=[body, result], outputs=[body], queue=False, **private)
+        more.success(**again).success(**show(append=True))
         pick = gallery.select(_picked, inputs=[hits], outputs=[key], queue=False, **private)
-        pick.success(**endpoint("more_like", _api(service.more_like), [key, k, filters])).success(
-            **show, **private
-        )
-        clear_btn.click(lambda: ([], "", "", []), outputs=[gallery, status, table, hits], **private)
+        like = pick.success(uq.like_body, inputs=[body, key], outputs=[body], queue=False, **private)
+        like.success(**again).success(**show(append=False))
+        cleared = ([], "", "", [], gr.update(visible=False), "")
+        clear_btn.click(lambda: cleared, outputs=shown, **private)
+        _legacy_endpoints(service, api_only, result, image, text, weight, k, filters, key)
 
         for field, value in slots:
             field.change(lambda f: _values(service, f), inputs=[field], outputs=[value], **private)
-        filter_inputs = [c for pair in slots for c in pair]
-        for comp in filter_inputs:
-            comp.change(_compose, inputs=filter_inputs, outputs=[filters], queue=False, **private)
+        for field, low, high in controls.ranges:
+            hint = {"inputs": [field], "outputs": [low, high], "queue": False, **private}
+            field.change(lambda f: uq.range_hint(service, f), **hint)
 
         def index(a: Any, b: Any, request: gr.Request, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008
             sent = [*(a if isinstance(a, list) else [a]), *(b if isinstance(b, list) else [b])]
@@ -187,6 +224,27 @@ def build_demo(service: SearchService) -> gr.Blocks:
         demo.load(**refresh_page, **private)
     only_uploads(demo)
     return demo
+
+
+def _legacy_endpoints(service: SearchService, trigger: gr.Button, result: gr.JSON, *inputs: Any) -> None:
+    """``/search_text``, ``/search_image``, ``/search`` and ``/more_like`` with their original
+    parameters and JSON, for API clients (the page itself searches through ``/query``)."""
+    image, text, weight, k, filters, key = inputs
+
+    def endpoint(name: str, fn: Any, args: list) -> None:
+        trigger.click(fn, inputs=args, outputs=[result], api_name=name)
+
+    endpoint("search_text", _api_async(service.search_text_async), [text, k, filters])
+    endpoint("search_image", _api(service.search_image), [image, k, filters])
+    endpoint("search", _api(service.search), [image, text, weight, k, filters])
+    endpoint("more_like", _api(service.more_like), [key, k, filters])
+
+
+async def _refused_as_error(answer: Any) -> dict:
+    try:
+        return await answer
+    except RequestRefused as exc:
+        raise gr.Error(str(exc), title="Cannot search", print_exception=False) from None
 
 
 def _filter_slot(i: int) -> tuple[gr.Dropdown, gr.Dropdown]:
@@ -233,67 +291,6 @@ def _picked(hits: list[dict], evt: gr.EventData) -> str:
     return hits[index]["key"]
 
 
-def _render(service: SearchService, result: Any) -> tuple[list, str, str, list]:
-    """Gallery, status and table of a result. The result comes back from the client, so only its keys
-    and scores are used: each key is looked up in the index, and unknown keys are left out."""
-    sent = result.get("hits") if isinstance(result, dict) else None
-    shown = []
-    for hit in (sent if isinstance(sent, list) else [])[: service.limits.max_k]:
-        key = hit.get("key") if isinstance(hit, dict) else None
-        item = service.item(key)
-        if item is not None:
-            shown.append({**item, "score": _score(hit.get("score"))})
-    items = [
-        (service.thumbnail(h["key"]) or Image.new("RGB", (320, 240), _PLACEHOLDER), _caption(h))
-        for h in shown
-    ]
-    took = result.get("took_ms") if isinstance(result, dict) else None
-    status = (
-        f"**{len(shown)} matches**{_took(took)} · model `{_plain(result.get('model_version'))}` · "
-        f"index `{_plain(result.get('generation'))}`"
-        if shown
-        else "No matches (try removing filters)."
-    )
-    return items, status, _table(shown), [{"key": h["key"]} for h in shown]
-
-
-def _score(value: Any) -> float:
-    try:
-        return float(value) if isinstance(value, int | float) else 0.0
-    except OverflowError:  # a client's 400-digit integer
-        return 0.0
-
-
-def _caption(hit: dict) -> str:
-    return f"{hit['score']:.3f} · {hit['captions'][0] if hit['captions'] else _file_name(hit)}"
-
-
-def _file_name(hit: dict) -> str:
-    return str(hit["path"]).rsplit("/", 1)[-1]
-
-
-def _took(took: Any) -> str:
-    return f" in {took:.0f} ms" if isinstance(took, int | float) and not isinstance(took, bool) else ""
-
-
-def _plain(value: Any) -> str:
-    """A client-sent label for Markdown: short, no backticks."""
-    return str(value)[:40].replace("`", "'")
-
-
-def _table(hits: list[dict]) -> str:
-    if not hits:
-        return ""
-    rows = "".join(
-        f"<tr><td>{i + 1}</td><td>{h['score']:.3f}</td><td>{html.escape('; '.join(h['captions'][:2]))}</td>"
-        f"<td>{html.escape(json.dumps(h['metadata'], ensure_ascii=False))}</td>"
-        f"<td><code>{html.escape(_file_name(h))}</code></td></tr>"
-        for i, h in enumerate(hits)
-    )
-    head = "<tr><th>#</th><th>score</th><th>captions</th><th>metadata</th><th>file</th></tr>"
-    return f"<table class='vitrine-table'>{head}{rows}</table>"
-
-
 def _header(service: SearchService) -> str:
     info = service.info()
     if service.ready:
@@ -330,7 +327,10 @@ def _empty_state(service: SearchService) -> str:
 def _page(service: SearchService) -> tuple:
     fields = sorted(service.metadata_fields())
     updates = [gr.update(choices=fields) for _ in range(FILTER_SLOTS)]
-    return (_header(service), gr.update(value=_empty_state(service), visible=not service.ready), *updates)
+    ranged = [gr.update(choices=uq.range_fields(service)) for _ in range(uq.RANGE_SLOTS)]
+    sort = gr.update(choices=uq.sort_fields(service))
+    empty = gr.update(value=_empty_state(service), visible=not service.ready)
+    return (_header(service), empty, *updates, *ranged, sort)
 
 
 def _values(service: SearchService, field: str | None) -> Any:
@@ -338,12 +338,10 @@ def _values(service: SearchService, field: str | None) -> Any:
     return gr.update(choices=values, value=None)
 
 
-def _compose(*pairs: Any) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for field, value in zip(pairs[::2], pairs[1::2], strict=True):
-        if field and value not in (None, ""):
-            out[str(field)] = str(value)
-    return out
+def _compose(service: SearchService) -> Any:
+    """The REST body and filters of the page's controls at the moment of the search
+    (:func:`app.ui_query.compose_page`)."""
+    return lambda *values: uq.compose_page(service, FILTER_SLOTS, *values)
 
 
 def _index(service: SearchService, files: list, progress: gr.Progress, request: gr.Request) -> str:

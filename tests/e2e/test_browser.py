@@ -67,6 +67,10 @@ def test_photo_then_text_search_fills_the_gallery(page, live_server: LiveServer)
         " && !document.querySelector('#results').innerText.includes('1.000')"
     )
     assert _results(page) == 12
+    # the photo stays in the box, so the text refines it (photo + text, by design): the curl line says so
+    page.locator("#api-response").get_by_text("API response (JSON)").first.click()
+    curl = page.locator("#curl-line .cm-content").inner_text()
+    assert "/api/v1/search/image -F image=@photo.jpg" in curl and "text=pattern number 7" in curl, curl
     table = page.locator("table.vitrine-table").inner_text()
     assert "shop" in table and "color" in table  # metadata shown beside the gallery
     page.screenshot(path=str(ARTIFACTS / "browser-search.png"), full_page=True)
