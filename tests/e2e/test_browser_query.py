@@ -160,7 +160,7 @@ def filters_sent(page, *parts: str) -> str:  # type: ignore[no-untyped-def]
     """The "Filters sent with the last search" panel's text once it shows ``parts`` (opened if closed)."""
     if not page.locator("#filters-sent").is_visible():
         page.locator("#filters").get_by_text("Filters", exact=True).first.click()
-    shown = "document.querySelector('#filters-sent').innerText"
+    shown = "(document.querySelector('#filters-sent')?.innerText ?? '')"  # rendered once opened
     page.wait_for_function(f"{json.dumps(list(parts))}.every(p => {shown}.includes(p))")
     return page.locator("#filters-sent").inner_text()
 
