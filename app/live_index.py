@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -180,7 +181,7 @@ class LiveIndex:
             old, self._searcher = self._searcher, searcher
         self.load_error = None
         self.images.forget()
-        self.metrics.set_model(encoder.fingerprint.get("model", ""), searcher.model_version)
+        self.metrics.set_model(public_model_name(encoder), searcher.model_version)
         self._publish()
         if old is not None and old.store is not searcher.store:
             old.store.close()
@@ -201,7 +202,7 @@ class LiveIndex:
             stats = searcher.store.stats()
             self.metrics.set_index(stats["count"], str(stats["generation"]), searcher.model_version)
             self._info = {
-                "model": searcher.encoder.fingerprint.get("model"),
+                "model": public_model_name(searcher.encoder),
                 "model_version": searcher.model_version,
                 "generation": stats["generation"],
                 "count": stats["count"],
@@ -268,3 +269,11 @@ def unwrap(answer: Answer) -> Found:
     if isinstance(answer, Exception):
         raise answer
     return answer
+
+
+def public_model_name(encoder: Encoder) -> str:
+    """The model's name as strangers may see it (page, results, /healthz, /metrics): a hub id as it is,
+    a local checkpoint by its folder's name only, never the server path it was loaded from."""
+    name = str(encoder.fingerprint.get("model") or "")
+    local = os.path.isabs(name) or os.path.isdir(name)
+    return os.path.basename(os.path.normpath(name)) if local else name

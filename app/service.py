@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from app.indexing import IndexBuilder, IndexLimits, Progress
-from app.live_index import LiveIndex, settle_heap, unwrap
+from app.live_index import LiveIndex, public_model_name, settle_heap, unwrap
 from app.memory import QueryDecodes
 from app.metrics import Metrics
 from app.monitor import DriftMonitor
@@ -164,7 +164,7 @@ class SearchService:
             return body
         stats = searcher.store.stats()
         body.update(
-            model=searcher.encoder.fingerprint.get("model"),
+            model=public_model_name(searcher.encoder),
             model_version=searcher.model_version,
             generation=stats["generation"],
             count=stats["count"],

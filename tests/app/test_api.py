@@ -180,6 +180,8 @@ def test_healthz_and_metrics(client: Client, live_server: LiveServer) -> None:
     body = health(live_server)
     assert body["ok"] and body["index_loaded"] and body["model_loaded"] and body["count"] == 24
     assert "index" not in body and str(live_server.index) not in json.dumps(body)
+    assert body["model"] == live_server.model.name  # a local checkpoint by its folder's name, not its path
+    assert str(live_server.model).encode() not in get(live_server.url + "/metrics")[1]
     assert body["forwards"] == {"text": "traced", "image": "traced"}  # the server's default
     status, _ = get(live_server.url + "/metrics")
     assert status == 200
