@@ -53,9 +53,13 @@ def make_catalog(root: Path, count: int = 24, start: int = 0) -> Path:
     for i in range(start, start + count):
         pattern_image(i).save(root / "images" / f"p{i:03d}.jpg", quality=90)
         rows.append(
-            {"image": f"images/p{i:03d}.jpg", "caption": f"pattern number {i}", "color": COLORS[i % 3],
-             "shop": f"shop{i % 2}"}
-        )  # fmt: skip
+            {
+                "image": f"images/p{i:03d}.jpg",
+                "caption": f"pattern number {i}",
+                "color": COLORS[i % 3],
+                "shop": f"shop{i % 2}",
+            }
+        )
     manifest = root / "captions.csv"
     with manifest.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -90,8 +94,20 @@ def start_server(
         "GRADIO_ANALYTICS_ENABLED": "False",
         **(env or {}),
     }
-    cmd = [sys.executable, "-m", "app", "--index", str(index), "--port", str(port), "--device", "cpu",
-           "--refresh-seconds", "0.5", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "app",
+        "--index",
+        str(index),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--refresh-seconds",
+        "0.5",
+        *extra,
+    ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
