@@ -64,6 +64,7 @@ def test_build_demo_does_no_work_and_writes_no_stub_files(tmp_path) -> None:  # 
         "search_image",
         "search",
         "more_like",
+        "query",  # the page's controls: the REST body in, the REST answer out (docs/web.md)
         "check_drift",
         "drift_status",
         "start_reindex",

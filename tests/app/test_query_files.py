@@ -150,11 +150,12 @@ def test_a_real_upload_is_searched(server: Server, http: httpx.Client) -> None:
 
 
 def render_fn(http: httpx.Client, url: str) -> int:
-    """The private event that draws a result: the JSON result in, the gallery (and more) out."""
+    """The private event that draws a result: the JSON result (then the query body, the photo and the
+    hits already shown) in, the gallery (and more) out."""
     deps, comps = dependencies(http, url)
     for dep in deps:
         types = [comps[i]["type"] for i in dep["outputs"]]
-        if [comps[i]["type"] for i in dep["inputs"]] == ["json"] and types[:1] == ["gallery"]:
+        if [comps[i]["type"] for i in dep["inputs"]][:1] == ["json"] and types[:1] == ["gallery"]:
             return dep["fn_index"]
     raise AssertionError("no render event in /config")
 
@@ -177,9 +178,9 @@ def test_render_event_shows_indexed_items_by_key_only(server: Server, http: http
         "model_version": "m",
         "generation": "g",
     }
-    outcome = join_queue(http, server.url, render_fn(http, server.url), [forged])
+    outcome = join_queue(http, server.url, render_fn(http, server.url), [forged, {}, None, []])
     assert outcome.ok, outcome
-    gallery, status, table, _ = outcome.output
+    gallery, status, table = outcome.output[:3]
     assert len(gallery) == 1 and gallery[0]["caption"] == "0.500 · an outside row", gallery
     assert "1 matches" in status and "passwd" not in table and "secret" not in table
     picture = http.get(f"{server.url}/gradio_api/file={gallery[0]['image']['path']}")
