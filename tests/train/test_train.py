@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import FAST, accelerate_launch, run_module, tower_flags, write_pairs
+from train_contrastive.loss import LOSSES
 
 TRAIN = [sys.executable, "-m", "train_contrastive", "train"]
 
@@ -136,25 +137,25 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
         env={"ACCELERATE_USE_CPU": "true"},
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(8, 16, generator=generator).requires_grad_(True)
-    texts = torch.randn(8, 16, generator=generator).requires_grad_(True)
-    img, txt = torch.nn.functional.normalize(images, dim=-1), torch.nn.functional.normalize(texts, dim=-1)
-    logits = torch.tensor(2.0).exp() * img @ txt.T
-    labels = torch.arange(8)
-    loss = (
-        torch.nn.functional.cross_entropy(logits, labels)
-        + torch.nn.functional.cross_entropy(logits.T, labels)
-    ) / 2
-    loss.backward()
-    for r, payload in enumerate(ranks):
-        assert payload["world"] == 2 and payload["negatives"] == 7  # 8 - 1: both processes' pairs
-        assert payload["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
-        rows = slice(4 * r, 4 * r + 4)
-        torch.testing.assert_close(
-            torch.tensor(payload["image_grad"]), images.grad[rows], rtol=1e-4, atol=1e-6
-        )
-        torch.testing.assert_close(torch.tensor(payload["text_grad"]), texts.grad[rows], rtol=1e-4, atol=1e-6)
+    for name, loss in LOSSES.items():
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(8, 16, generator=generator).requires_grad_(True)
+        texts = torch.randn(8, 16, generator=generator).requires_grad_(True)
+        scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
+        whole = loss(images, texts, scale, bias, margin=0.5)
+        whole.loss.backward()
+        for r, payload in enumerate(p[name] for p in ranks):
+            assert payload["world"] == 2 and payload["negatives"] == 7, name  # 8 - 1: both processes' pairs
+            assert payload["loss"] == pytest.approx(float(whole.loss.detach()), rel=1e-5), name
+            rows = slice(4 * r, 4 * r + 4)
+            for side, full in (("image_grad", images.grad), ("text_grad", texts.grad)):
+                torch.testing.assert_close(torch.tensor(payload[side]), full[rows], rtol=1e-4, atol=1e-6)
+        for param, key in ((scale, "scale_grad"), (bias, "bias_grad")):  # DDP's average over processes
+            if param.grad is None:
+                assert all(p[name][key] is None for p in ranks), (name, key)
+                continue
+            averaged = sum(p[name][key] for p in ranks) / 2
+            assert averaged == pytest.approx(float(param.grad), rel=1e-5), (name, key)
 
 
 @pytest.mark.slow
