@@ -72,3 +72,14 @@ def test_hardest_negative_pays_the_margin_on_the_most_similar_wrong_item_only() 
     # on it, through s_22 (coordinate 2) and s_02 (coordinate 0), never through s_12 (coordinate 1)
     assert float(texts.grad[2, 1]) == 0.0
     assert result.negatives == 2
+
+
+def test_the_default_recipe_keeps_infonce_and_clips_temperature() -> None:
+    from train_contrastive.args import TrainArgs, parse
+
+    base = ["--model", "m", "--train-data", "d", "--output", "o"]
+    default = parse(TrainArgs, base, "train")
+    assert default.loss == "infonce" and default.initial_temperature == 0.07
+    assert parse(TrainArgs, [*base, "--loss", "siglip"], "train").initial_temperature == 0.1
+    chosen = parse(TrainArgs, [*base, "--loss", "siglip", "--temperature", "0.05"], "train")
+    assert chosen.initial_temperature == 0.05

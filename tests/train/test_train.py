@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import socket
 import sys
 from pathlib import Path
@@ -253,7 +254,30 @@ def test_errors_are_one_line(towers_dir, tmp_path, capsys) -> None:
         (["--config", str(bad), "--train-data", "x"], "unknown setting(s)"),
         (["--train-data", str(tmp_path / "missing.csv")], "catalog not found"),
         (["--train-data", str(tmp_path), "--batch-size", "1"], "at least 2"),
+        (["--train-data", str(tmp_path), "--loss", "hardest", "--margin", "0"], "--margin must be"),
     ):
         assert main([*base, *extra]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+@pytest.mark.parametrize("loss", ["siglip", "hardest"])
+def test_each_loss_trains_the_tiny_model(loss, towers_dir, tmp_path) -> None:
+    data = write_pairs(tmp_path / "pairs", copies=1)
+    out = tmp_path / "out"
+    flags = ["--batch-size", "4", "--epochs", "6", "--unfreeze-last-n", "1", "--head-lr", "2e-2"]
+    flags += ["--output", str(out), "--checkpoint-every", "0", "--train-data", str(data)]
+    run_module([*TRAIN, *tower_flags(towers_dir), *FAST, *flags, "--loss", loss])
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["args"]["loss"] == loss and report["steps"] == 12
+    rows = _rows(out / "metrics.csv")
+    losses = [float(r["loss"]) for r in rows]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    state = load_file(next((out / "checkpoints").iterdir()) / "model.safetensors")
+    if loss == "siglip":  # starts at t = 0.1, b = -10 (SigLIP); both learnt, the bias kept in the state
+        assert float(state["logit_bias"]) != -10.0
+        assert float(rows[0]["logit_scale"]) == pytest.approx(math.log(10), abs=0.05)  # after one step
+        assert report["temperature"] != pytest.approx(0.1, abs=1e-6)
+    else:  # no temperature in VSE++'s loss: it stays frozen at its start
+        assert report["temperature"] == pytest.approx(0.07, rel=1e-5)
+        assert "logit_bias" not in state
