@@ -160,7 +160,8 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_cpu_training(towers_dir, tmp_path) -> None:
+@pytest.mark.parametrize("loss", ["infonce", "siglip", "hardest"])
+def test_two_process_cpu_training(loss, towers_dir, tmp_path) -> None:
     pairs_dir = write_pairs(tmp_path / "pairs")  # no bad file: every global batch is full
     out = tmp_path / "out"
     run_module(
@@ -181,6 +182,8 @@ def test_two_process_cpu_training(towers_dir, tmp_path) -> None:
             "4",
             "--epochs",
             "2",
+            "--loss",
+            loss,
         ],
         env={"ACCELERATE_USE_CPU": "true"},
     )
