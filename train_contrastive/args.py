@@ -50,8 +50,10 @@ class TrainArgs:
     vision_model: str | None = arg(None, "or build a dual encoder: vision tower (e.g. a DeiT/ViT folder)")
     text_model: str | None = arg(None, "… and text tower (e.g. a sentence-transformers MiniLM folder)")
     projection_dim: int = arg(512, "embedding size of a dual encoder built from towers")
-    temperature: float = arg(
-        0.07, "initial softmax temperature of a dual encoder built from towers (learnt, at least 0.01)"
+    temperature: float | None = arg(
+        None,
+        "initial temperature of a dual encoder built from towers (learnt, at least 0.01; "
+        "default 0.07, or 0.1 with --loss siglip as SigLIP starts)",
     )
     # -- data --------------------------------------------------------------------------------------
     train_data: str = arg(
@@ -79,6 +81,14 @@ class TrainArgs:
         "share of image patch tokens left out of each training example's trainable vision blocks "
         "(the CLS token always stays; evaluation sees all); regularises and speeds up cached training",
     )
+    # -- loss --------------------------------------------------------------------------------------
+    loss: str = arg(
+        "infonce",
+        "infonce = CLIP's softmax over the global batch; siglip = SigLIP's pairwise sigmoid with a "
+        "learnt bias; hardest = VSE++'s max-margin on each query's hardest negative (no temperature)",
+        choices=["infonce", "siglip", "hardest"],
+    )
+    margin: float = arg(0.2, "margin of --loss hardest (cosine similarity units)")
     # -- optimisation ------------------------------------------------------------------------------
     epochs: int = arg(8, "passes over the training images (one caption sampled per image per epoch)")
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default: run all epochs)")
@@ -122,12 +132,21 @@ class TrainArgs:
             raise ValueError("--wise-alpha must be within [0, 1]")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError("--patch-dropout must be within [0, 1)")
-        if not 0.01 <= self.temperature <= 1.0:
+        if not 0.01 <= self.initial_temperature <= 1.0:
             raise ValueError("--temperature must be within [0.01, 1]")
         if self.batch_size < 2:
             raise ValueError("--batch-size must be at least 2: a contrastive loss needs negatives")
         if self.epochs < 1 or self.grad_accum < 1:
             raise ValueError("--epochs and --grad-accum must be at least 1")
+        if not 0.0 < self.margin <= 2.0:
+            raise ValueError("--margin must be within (0, 2]: cosine similarities differ by at most 2")
+
+    @property
+    def initial_temperature(self) -> float:
+        """``--temperature``, or the loss's usual start: 0.1 for SigLIP (t' = ln 10), CLIP's 0.07 else."""
+        if self.temperature is not None:
+            return self.temperature
+        return 0.1 if self.loss == "siglip" else 0.07
 
 
 @dataclass(kw_only=True)

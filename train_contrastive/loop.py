@@ -2,8 +2,9 @@
 
 Order of work: read the pairs, load the start model and freeze it, build or load the frozen-layer
 cache when it applies, the batches and the optimizer (all in :mod:`.prepare`), measure recall before
-training, then epochs of symmetric InfoNCE (:mod:`.loss`) with AdamW and warmup + cosine (:mod:`.optim`),
-an evaluation per epoch (early stopping, best weights kept), optional WiSE-FT, and the output folder.
+training, then epochs of the chosen loss (:mod:`.loss`; symmetric InfoNCE by default) with AdamW and
+warmup + cosine (:mod:`.optim`), an evaluation per epoch (early stopping, best weights kept), optional
+WiSE-FT, and the output folder.
 
 Reproducibility and ``--resume``: the whole loop state (:class:`.state.LoopState`: epoch, micro-batches
 done in it, optimizer step, best recall, the curves) is registered with ``accelerator.save_state``
@@ -37,7 +38,7 @@ from train_contrastive.curves import plot, write_csv
 from train_contrastive.data import Pairs, load_pairs
 from train_contrastive.features import FeatureCache
 from train_contrastive.freezing import count_parameters
-from train_contrastive.loss import LossOutput, contrastive_loss
+from train_contrastive.loss import LOSSES, LossOutput
 from train_contrastive.model import save_output
 from train_contrastive.optim import lr_factor, set_lr
 from train_contrastive.prepare import (
@@ -163,8 +164,8 @@ def _prepare_run(
     """Batches, optimizer and schedule, then the loop state (restored with ``--resume``)."""
     batches = make_batches(args, start, caches, train_pairs, accelerator.num_processes)
     module = make_module(args, start)
-    trainable = [p for p in start.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, start)
+    trainable = [p for p in module.parameters() if p.requires_grad]  # the model, and a loss bias
+    optimizer = make_optimizer(args, start, module)
     module, optimizer, loader = accelerator.prepare(module, optimizer, batches.loader)
     total_steps = args.epochs * math.ceil(len(loader) / args.grad_accum)
     if args.max_steps:
@@ -270,8 +271,8 @@ def _micro_batch(run: Run, batch: dict[str, Any]) -> tuple[LossOutput, torch.Ten
         + accelerator.process_index
     )
     with accelerator.accumulate(run.module):
-        images, texts, logit_scale = run.module(batch)
-        result = contrastive_loss(images, texts, logit_scale)
+        images, texts, logit_scale, logit_bias = run.module(batch)
+        result = LOSSES[args.loss](images, texts, logit_scale, logit_bias, margin=args.margin)
         accelerator.backward(result.backward_loss)
         if accelerator.sync_gradients:
             if args.max_grad_norm > 0:

@@ -1,10 +1,10 @@
 """The model being trained: loading the start, the training forward, saving the result.
 
 :class:`ContrastiveModule` is the one ``nn.Module`` handed to ``accelerator.prepare`` (so DDP sees a
-single forward per step). Its forward returns projected, unnormalised image and text embeddings and
-the log temperature, either through :mod:`vitrine.model.embedding` on pixels and tokens (the serving path) or
-by replaying the top blocks on cached frozen activations (:mod:`.features`), which gives the same
-vectors.
+single forward per step). Its forward returns projected, unnormalised image and text embeddings, the
+log temperature and the loss's learnt bias (``--loss siglip`` only, else None), either through
+:mod:`vitrine.model.embedding` on pixels and tokens (the serving path) or by replaying the top blocks on
+cached frozen activations (:mod:`.features`), which gives the same vectors.
 """
 
 from __future__ import annotations
@@ -69,19 +69,35 @@ def drop_patches(states: torch.Tensor, share: float) -> torch.Tensor:
     return states.gather(1, chosen.unsqueeze(-1).expand(batch, keep + 1, width))
 
 
+SIGLIP_BIAS_INIT = -10.0  # SigLIP's start: nearly every pair of a batch is a negative
+
+
 class ContrastiveModule(nn.Module):
-    """Wraps a CLIP-family model for training; ``starts`` are the first trainable block per tower."""
+    """Wraps a CLIP-family model for training; ``starts`` are the first trainable block per tower.
+
+    ``logit_bias`` (SigLIP's learnt bias) lives here rather than in the model: retrieval ranks by cosine
+    similarity, which a constant bias does not change, so the saved checkpoint stays a plain CLIP-family
+    one; the training state (``--resume``) still holds it.
+    """
 
     def __init__(
-        self, model: nn.Module, starts: dict[str, int], cached: bool, patch_dropout: float = 0.0
+        self,
+        model: nn.Module,
+        starts: dict[str, int],
+        cached: bool,
+        patch_dropout: float = 0.0,
+        learnt_bias: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.starts = starts
         self.cached = cached
         self.patch_dropout = patch_dropout
+        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_BIAS_INIT)) if learnt_bias else None
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m = self.model
         if self.cached:
             states = batch["image_states"]
@@ -92,7 +108,7 @@ class ContrastiveModule(nn.Module):
         else:
             images = embedding.image_features(m, batch["pixel_values"])
             texts = embedding.text_features(m, batch["input_ids"], batch["attention_mask"])
-        return images, texts, m.logit_scale
+        return images, texts, m.logit_scale, self.logit_bias
 
     def train(self, mode: bool = True) -> ContrastiveModule:
         """Frozen layers stay in eval mode (no dropout): they are a fixed function of the input."""

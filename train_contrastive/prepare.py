@@ -79,7 +79,7 @@ class StartModel:
 
 def load_model(args: TrainArgs, device: Any) -> StartModel:
     model, image_processor, tokenizer, new_heads = load_start(
-        args.model, args.vision_model, args.text_model, args.projection_dim, args.temperature
+        args.model, args.vision_model, args.text_model, args.projection_dim, args.initial_temperature
     )
     starts = apply_freezing(
         model, lock_vision=args.lock_vision, lock_text=args.lock_text, unfreeze_last_n=args.unfreeze_last_n
@@ -179,14 +179,23 @@ def make_batches(
 
 
 def make_module(args: TrainArgs, start: StartModel) -> ContrastiveModule:
-    """The model wrapped for training: cached or full forward, patch dropout on cached image features."""
+    """The model wrapped for training: cached or full forward, patch dropout on cached image features,
+    SigLIP's learnt bias with ``--loss siglip``. VSE++'s loss has no temperature, so with ``--loss
+    hardest`` the model's is frozen (DDP refuses parameters that never get a gradient)."""
+    if args.loss == "hardest":
+        start.model.logit_scale.requires_grad_(False)
     return ContrastiveModule(
-        start.model, start.starts, start.cached, args.patch_dropout if start.cached else 0.0
+        start.model,
+        start.starts,
+        start.cached,
+        args.patch_dropout if start.cached else 0.0,
+        learnt_bias=args.loss == "siglip",
     )
 
 
-def make_optimizer(args: TrainArgs, start: StartModel) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: heads at ``--head-lr``, no weight decay on 1-d parameters."""
+def make_optimizer(args: TrainArgs, start: StartModel, module: ContrastiveModule) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: heads at ``--head-lr``, no weight decay on 1-d parameters.
+    The loss's bias, when there is one, is a head."""
     groups = param_groups(
         start.model,
         lr=args.lr,
@@ -194,4 +203,7 @@ def make_optimizer(args: TrainArgs, start: StartModel) -> torch.optim.Optimizer:
         weight_decay=args.weight_decay,
         new_heads=start.new_heads,
     )
+    if module.logit_bias is not None:
+        bias = {"lr": args.head_lr, "initial_lr": args.head_lr, "weight_decay": 0.0}
+        groups.append({"params": [module.logit_bias], **bias})
     return torch.optim.AdamW(groups)

@@ -1,7 +1,8 @@
 """Run under ``accelerate launch`` with 2 processes: each holds half of one fixed batch of embeddings.
 
-Writes, per rank, the global loss, the number of negatives and the gradient reaching its local rows to
-``$OUT/rank<R>.json``; the test compares them with one process computing the same loss on the whole batch.
+For each ``--loss``, writes per rank the global loss, the number of negatives, the gradient reaching its
+local rows and the gradients of the temperature and bias to ``$OUT/rank<R>.json``; the test compares
+them with one process computing the same loss on the whole batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-from train_contrastive.loss import contrastive_loss
+from train_contrastive.loss import LOSSES
 
 
 def main() -> None:
@@ -25,17 +26,23 @@ def main() -> None:
     images = torch.randn(8, 16, generator=generator)
     texts = torch.randn(8, 16, generator=generator)
     local = slice(4 * rank, 4 * rank + 4)
-    img = images[local].clone().requires_grad_(True)
-    txt = texts[local].clone().requires_grad_(True)
-    result = contrastive_loss(img, txt, torch.tensor(2.0))
-    result.backward_loss.backward()
-    payload = {
-        "loss": float(result.loss.detach()),
-        "negatives": result.negatives,
-        "world": world,
-        "image_grad": (img.grad / world).tolist(),
-        "text_grad": (txt.grad / world).tolist(),
-    }
+    payload = {}
+    for name, loss in LOSSES.items():
+        img = images[local].clone().requires_grad_(True)
+        txt = texts[local].clone().requires_grad_(True)
+        scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
+        result = loss(img, txt, scale, bias, margin=0.5)
+        result.backward_loss.backward()
+        payload[name] = {
+            "loss": float(result.loss.detach()),
+            "negatives": result.negatives,
+            "world": world,
+            "image_grad": (img.grad / world).tolist(),
+            "text_grad": (txt.grad / world).tolist(),
+            # DDP averages these over processes; the test does the same
+            "scale_grad": None if scale.grad is None else float(scale.grad),
+            "bias_grad": None if bias.grad is None else float(bias.grad),
+        }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(payload, fh)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import socket
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import FAST, accelerate_launch, run_module, tower_flags, write_pairs
+from train_contrastive.loss import LOSSES
 
 TRAIN = [sys.executable, "-m", "train_contrastive", "train"]
 
@@ -136,29 +138,30 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
         env={"ACCELERATE_USE_CPU": "true"},
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(8, 16, generator=generator).requires_grad_(True)
-    texts = torch.randn(8, 16, generator=generator).requires_grad_(True)
-    img, txt = torch.nn.functional.normalize(images, dim=-1), torch.nn.functional.normalize(texts, dim=-1)
-    logits = torch.tensor(2.0).exp() * img @ txt.T
-    labels = torch.arange(8)
-    loss = (
-        torch.nn.functional.cross_entropy(logits, labels)
-        + torch.nn.functional.cross_entropy(logits.T, labels)
-    ) / 2
-    loss.backward()
-    for r, payload in enumerate(ranks):
-        assert payload["world"] == 2 and payload["negatives"] == 7  # 8 - 1: both processes' pairs
-        assert payload["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
-        rows = slice(4 * r, 4 * r + 4)
-        torch.testing.assert_close(
-            torch.tensor(payload["image_grad"]), images.grad[rows], rtol=1e-4, atol=1e-6
-        )
-        torch.testing.assert_close(torch.tensor(payload["text_grad"]), texts.grad[rows], rtol=1e-4, atol=1e-6)
+    for name, loss in LOSSES.items():
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(8, 16, generator=generator).requires_grad_(True)
+        texts = torch.randn(8, 16, generator=generator).requires_grad_(True)
+        scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
+        whole = loss(images, texts, scale, bias, margin=0.5)
+        whole.loss.backward()
+        for r, payload in enumerate(p[name] for p in ranks):
+            assert payload["world"] == 2 and payload["negatives"] == 7, name  # 8 - 1: both processes' pairs
+            assert payload["loss"] == pytest.approx(float(whole.loss.detach()), rel=1e-5), name
+            rows = slice(4 * r, 4 * r + 4)
+            for side, full in (("image_grad", images.grad), ("text_grad", texts.grad)):
+                torch.testing.assert_close(torch.tensor(payload[side]), full[rows], rtol=1e-4, atol=1e-6)
+        for param, key in ((scale, "scale_grad"), (bias, "bias_grad")):  # DDP's average over processes
+            if param.grad is None:
+                assert all(p[name][key] is None for p in ranks), (name, key)
+                continue
+            averaged = sum(p[name][key] for p in ranks) / 2
+            assert averaged == pytest.approx(float(param.grad), rel=1e-5), (name, key)
 
 
 @pytest.mark.slow
-def test_two_process_cpu_training(towers_dir, tmp_path) -> None:
+@pytest.mark.parametrize("loss", ["infonce", "siglip", "hardest"])
+def test_two_process_cpu_training(loss, towers_dir, tmp_path) -> None:
     pairs_dir = write_pairs(tmp_path / "pairs")  # no bad file: every global batch is full
     out = tmp_path / "out"
     run_module(
@@ -179,6 +182,8 @@ def test_two_process_cpu_training(towers_dir, tmp_path) -> None:
             "4",
             "--epochs",
             "2",
+            "--loss",
+            loss,
         ],
         env={"ACCELERATE_USE_CPU": "true"},
     )
@@ -252,7 +257,30 @@ def test_errors_are_one_line(towers_dir, tmp_path, capsys) -> None:
         (["--config", str(bad), "--train-data", "x"], "unknown setting(s)"),
         (["--train-data", str(tmp_path / "missing.csv")], "catalog not found"),
         (["--train-data", str(tmp_path), "--batch-size", "1"], "at least 2"),
+        (["--train-data", str(tmp_path), "--loss", "hardest", "--margin", "0"], "--margin must be"),
     ):
         assert main([*base, *extra]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+@pytest.mark.parametrize("loss", ["siglip", "hardest"])
+def test_each_loss_trains_the_tiny_model(loss, towers_dir, tmp_path) -> None:
+    data = write_pairs(tmp_path / "pairs", copies=1)
+    out = tmp_path / "out"
+    flags = ["--batch-size", "4", "--epochs", "6", "--unfreeze-last-n", "1", "--head-lr", "2e-2"]
+    flags += ["--output", str(out), "--checkpoint-every", "0", "--train-data", str(data)]
+    run_module([*TRAIN, *tower_flags(towers_dir), *FAST, *flags, "--loss", loss])
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["args"]["loss"] == loss and report["steps"] == 12
+    rows = _rows(out / "metrics.csv")
+    losses = [float(r["loss"]) for r in rows]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    state = load_file(next((out / "checkpoints").iterdir()) / "model.safetensors")
+    if loss == "siglip":  # starts at t = 0.1, b = -10 (SigLIP); both learnt, the bias kept in the state
+        assert float(state["logit_bias"]) != -10.0
+        assert float(rows[0]["logit_scale"]) == pytest.approx(math.log(10), abs=0.05)  # after one step
+        assert report["temperature"] != pytest.approx(0.1, abs=1e-6)
+    else:  # no temperature in VSE++'s loss: it stays frozen at its start
+        assert report["temperature"] == pytest.approx(0.07, rel=1e-5)
+        assert "logit_bias" not in state
