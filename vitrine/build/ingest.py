@@ -115,8 +115,7 @@ class Ingestor:
         states = self.store.item_states(source)
         seen: set[str] = set()
         self._excluded = self.store.exclusions()  # taken down with `indexer remove`: never read again
-        others = self.store.keys() - states.keys()  # items of other catalogs: theirs (module docstring)
-        jobs = self._jobs(catalog, states, seen, others, report)
+        jobs = self._jobs(catalog, source, states, seen, report)
         self._commit_stream(self.encoder.encode_stream(jobs, self._load), source, report)
         if self.prune:
             gone = sorted(set(states) - seen)
@@ -128,15 +127,24 @@ class Ingestor:
         report.seconds = round(time.perf_counter() - start, 3)
         return report
 
+    def _other_owner(self, key: str, source: str, states: dict) -> str | None:
+        """The catalog that already owns ``key`` when it is not this one (module docstring). Only keys new
+        to this catalog are looked up, one primary-key read each, so a build never loads every key of
+        the index into memory."""
+        if key in states:
+            return None
+        item = self.store.get(key)
+        return item["source"] if item is not None and item["source"] != source else None
+
     def _jobs(
-        self, catalog: Catalog, states: dict, seen: set[str], others: set[str], report: BuildReport
+        self, catalog: Catalog, source: str, states: dict, seen: set[str], report: BuildReport
     ) -> Iterator[_Job]:
         for record in catalog:
             if record.key in seen or self._excluded.covers(record.key):
                 continue
             seen.add(record.key)
-            if record.key in others:
-                owner = (self.store.get(record.key) or {}).get("source", "")
+            owner = self._other_owner(record.key, source, states)
+            if owner is not None:
                 report.conflicted += 1
                 report.conflicts.append({"path": record.key, "catalog": owner})
                 self.progress(1)
