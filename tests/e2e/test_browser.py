@@ -8,7 +8,6 @@ reason when Chromium or Playwright is missing (``make browser`` installs Chromiu
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,30 +15,16 @@ import pytest
 
 from tests.app.live import LiveServer, live_server  # noqa: F401  (session fixture)
 from tests.conftest import REPO
+from tests.e2e.browser import open_tab
 
 pytestmark = pytest.mark.browser
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "artifacts"
 
 
 @pytest.fixture(scope="module")
 def page(live_server: LiveServer) -> Iterator:  # noqa: F811
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium not installed (apt-get install chromium, or `make browser`)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-        tab.set_default_timeout(30_000)
-        tab.goto(live_server.url)
-        tab.wait_for_selector("#vitrine-version")
-        yield tab
-        browser.close()
+    yield from open_tab(live_server.url, height=1000)
 
 
 def _results(page) -> int:  # type: ignore[no-untyped-def]

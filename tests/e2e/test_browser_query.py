@@ -19,7 +19,7 @@ import pytest
 
 from tests.app.live import build_index, start_server, stop
 from tests.conftest import pattern_image
-from tests.e2e.test_browser import CHROMIUM
+from tests.e2e.browser import open_tab
 
 pytestmark = pytest.mark.browser
 ROWS = 30
@@ -51,21 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, clip_path: Path) -> Iterato
 
 @pytest.fixture(scope="module")
 def page(server: str) -> Iterator:
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium not installed (apt-get install chromium, or `make browser`)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        tab = browser.new_page(viewport={"width": 1400, "height": 1200})
-        tab.set_default_timeout(30_000)
-        tab.goto(server)
-        tab.wait_for_selector("#vitrine-version")
-        yield tab
-        browser.close()
+    yield from open_tab(server, height=1200)
 
 
 def fill(page, elem_id: str, value: str) -> None:  # type: ignore[no-untyped-def]
