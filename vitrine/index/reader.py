@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.index import exclusions, layout, searching, snapshots
+from vitrine.index import embeddings, exclusions, layout, searching, snapshots
 from vitrine.index.filters import FilterExpr
 from vitrine.index.hits import Hit
 from vitrine.index.rwlock import SharedLock
@@ -185,7 +185,7 @@ class IndexReader:
     def vector_for(self, sha256: str) -> np.ndarray | None:
         """The stored embedding of this content, if any (lets the indexer skip re-encoding duplicates)."""
         row = self._conn().execute("SELECT embedding FROM vectors WHERE sha256=?", (sha256,)).fetchone()
-        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+        return None if row is None else embeddings.decode([row[0]], self.dim)[0].copy()
 
     def get(self, key: str) -> dict | None:
         sql = f"SELECT {', '.join(layout.COLS)} FROM items WHERE key=?"
@@ -225,14 +225,15 @@ class IndexReader:
         )
 
     def embeddings(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
-        """Stored (normalised) item embeddings, sorted by key or in the order asked; unknown keys left out."""
+        """Stored (normalised) item embeddings as float32, sorted by key or in the order asked; unknown
+        keys left out."""
         sql = "SELECT i.key, v.embedding FROM items i JOIN vectors v ON v.id = i.vector_id"
         if keys is None:
             rows = self._conn().execute(sql + " ORDER BY i.key").fetchall()
         else:
             found = dict(layout.select_in(self._conn(), sql + " WHERE i.key IN ({})", list(keys)))
             rows = [(k, found[k]) for k in dict.fromkeys(keys) if k in found]
-        return [r[0] for r in rows], layout.blobs(r[1] for r in rows).reshape(-1, self.dim)
+        return [r[0] for r in rows], embeddings.decode([r[1] for r in rows], self.dim)
 
     # ------------------------------------------------------------------ search
     def schema(self) -> dict[str, FieldInfo]:
