@@ -187,6 +187,12 @@ class IndexReader:
         row = self._conn().execute("SELECT embedding FROM vectors WHERE sha256=?", (sha256,)).fetchone()
         return None if row is None else embeddings.decode([row[0]], self.dim)[0].copy()
 
+    def sources(self, keys: list[str]) -> dict[str, str]:
+        """key -> the catalog (source) that holds it, for those of ``keys`` in the index (one lookup per
+        chunk of keys, not per key)."""
+        sql = "SELECT key, source FROM items WHERE key IN ({})"
+        return dict(layout.select_in(self._conn(), sql, list(dict.fromkeys(keys))))
+
     def get(self, key: str) -> dict | None:
         sql = f"SELECT {', '.join(layout.COLS)} FROM items WHERE key=?"
         row = self._conn().execute(sql, (key,)).fetchone()
