@@ -57,7 +57,7 @@ def test_an_import_of_the_models_own_embeddings_passes_and_reruns_skip(
         tmp_path / "emb", rows_for(files, photo_folder), clip_encoder.encode_images(files)
     )
     with open_for_build(tmp_path / "index", clip_encoder) as store:
-        report = Importer(store, clip_encoder, settings(photo_folder)).run(out)
+        report = Importer(clip_encoder, settings(photo_folder)).run(store, out)
         assert report.format == "clip-retrieval" and report.added == len(files) == report.count == len(store)
         assert report.failed == 0 and report.verification["sampled"] == 8
         assert report.verification["median_cosine"] > 0.999 and report.verification["threshold"] == 0.95
@@ -67,7 +67,7 @@ def test_an_import_of_the_models_own_embeddings_passes_and_reruns_skip(
         assert item["source"] == str(out.resolve()) and item["size"] == files[3].stat().st_size
         hit = store.search(clip_encoder.encode_images([files[5]]), k=1)[0][0]
         assert hit.key == str(files[5].resolve()) and hit.score > 0.99
-        again = Importer(store, clip_encoder, settings(photo_folder)).run(out)
+        again = Importer(clip_encoder, settings(photo_folder)).run(store, out)
         assert again.unchanged == len(files) and again.added == again.updated == 0
 
 
@@ -98,7 +98,7 @@ def test_an_import_made_by_another_preprocessing_is_refused(
         with pytest.raises(
             ImportRefused, match=r"median cosine 0\.\d{4} .*is below the threshold 0\.95"
         ) as caught:
-            Importer(store, clip_encoder, settings(photo_folder)).run(out)
+            Importer(clip_encoder, settings(photo_folder)).run(store, out)
         assert caught.value.cosine < 0.95 and caught.value.threshold == 0.95
         assert len(store) == 0 and store.failures() == []  # nothing written
 
@@ -127,7 +127,7 @@ def test_hostile_paths_are_refused_item_by_item(clip_encoder, photo_folder: Path
     vectors = np.concatenate([good, np.repeat(good[:1], len(hostile), axis=0)])
     out = clip_retrieval_output(tmp_path / "emb", rows, vectors, parts=1)
     with open_for_build(tmp_path / "index", clip_encoder) as store:
-        report = Importer(store, clip_encoder, settings(photo_folder, sample=40)).run(out)
+        report = Importer(clip_encoder, settings(photo_folder, sample=40)).run(store, out)
         assert report.added == len(files) == len(store) and report.failed == len(hostile)
         reasons = {f["path"]: f["reason"] for f in report.failures}
         assert reasons == hostile
@@ -158,7 +158,7 @@ def test_vitrine_shards_import_and_a_wrong_dimension_is_refused(
     rows[0] = {**rows[0], "reason": "truncated or corrupt image data", "embedding": None}
     write_shard(tmp_path / "shards", "shard-000000-abc", rows)
     with open_for_build(tmp_path / "index", clip_encoder) as store:
-        report = Importer(store, clip_encoder, settings(photo_folder)).run(tmp_path / "shards")
+        report = Importer(clip_encoder, settings(photo_folder)).run(store, tmp_path / "shards")
         assert report.format == "vitrine-shards" and report.added == len(files) - 1
         assert report.failures == [{"path": str(files[0]), "reason": "truncated or corrupt image data"}]
         assert store.get(str(files[1]))["sha256"] == hashlib.sha256(files[1].read_bytes()).hexdigest()
@@ -166,6 +166,6 @@ def test_vitrine_shards_import_and_a_wrong_dimension_is_refused(
             tmp_path / "wrong", rows_for(files, photo_folder), np.ones((len(files), 3))
         )
         with pytest.raises(ImportRefused, match=r"img_emb_0.npy holds vectors of shape \(6, 3\); .* dim 32"):
-            Importer(store, clip_encoder, settings(photo_folder)).run(wrong)
+            Importer(clip_encoder, settings(photo_folder)).run(store, wrong)
         with pytest.raises(ImportRefused, match="neither clip-retrieval output"):
-            Importer(store, clip_encoder, settings(photo_folder)).run(photo_folder)
+            Importer(clip_encoder, settings(photo_folder)).run(store, photo_folder)

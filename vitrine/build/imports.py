@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vitrine.build.shards import SHARD_SCHEMA
-from vitrine.errors import ImageDecodeError, ImportRefused
+from vitrine.errors import FingerprintMismatch, ImageDecodeError, ImportRefused
 from vitrine.files import DEFAULT_MAX_FILE_BYTES, read_regular_file
 from vitrine.index.store import Failure, IndexWriter, NewItem
 from vitrine.model.encoder import Encoder
@@ -277,47 +277,61 @@ def verify(encoder: Encoder, rows: list[Row], settings: ImportSettings, root: st
 
 
 # ---------------------------------------------------------------------- the import
+@dataclass(frozen=True)
+class Checked:
+    """An import folder that passed the check: what :meth:`Importer.write` needs."""
+
+    folder: Path
+    format: str
+    parts: list[Part]
+    verification: dict[str, Any]
+
+
 class Importer:
-    """Verify, then write every row of an import folder into ``store`` in batches of ``commit_every``.
+    """Check an import folder against ``encoder`` (:meth:`check`, before any index is opened or made),
+    then write every row into a store in batches of ``commit_every`` (:meth:`write`).
 
     Items keep the ownership rule of builds: a key another catalog already holds is left alone and
     counted as ``conflicted``. ``progress`` gets the number of rows handled.
     """
 
     def __init__(
-        self,
-        store: IndexWriter,
-        encoder: Encoder,
-        settings: ImportSettings,
-        progress: Callable[[int], None] | None = None,
+        self, encoder: Encoder, settings: ImportSettings, progress: Callable[[int], None] | None = None
     ) -> None:
-        if encoder.dim != store.dim:
-            raise ImportRefused(f"model {encoder.version} has dim {encoder.dim}, the index {store.dim}")
-        self.store, self.encoder, self.settings = store, encoder, settings
+        self.encoder, self.settings, self.dim = encoder, settings, encoder.dim
         self.progress = progress or (lambda n: None)
         root = Path(settings.images_root).expanduser()
         if not root.is_dir():
             raise ImportRefused(f"--images-root {root} is not a folder")
         self.root = os.path.realpath(root)
 
-    def run(self, folder: str | Path) -> ImportReport:
-        start, folder = time.perf_counter(), Path(folder).expanduser().resolve()
-        report = ImportReport()
-        report.format, parts = find_parts(folder)
-        source = str(folder)
-        report.verification = verify(self.encoder, self._candidates(parts), self.settings, self.root)
-        states = self.store.item_states(source)
+    def run(self, store: IndexWriter, folder: str | Path) -> ImportReport:
+        """:meth:`check`, then :meth:`write`."""
+        return self.write(store, self.check(folder))
+
+    def check(self, folder: str | Path) -> Checked:
+        """Find the input's parts and verify a sample (ImportRefused, with the numbers, when it fails)."""
+        folder = Path(folder).expanduser().resolve()
+        kind, parts = find_parts(folder)
+        verification = verify(self.encoder, self._candidates(parts), self.settings, self.root)
+        return Checked(folder, kind, parts, verification)
+
+    def write(self, store: IndexWriter, checked: Checked) -> ImportReport:
+        if store.fingerprint.get("id") != self.encoder.version:
+            raise FingerprintMismatch(store.fingerprint, self.encoder.fingerprint)
+        start, source, self.store = time.perf_counter(), str(checked.folder), store
+        report = ImportReport(format=checked.format, verification=checked.verification)
+        states = store.item_states(source)
+        step = self.settings.commit_every
         with ThreadPoolExecutor(self.settings.threads) as pool:
-            for part in parts:
-                rows = read_part(part, self.store.dim, self.settings)
-                step = self.settings.commit_every
+            for part in checked.parts:
+                rows = read_part(part, self.dim, self.settings)
                 for i in range(0, len(rows), step):
-                    self._commit(
-                        pool.map(lambda r: self._prepare(r, source, states), rows[i : i + step]), report
-                    )
+                    prepared = pool.map(lambda r: self._prepare(r, source, states), rows[i : i + step])
+                    self._commit(prepared, report)
                     self.progress(len(rows[i : i + step]))
-        self.store.flush()
-        report.count = len(self.store)
+        store.flush()
+        report.count = len(store)
         report.seconds = round(time.perf_counter() - start, 3)
         return report
 
@@ -327,7 +341,7 @@ class Importer:
         per_part = -(-2 * self.settings.sample // len(parts))
         rows: list[Row] = []
         for part in parts:
-            every = read_part(part, self.store.dim, self.settings)
+            every = read_part(part, self.dim, self.settings)
             rows += [every[int(i)] for i in rng.permutation(len(every))[:per_part]]
         return rows
 
