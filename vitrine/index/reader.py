@@ -109,6 +109,18 @@ class IndexReader:
             self._conns.append(self._local.conn)
         return self._local.conn
 
+    def close_thread_connection(self) -> None:
+        """Close the calling thread's SQLite connection, if it has one (a worker thread about to end:
+        connections otherwise stay open until :meth:`close`)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = self._local.path = None
+        with contextlib.suppress(ValueError):
+            self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
     def refresh(self) -> bool:
         """Pick up another process's commits or a newly published generation.
 
@@ -186,6 +198,11 @@ class IndexReader:
         """The stored embedding of this content, if any (lets the indexer skip re-encoding duplicates)."""
         row = self._conn().execute("SELECT embedding FROM vectors WHERE sha256=?", (sha256,)).fetchone()
         return None if row is None else embeddings.decode([row[0]], self.dim)[0].copy()
+
+    def known_content(self, sha256s: list[str]) -> set[str]:
+        """Those of ``sha256s`` whose content has a stored vector (one lookup per chunk, not per item)."""
+        sql = "SELECT sha256 FROM vectors WHERE sha256 IN ({})"
+        return {r[0] for r in layout.select_in(self._conn(), sql, list(dict.fromkeys(sha256s)))}
 
     def sources(self, keys: list[str]) -> dict[str, str]:
         """key -> the catalog (source) that holds it, for those of ``keys`` in the index (one lookup per

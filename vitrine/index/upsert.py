@@ -41,6 +41,11 @@ UPSERT = (
 )
 
 
+#: Made once: ``json.dumps`` with options builds a new encoder per call.
+_CAPTIONS = json.JSONEncoder(ensure_ascii=False)
+_METADATA = json.JSONEncoder(ensure_ascii=False, sort_keys=True, default=str)
+
+
 @dataclass
 class Batch:
     """Where one commit stands: ``added`` vector id -> stored values (for FAISS), ``dropped`` ids
@@ -176,8 +181,8 @@ def _row(item: NewItem, now: float) -> tuple:
         item.sha256,
         item.size,
         item.mtime_ns,
-        json.dumps(list(item.captions), ensure_ascii=False),
-        json.dumps(item.metadata, ensure_ascii=False, sort_keys=True, default=str),
+        _CAPTIONS.encode(list(item.captions)),
+        _METADATA.encode(item.metadata),
         item.source,
         now,
     )
