@@ -12,6 +12,7 @@
     python -m indexer towers --vision-model V --text-model T --output DIR
     python -m indexer reindex --index DIR [--model M] [--if-drifted] [--retrain-ivf] [--rollback] [--every 1h]
     python -m indexer drift --index DIR [--window 24h] [--sample CATALOG] [--model M] [--json]
+    python -m indexer import FOLDER --images-root DIR --index DIR [--model M] [--min-cosine 0.95] [--json]
 
 Exit status: 0 on success (a build that recorded some bad files still succeeded), 1 with a one-line
 ``error: ...`` on stderr for fatal problems, 2 for usage errors.
@@ -33,6 +34,7 @@ from indexer.common import INDEX_HELP
 from indexer.common import emit as _emit
 from indexer.common import fail as _fail
 from indexer.drift import DriftArgs, cmd_drift
+from indexer.imports import ImportArgs, cmd_import
 from indexer.reindex import ReindexArgs, cmd_reindex
 from vitrine.config import DEFAULT_INDEX, EncoderSettings, arg, parse_args, quiet_libraries
 from vitrine.errors import VitrineError
@@ -417,6 +419,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "towers": (TowersArgs, cmd_towers),
     "reindex": (ReindexArgs, cmd_reindex),
     "drift": (DriftArgs, cmd_drift),
+    "import": (ImportArgs, cmd_import),
 }
 
 

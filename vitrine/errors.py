@@ -77,6 +77,16 @@ class ValidationFailed(ReindexError):
         super().__init__(message)
 
 
+class ImportRefused(VitrineError):
+    """``indexer import`` refused embeddings computed elsewhere: unreadable input, another dimension, or
+    a sample re-encoded with the declared model that disagrees (``cosine`` below ``threshold``): they
+    were made by another model or another preprocessing, and would look like working search."""
+
+    def __init__(self, message: str, cosine: float | None = None, threshold: float | None = None) -> None:
+        self.cosine, self.threshold = cosine, threshold
+        super().__init__(message)
+
+
 class QueryError(VitrineError):
     """A search request is invalid (empty text, unknown filter key, bad k).
 

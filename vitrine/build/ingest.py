@@ -5,8 +5,9 @@ others are read and hashed in worker threads; content already in the index (a to
 duplicate, a rename) reuses its stored vector, and so does content known to a ``donor`` store (the
 live generation, while a reindex with the same model fills the next one); only new content is decoded
 and encoded. Results
-are committed in batches of ``commit_every`` items, each one SQLite transaction, so a kill at any
-moment loses at most the batch in flight and a re-run resumes where the last commit ended. Files
+are committed in batches of ``commit_every`` items, each one SQLite transaction (on a second thread,
+while the next batch is prepared), so a kill at any moment loses at most the batch being committed and
+the one being prepared, and a re-run resumes where the last commit ended. Files
 that cannot be read or decoded are recorded as failures with a reason and never stop the run.
 
 One file listed by two catalogs of an index is one item (its key is the resolved path), and it belongs
@@ -18,9 +19,11 @@ stops listing the file (its build prunes it), the next build of another catalog 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -31,6 +34,9 @@ from vitrine.errors import FingerprintMismatch, ImageDecodeError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES
 from vitrine.index.store import Failure, IndexReader, IndexWriter, NewItem
 from vitrine.model.encoder import Encoder
+
+#: Catalog records whose owners are looked up in one query.
+OWNER_CHUNK = 1024
 
 
 @dataclass
@@ -127,41 +133,47 @@ class Ingestor:
         report.seconds = round(time.perf_counter() - start, 3)
         return report
 
-    def _other_owner(self, key: str, source: str, states: dict) -> str | None:
-        """The catalog that already owns ``key`` when it is not this one (module docstring). Only keys new
-        to this catalog are looked up, one primary-key read each, so a build never loads every key of
-        the index into memory."""
-        if key in states:
-            return None
-        item = self.store.get(key)
-        return item["source"] if item is not None and item["source"] != source else None
-
     def _jobs(
         self, catalog: Catalog, source: str, states: dict, seen: set[str], report: BuildReport
     ) -> Iterator[_Job]:
-        for record in catalog:
-            if record.key in seen or self._excluded.covers(record.key):
-                continue
-            seen.add(record.key)
-            owner = self._other_owner(record.key, source, states)
-            if owner is not None:
-                report.conflicted += 1
-                report.conflicts.append({"path": record.key, "catalog": owner})
-                self.progress(1)
-                continue
-            job = _Job(record)
-            try:
-                stat = os.stat(record.path)
-                job.size, job.mtime_ns = stat.st_size, stat.st_mtime_ns
-            except OSError:
-                pass  # dataset rows and missing files: decided when read
-            known = states.get(record.key)
-            if known and job.size and (known[0], known[1]) == (job.size, job.mtime_ns):
-                report.unchanged += 1
-                self.progress(1)
-                continue
-            job.is_update = known is not None
-            yield job
+        records = iter(catalog)
+        while chunk := list(itertools.islice(records, OWNER_CHUNK)):
+            owners = self._other_owners(chunk, source, states)
+            for record in chunk:
+                if record.key in seen or self._excluded.covers(record.key):
+                    continue
+                seen.add(record.key)
+                if record.key in owners:
+                    report.conflicted += 1
+                    report.conflicts.append({"path": record.key, "catalog": owners[record.key]})
+                    self.progress(1)
+                    continue
+                job = self._job(record, states, report)
+                if job is not None:
+                    yield job
+
+    def _other_owners(self, records: list[Record], source: str, states: dict) -> dict[str, str]:
+        """key -> owning catalog, for keys of ``records`` that another catalog holds (module docstring).
+        Only keys new to this catalog are looked up, one query per chunk, so a build never loads every
+        key of the index into memory nor pays a query per record."""
+        owners = self.store.sources([r.key for r in records if r.key not in states])
+        return {key: owner for key, owner in owners.items() if owner != source}
+
+    def _job(self, record: Record, states: dict, report: BuildReport) -> _Job | None:
+        """The job of one record, or None when its file is unchanged since it was indexed."""
+        job = _Job(record)
+        try:
+            stat = os.stat(record.path)
+            job.size, job.mtime_ns = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            pass  # dataset rows and missing files: decided when read
+        known = states.get(record.key)
+        if known and job.size and (known[0], known[1]) == (job.size, job.mtime_ns):
+            report.unchanged += 1
+            self.progress(1)
+            return None
+        job.is_update = known is not None
+        return job
 
     def _load(self, job: _Job) -> Image.Image | None:
         """Worker thread: read, hash, and decode only when the content is new to the index.
@@ -180,21 +192,51 @@ class Ingestor:
         return None if job.stored is not None else self.encoder.load_image(data)
 
     def _commit_stream(self, results: Iterator, source: str, report: BuildReport) -> None:
+        """Batches of ``commit_every`` results, each committed on a second thread while the next one is
+        prepared here (SQLite releases the GIL while it works), one commit in flight at a time, in order."""
         items: list[NewItem] = []
         failures: list[Failure] = []
         last_flush = time.monotonic()
-        for job, result in results:
-            if isinstance(result, ImageDecodeError):
-                failures.append(Failure(job.record.key, job.record.path, result.reason, source))
-            else:
-                items.append(self._new_item(job, result, source, report))
-            self.progress(1)
-            if len(items) + len(failures) >= self.commit_every:
-                self._commit(items, failures, report)
-                if time.monotonic() - last_flush > self.flush_seconds:
-                    self.store.flush()
-                    last_flush = time.monotonic()
-        self._commit(items, failures, report)
+        with ThreadPoolExecutor(1, thread_name_prefix="vitrine-commit") as committer:
+            pending = None
+            for job, result in results:
+                if isinstance(result, ImageDecodeError):
+                    failures.append(Failure(job.record.key, job.record.path, result.reason, source))
+                else:
+                    items.append(self._new_item(job, result, source, report))
+                self.progress(1)
+                if len(items) + len(failures) >= self.commit_every:
+                    pending = self._hand_off(committer, pending, items, failures, report)
+                    items, failures = [], []
+                    if time.monotonic() - last_flush > self.flush_seconds:
+                        self._settle(pending)
+                        pending = None
+                        self.store.flush()
+                        last_flush = time.monotonic()
+            self._settle(self._hand_off(committer, pending, items, failures, report))
+            committer.submit(self.store.close_thread_connection).result()  # the thread ends with the run
+
+    def _hand_off(
+        self,
+        committer: ThreadPoolExecutor,
+        pending: tuple[Future, list[NewItem]] | None,
+        items: list[NewItem],
+        failures: list[Failure],
+        report: BuildReport,
+    ) -> tuple[Future, list[NewItem]] | None:
+        """Wait for the commit in flight, then start this batch's (None when it is empty)."""
+        self._settle(pending)
+        if not items and not failures:
+            return None
+        return committer.submit(self._commit, items, failures, report), items
+
+    def _settle(self, pending: tuple[Future, list[NewItem]] | None) -> None:
+        """Wait for a commit (its error is raised here) and report its items to ``on_commit``."""
+        if pending is None:
+            return
+        pending[0].result()
+        if self.on_commit is not None and pending[1]:
+            self.on_commit(list(pending[1]))
 
     def _new_item(self, job: _Job, embedding: np.ndarray | None, source: str, report: BuildReport) -> NewItem:
         if job.stored is not None:
@@ -218,12 +260,7 @@ class Ingestor:
         )
 
     def _commit(self, items: list[NewItem], failures: list[Failure], report: BuildReport) -> None:
-        if not items and not failures:
-            return
+        """The committer thread: one batch, one transaction."""
         self.store.write(items=items, failures=failures)
-        if self.on_commit is not None and items:
-            self.on_commit(list(items))
         report.failed += len(failures)
         report.failures.extend({"path": f.path, "reason": f.reason} for f in failures)
-        items.clear()
-        failures.clear()

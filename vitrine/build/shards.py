@@ -158,11 +158,17 @@ def write_shard(folder: Path, name: str, rows: list[dict[str, Any]]) -> Path:
 
 
 def read_shard(path: Path) -> dict[str, dict[str, Any]]:
-    """key -> row of one shard file, with the embedding as float32."""
-    rows = pq.read_table(path, schema=SHARD_SCHEMA).to_pylist()
-    for row in rows:
-        if row["embedding"] is not None:
-            row["embedding"] = np.asarray(row["embedding"], dtype=np.float32)
+    """key -> row of one shard file, with the embedding as float32 (None where the item failed).
+
+    The embedding column is read as one float32 array and sliced per row (no Python float per value)."""
+    table = pq.read_table(path, schema=SHARD_SCHEMA)
+    lists = table.column("embedding").combine_chunks()
+    values = lists.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    offsets = lists.offsets.to_numpy()
+    valid = lists.is_valid().to_numpy(zero_copy_only=False)
+    rows = table.drop_columns(["embedding"]).to_pylist()
+    for i, row in enumerate(rows):
+        row["embedding"] = values[offsets[i] : offsets[i + 1]] if valid[i] else None
     return {row["key"]: row for row in rows}
 
 
@@ -289,7 +295,7 @@ class ShardReplay:
 
     def __init__(self, store: IndexWriter, encoder: Encoder, plans: list[ShardPlan], folder: Path) -> None:
         self.store, self.encoder, self.folder = store, encoder, folder
-        self.plans, self._next, self._rows = plans, 0, {}
+        self.plans, self._next, self._rows, self._known = plans, 0, {}, set()
         self.missed = 0
 
     def load_image(self, source: Any) -> Image.Image:
@@ -307,12 +313,14 @@ class ShardReplay:
                 yield job, ImageDecodeError(row["reason"], row["path"])
             else:
                 job.sha256, job.size = row["sha256"], job.size or int(row["size"])
-                job.stored = self.store.vector_for(job.sha256)
-                yield job, None if job.stored is not None else row["embedding"]
+                # Content the index holds: the store keeps its own vector whatever the item carries.
+                job.stored = row["embedding"] if job.sha256 in self._known else None
+                yield job, row["embedding"]
 
     def _row(self, key: str) -> dict[str, Any] | None:
         while self._next < len(self.plans) and self.plans[self._next].first_key <= key:
             path = self.folder / f"{self.plans[self._next].name}{SHARD_RE_SUFFIX}"
             self._rows = read_shard(path) if path.is_file() else {}
+            self._known = self.store.known_content([r["sha256"] for r in self._rows.values() if r["sha256"]])
             self._next += 1
         return self._rows.get(key)

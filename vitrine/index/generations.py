@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vitrine.errors import ReindexError, StoreError
-from vitrine.index import layout
+from vitrine.index import embeddings, layout
 from vitrine.index.ann import AnnIndex
 from vitrine.index.atomic import write_atomic
 
@@ -54,13 +54,16 @@ def start(
     search_params: dict | None,
     require_absent: Callable[[Path], None] | None,
     resume: Callable[[Path], str | None] | None,
+    embedding_dtype: str = embeddings.DEFAULT,
 ) -> tuple[int, str]:
     """(writer lock fd, generation name): a new generation, or the one ``resume`` names (under the lock).
 
-    ``require_absent`` (a new index) raises, under the lock, when ``root`` already holds an index."""
+    ``require_absent`` (a new index) raises, under the lock, when ``root`` already holds an index.
+    ``embedding_dtype``: how a new generation stores embeddings (:mod:`vitrine.index.embeddings`)."""
     dim = fingerprint.get("dim") if isinstance(fingerprint, dict) else None
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1 or not fingerprint.get("id"):
         raise StoreError(f"fingerprint needs a non-empty 'id' and a positive int 'dim': {fingerprint!r}")
+    embeddings.check_dtype(embedding_dtype)
     try:
         AnnIndex(dim, factory, search_params)
         root.mkdir(parents=True, exist_ok=True)
@@ -70,7 +73,9 @@ def start(
     try:
         if require_absent is not None:
             require_absent(root)
-        name = (resume and resume(root)) or layout.new_generation(root, fingerprint, factory, search_params)
+        name = (resume and resume(root)) or layout.new_generation(
+            root, fingerprint, factory, search_params, embedding_dtype
+        )
         return lock, name
     except BaseException:
         layout.release_lock(lock)

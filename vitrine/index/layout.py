@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +22,7 @@ from urllib.parse import quote
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.index import fulltext
+from vitrine.index import embeddings, fulltext
 from vitrine.index.ann import AnnIndex
 from vitrine.index.atomic import write_atomic
 
@@ -172,13 +172,10 @@ def scalar(conn: sqlite3.Connection, sql: str) -> int:
     return int(conn.execute(sql).fetchone()[0])
 
 
-def blobs(blobs: Iterable[bytes]) -> np.ndarray:
-    return np.frombuffer(bytearray().join(blobs), dtype=np.float32)
-
-
 def id_vectors(rows: Iterable[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of ``(id, embedding blob)`` rows (:mod:`vitrine.index.embeddings`)."""
     rows = list(rows)
-    return np.array([r[0] for r in rows], dtype=np.int64), blobs(r[1] for r in rows).reshape(-1, dim)
+    return np.array([r[0] for r in rows], dtype=np.int64), embeddings.decode([r[1] for r in rows], dim)
 
 
 def select_in(conn: sqlite3.Connection, sql: str, values: list, args: Sequence = ()) -> list[tuple]:
@@ -212,20 +209,14 @@ def apply_delta(ann: AnnIndex, delta: tuple) -> bool:
     return ann.ntotal == delta[4]
 
 
-def drop_orphans(conn: sqlite3.Connection, seq: int, candidates: set[int], added: dict) -> list[int]:
-    """Delete vectors no item references any more; tombstone those that existed before this commit."""
-    dropped = []
-    for vid in sorted(candidates):
-        if conn.execute("SELECT 1 FROM items WHERE vector_id=? LIMIT 1", (vid,)).fetchone() is None:
-            conn.execute("DELETE FROM vectors WHERE id=?", (vid,))
-            if added.pop(vid, None) is None:
-                conn.execute("INSERT INTO removed(vector_id, seq) VALUES (?,?)", (vid, seq))
-                dropped.append(vid)
-    return dropped
-
-
 # ---------------------------------------------------------------------- files
-def new_generation(root: Path, fingerprint: dict, factory: str | None, search_params: dict | None) -> str:
+def new_generation(
+    root: Path,
+    fingerprint: dict,
+    factory: str | None,
+    search_params: dict | None,
+    embedding_dtype: str = embeddings.DEFAULT,
+) -> str:
     numbers = [int(m.group(1)) for p in root.iterdir() if (m := GEN_RE.match(p.name))]
     name = f"gen-{max(numbers, default=0) + 1:06d}"
     try:
@@ -245,6 +236,7 @@ def new_generation(root: Path, fingerprint: dict, factory: str | None, search_pa
         "factory": factory,
         "search_params": dict(search_params or {}),
         "dim": fingerprint["dim"],
+        "embedding_dtype": embeddings.check_dtype(embedding_dtype),
         "generation": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -342,53 +334,3 @@ class Failure:
 
 
 COLS = ("key", "path", "vector_id", "sha256", "size", "mtime_ns", "captions", "metadata", "source", "added")
-UPSERT = (
-    f"INSERT INTO items({', '.join(COLS)}) VALUES ({','.join('?' * len(COLS))}) "
-    "ON CONFLICT(key) DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in COLS[1:-1])
-)
-
-
-def upsert_item(
-    conn: sqlite3.Connection,
-    item: NewItem,
-    seq: int,
-    now: float,
-    added: dict[int, np.ndarray],
-    candidates: set[int],
-    normalised: Callable[[NewItem], np.ndarray],
-) -> None:
-    """Insert or replace one item by key, reusing the vector of identical content (deduplication).
-
-    New vectors go to ``added``; a vector the key no longer uses goes to ``candidates`` for orphan cleanup.
-    """
-    if not item.key or not item.sha256:
-        raise StoreError(f"item {item.key!r} ({item.path}): key and sha256 must be non-empty")
-    old = conn.execute("SELECT vector_id FROM items WHERE key=?", (item.key,)).fetchone()
-    row = conn.execute("SELECT id FROM vectors WHERE sha256=?", (item.sha256,)).fetchone()
-    if row is not None:
-        vid = row[0]
-    else:
-        vec = normalised(item)
-        vid = conn.execute(
-            "INSERT INTO vectors(sha256, embedding, seq) VALUES (?,?,?)",
-            (item.sha256, vec.tobytes(), seq),
-        ).lastrowid
-        added[vid] = vec
-    conn.execute(
-        UPSERT,
-        (
-            item.key,
-            item.path,
-            vid,
-            item.sha256,
-            item.size,
-            item.mtime_ns,
-            json.dumps(list(item.captions), ensure_ascii=False),
-            json.dumps(item.metadata, ensure_ascii=False, sort_keys=True, default=str),
-            item.source,
-            now,
-        ),
-    )
-    conn.execute("DELETE FROM failures WHERE key=?", (item.key,))
-    if old is not None and old[0] != vid:
-        candidates.add(old[0])

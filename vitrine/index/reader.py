@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.index import exclusions, layout, searching, snapshots
+from vitrine.index import embeddings, exclusions, layout, searching, snapshots
 from vitrine.index.filters import FilterExpr
 from vitrine.index.hits import Hit
 from vitrine.index.rwlock import SharedLock
@@ -109,6 +109,18 @@ class IndexReader:
             self._conns.append(self._local.conn)
         return self._local.conn
 
+    def close_thread_connection(self) -> None:
+        """Close the calling thread's SQLite connection, if it has one (a worker thread about to end:
+        connections otherwise stay open until :meth:`close`)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = self._local.path = None
+        with contextlib.suppress(ValueError):
+            self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
     def refresh(self) -> bool:
         """Pick up another process's commits or a newly published generation.
 
@@ -185,7 +197,18 @@ class IndexReader:
     def vector_for(self, sha256: str) -> np.ndarray | None:
         """The stored embedding of this content, if any (lets the indexer skip re-encoding duplicates)."""
         row = self._conn().execute("SELECT embedding FROM vectors WHERE sha256=?", (sha256,)).fetchone()
-        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+        return None if row is None else embeddings.decode([row[0]], self.dim)[0].copy()
+
+    def known_content(self, sha256s: list[str]) -> set[str]:
+        """Those of ``sha256s`` whose content has a stored vector (one lookup per chunk, not per item)."""
+        sql = "SELECT sha256 FROM vectors WHERE sha256 IN ({})"
+        return {r[0] for r in layout.select_in(self._conn(), sql, list(dict.fromkeys(sha256s)))}
+
+    def sources(self, keys: list[str]) -> dict[str, str]:
+        """key -> the catalog (source) that holds it, for those of ``keys`` in the index (one lookup per
+        chunk of keys, not per key)."""
+        sql = "SELECT key, source FROM items WHERE key IN ({})"
+        return dict(layout.select_in(self._conn(), sql, list(dict.fromkeys(keys))))
 
     def get(self, key: str) -> dict | None:
         sql = f"SELECT {', '.join(layout.COLS)} FROM items WHERE key=?"
@@ -225,14 +248,15 @@ class IndexReader:
         )
 
     def embeddings(self, keys: list[str] | None = None) -> tuple[list[str], np.ndarray]:
-        """Stored (normalised) item embeddings, sorted by key or in the order asked; unknown keys left out."""
+        """Stored (normalised) item embeddings as float32, sorted by key or in the order asked; unknown
+        keys left out."""
         sql = "SELECT i.key, v.embedding FROM items i JOIN vectors v ON v.id = i.vector_id"
         if keys is None:
             rows = self._conn().execute(sql + " ORDER BY i.key").fetchall()
         else:
             found = dict(layout.select_in(self._conn(), sql + " WHERE i.key IN ({})", list(keys)))
             rows = [(k, found[k]) for k in dict.fromkeys(keys) if k in found]
-        return [r[0] for r in rows], layout.blobs(r[1] for r in rows).reshape(-1, self.dim)
+        return [r[0] for r in rows], embeddings.decode([r[1] for r in rows], self.dim)
 
     # ------------------------------------------------------------------ search
     def schema(self) -> dict[str, FieldInfo]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal, TypeVar, overload
 
 from vitrine.errors import StoreError
-from vitrine.index import diagnosis, generations, layout
+from vitrine.index import diagnosis, embeddings, generations, layout
 from vitrine.index.hits import Hit
 from vitrine.index.layout import Failure, NewItem
 from vitrine.index.reader import IndexReader
@@ -72,9 +72,15 @@ class IndexStore:
         *,
         factory: str | None = None,
         search_params: dict | None = None,
+        embedding_dtype: str = embeddings.DEFAULT,
     ) -> IndexWriter:
-        """A new index at ``root`` (a new folder, or one without CURRENT), returned open for writing."""
-        writer = _start(Path(root), fingerprint, factory, search_params, diagnosis.require_absent, None)
+        """A new index at ``root`` (a new folder, or one without CURRENT), returned open for writing.
+
+        ``embedding_dtype``: float16 (default) or float32 storage of embeddings in SQLite
+        (:mod:`vitrine.index.embeddings`)."""
+        writer = _start(
+            Path(root), fingerprint, factory, search_params, diagnosis.require_absent, None, embedding_dtype
+        )
         try:
             writer.publish()
         except BaseException:
@@ -90,6 +96,7 @@ class IndexStore:
         factory: str | None = None,
         search_params: dict | None = None,
         resume: Callable[[Path], str | None] | None = None,
+        embedding_dtype: str = embeddings.DEFAULT,
     ) -> IndexWriter:
         """Start the next generation beside the live one (a reindex); readers see it after ``publish``.
 
@@ -97,7 +104,7 @@ class IndexStore:
         runs under that lock and may name an unpublished generation to continue instead of a new one
         (a resumable reindex job; it may also delete stale ones).
         """
-        return _start(Path(root), fingerprint, factory, search_params, None, resume)
+        return _start(Path(root), fingerprint, factory, search_params, None, resume, embedding_dtype)
 
     @staticmethod
     def exists(root: str | Path) -> bool:
@@ -133,8 +140,9 @@ def _start(
     search_params: dict | None,
     absent: Callable[[Path], None] | None,
     resume: Callable[[Path], str | None] | None,
+    embedding_dtype: str,
 ) -> IndexWriter:
-    lock, name = generations.start(root, fingerprint, factory, search_params, absent, resume)
+    lock, name = generations.start(root, fingerprint, factory, search_params, absent, resume, embedding_dtype)
     try:
         return IndexWriter(root, name, lock_fd=lock, expected=None)
     except BaseException:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vitrine.errors import StoreError
-from vitrine.index import exclusions, fulltext, generations, layout, snapshots
+from vitrine.index import embeddings, exclusions, fulltext, generations, layout, snapshots, upsert
 from vitrine.index.ann import AnnIndex
 from vitrine.index.layout import Failure, NewItem
 from vitrine.index.reader import IndexReader
@@ -87,28 +87,30 @@ class IndexWriter(IndexReader):
         removed; vectors no longer referenced by any item are deleted and tombstoned.
         """
         self._require_open()
-        now, added, candidates = time.time(), {}, set()
+        now = time.time()
         with self._write_lock:
             conn = self._conn()
             with layout.writing(conn, self.root):
                 seq = layout.scalar(conn, "SELECT value FROM state WHERE name='seq'") + 1
+                model = str(self.fingerprint.get("id"))
+                batch = upsert.Batch(conn, seq, self.dim, self.embedding_dtype, model)
                 exclusions.add(conn, exclude, now)
                 excluded = exclusions.read(conn)
                 conn.executemany(
                     "INSERT OR REPLACE INTO failures(key, path, reason, time, source) VALUES (?,?,?,?,?)",
                     [(f.key, f.path, f.reason, now, f.source) for f in failures],
                 )
-                for item in items:
-                    if not excluded.covers(item.key):
-                        layout.upsert_item(conn, item, seq, now, added, candidates, self._normalised)
-                for key in remove_keys:
-                    gone = conn.execute("DELETE FROM items WHERE key=? RETURNING vector_id", (key,))
-                    candidates.update(r[0] for r in gone.fetchall())
-                    conn.execute("DELETE FROM failures WHERE key=?", (key,))
-                dropped = layout.drop_orphans(conn, seq, candidates, added)
+                upsert.upsert(batch, [item for item in items if not excluded.covers(item.key)], now)
+                upsert.remove(batch, remove_keys)
+                upsert.drop_orphans(batch)
                 conn.execute("UPDATE state SET value=? WHERE name='seq'", (seq,))
-            self._apply(added, dropped, seq)
+            self._apply(batch.added, batch.dropped, seq)
             return seq
+
+    @property
+    def embedding_dtype(self) -> str:
+        """How this generation stores embeddings: float16, or float32 for generations made before."""
+        return embeddings.of_manifest(self.manifest)
 
     def _apply(self, added: dict[int, np.ndarray], dropped: list[int], seq: int) -> None:
         """Mirror a committed batch into the in-memory FAISS (searches wait for the exclusive lock)."""
@@ -117,21 +119,6 @@ class IndexWriter(IndexReader):
                 self._gen.ann.add(np.array(list(added), dtype=np.int64), np.stack(list(added.values())))
             self._gen.ann.remove(np.array(dropped, dtype=np.int64))
             self._gen.seq = seq
-
-    def _normalised(self, item: NewItem) -> np.ndarray:
-        if item.embedding is None:
-            raise StoreError(
-                f"item {item.key!r}: no embedding given and no stored vector for content "
-                f"{item.sha256}; encode the image first"
-            )
-        vec = np.asarray(item.embedding, dtype=np.float32).reshape(-1)
-        norm = float(np.linalg.norm(vec)) if vec.size == self.dim else 0.0
-        if not np.isfinite(norm) or norm == 0.0:
-            raise StoreError(
-                f"item {item.key!r}: embedding must be a finite non-zero vector of dim "
-                f"{self.dim} (model {self.fingerprint.get('id')}), got size {vec.size}"
-            )
-        return vec / norm
 
     def restore(self, paths: Sequence[str]) -> list[str]:
         """Lift exclusions; returns those that were recorded (the next build indexes them again)."""
