@@ -39,8 +39,8 @@ class IndexWriter(IndexReader):
                 tmp.unlink(missing_ok=True)
         super().__init__(root, generation, lock_fd=lock_fd, expected=expected)
 
-    def _load_generation(self, name: str) -> snapshots.Generation:
-        gen = super()._load_generation(name)
+    def _load_generation(self, name: str, full: bool | None = None) -> snapshots.Generation:
+        gen = super()._load_generation(name, full)
         with layout.writing(self._conn_to(gen.path), self.root):
             self._conn_to(gen.path).execute(exclusions.TABLE)
             fulltext.ensure(self._conn_to(gen.path))  # migration of indexes made before full text
