@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import faiss
@@ -174,15 +174,30 @@ class AnnIndex:
         ids, vectors = self._check(ids, vectors)
         if np.unique(ids).size != ids.size:
             raise ValueError("rebuild: ids must be unique")
-        index = self._fresh(self._target(len(ids)))
+        self.rebuild_from(len(ids), lambda picks: vectors[picks], [(ids, vectors)])
+
+    def rebuild_from(
+        self,
+        n: int,
+        sample: Callable[[np.ndarray], np.ndarray],
+        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        """:meth:`rebuild` for collections read in pieces (a store larger than memory): ``n`` vectors in
+        all, ``sample(positions)`` the vectors at those sorted positions (0..n-1) for training, ``chunks``
+        every (ids, vectors) once, ids unique. Only the training sample and one chunk are held at once."""
+        index = self._fresh(self._target(n))
         if not index.is_trained:
             need = min_train_size(self.effective_factory, self.dim)
             cap = max(TRAIN_SAMPLE_FACTOR * need, TRAIN_SAMPLE_FLOOR)
-            pick = np.random.default_rng(0).choice(len(ids), size=min(cap, len(ids)), replace=False)
+            pick = np.random.default_rng(0).choice(n, size=min(cap, n), replace=False)
+            train = self._check(np.zeros(len(pick), np.int64), sample(np.sort(pick)))[1]
             with gpu_training(index):  # IVF k-means on all GPUs where faiss-gpu has them; else CPU
-                index.train(np.ascontiguousarray(vectors[np.sort(pick)]))
-        if len(ids):
-            index.add_with_ids(vectors, ids)
+                index.train(train)
+            del train
+        for ids, vectors in chunks:
+            ids, vectors = self._check(ids, vectors)
+            if len(ids):
+                index.add_with_ids(vectors, ids)
         self._index, self._n_deleted, self._mem, self.mapped = index, 0, None, False
         self._gpu.invalidate()
 

@@ -29,6 +29,7 @@ import json
 import logging
 import re
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ SNAPSHOT_RE = re.compile(r"^index\.(\d+)\.faiss$")
 SUM_SUFFIX = ".sha256"
 #: Vectors compared between SQLite and the loaded structure (indexed lookups: cheap at any size).
 SAMPLE = 32
+#: Rows read from SQLite per step of a rebuild (about 130 MB of float32 at dim 512).
+REBUILD_CHUNK = 65_536
 log = logging.getLogger(__name__)
 
 
@@ -250,12 +253,31 @@ def load_ann(
         break
     if damage:
         log.warning("%s: rebuilding the FAISS index from meta.sqlite: %s", path, "; ".join(damage))
+    ann = AnnIndex(dim, factory, params)
+    return ann, build_from_sqlite(conn, ann), None, False, damage
+
+
+def build_from_sqlite(conn: sqlite3.Connection, ann: AnnIndex) -> int:
+    """Rebuild ``ann`` from every vector of meta.sqlite, in one read transaction; returns its seq.
+
+    Streamed: the training sample is read by id and the vectors in :data:`REBUILD_CHUNK` rows, so a
+    store of 10M vectors (20 GB of float32) rebuilds in the memory of its ANN structure plus one chunk.
+    """
     with layout.reading(conn):
         seq = layout.scalar(conn, "SELECT value FROM state WHERE name='seq'")
-        ids, vectors = layout.id_vectors(conn.execute("SELECT id, embedding FROM vectors"), dim)
-    ann = AnnIndex(dim, factory, params)
-    ann.rebuild(ids, vectors)
-    return ann, seq, None, False, damage
+        ids = np.fromiter((r[0] for r in conn.execute("SELECT id FROM vectors ORDER BY id")), np.int64)
+
+        def sample(positions: np.ndarray) -> np.ndarray:
+            sql = "SELECT id, embedding FROM vectors WHERE id IN ({})"
+            return layout.id_vectors(layout.select_in(conn, sql, ids[positions].tolist()), ann.dim)[1]
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            cursor = conn.execute("SELECT id, embedding FROM vectors ORDER BY id")
+            while rows := cursor.fetchmany(REBUILD_CHUNK):
+                yield layout.id_vectors(rows, ann.dim)
+
+        ann.rebuild_from(len(ids), sample, chunks())
+    return seq
 
 
 def mirror_manifest(conn: sqlite3.Connection, root: Path, manifest: dict) -> None:

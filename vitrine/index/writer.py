@@ -168,8 +168,7 @@ class IndexWriter(IndexReader):
             rebuild = retrain or gen.ann.needs_rebuild(gen.ann.ntotal)
             if rebuild:
                 fresh = AnnIndex(gen.dim, gen.manifest.get("factory"), gen.manifest.get("search_params"))
-                rows = self._conn().execute("SELECT id, embedding FROM vectors")
-                fresh.rebuild(*layout.id_vectors(rows, gen.dim))
+                snapshots.build_from_sqlite(self._conn(), fresh)
                 with self._ann_lock.exclusive():
                     gen.ann = fresh
             snapshots.mirror_manifest(self._conn(), self.root, gen.manifest)
