@@ -106,6 +106,9 @@ class AnnIndex:
         self._index = self._fresh(self._target(0))
         self._n_deleted = 0
         self._mem: tuple[int, int] | None = None  # (bytes, structure size) when last measured
+        self._top: int | None = (
+            None  # >= every id held (None: not computed yet); removals keep it an upper bound
+        )
         self.mapped = False  # codes mapped from a snapshot file (load(mmap=True)): read-only until _own()
         self._gpu = GpuSearcher()  # GPU clone for the searches it can answer (vitrine.index.gpu); else CPU
 
@@ -198,18 +201,29 @@ class AnnIndex:
             ids, vectors = self._check(ids, vectors)
             if len(ids):
                 index.add_with_ids(vectors, ids)
-        self._index, self._n_deleted, self._mem, self.mapped = index, 0, None, False
+        self._index, self._n_deleted, self._mem, self.mapped, self._top = index, 0, None, False, None
         self._gpu.invalidate()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors; ids already present are skipped (a catch-up may replay them)."""
         ids, vectors = self._check(ids, vectors)
-        fresh = ~np.isin(ids, self._id_view())
-        fresh[np.setdiff1d(np.arange(len(ids)), np.unique(ids, return_index=True)[1])] = False
+        if not len(ids):
+            return
+        first = np.unique(ids, return_index=True)[1]
+        if self._top is None:
+            view = self._id_view()
+            self._top = int(view.max()) if view.size else -1
+        if ids.min() > self._top:  # the usual commit: ids beyond every held one (SQLite's autoincrement),
+            fresh = np.zeros(len(ids), dtype=bool)  # known fresh without a pass over all held ids
+            fresh[first] = True
+        else:
+            fresh = ~np.isin(ids, self._id_view())
+            fresh[np.setdiff1d(np.arange(len(ids)), first)] = False
         if fresh.any():
             self._own()
             self._gpu.invalidate()
             self._index.add_with_ids(np.ascontiguousarray(vectors[fresh]), ids[fresh])
+            self._top = max(self._top, int(ids[fresh].max()))
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids (absent ones are ignored): compacting for Flat, a soft delete otherwise."""
