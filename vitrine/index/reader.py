@@ -98,11 +98,13 @@ class IndexReader:
         damaged, the generation is loaded again with every snapshot hashed (so from a good one or from
         SQLite) and swapped in; returns why, else None. Reads the whole file: meant for a background
         thread of a process that is already answering."""
+        gen = self._gen
+        if gen.hashed:
+            return None
+        checked, problem = gen.snapshot_seq, gen.full_check()  # unlocked: refreshes go on meanwhile
         with self._write_lock:
-            gen = self._gen
-            if gen.hashed:
-                return None
-            problem = gen.full_check()
+            if self._gen is not gen or gen.hashed or gen.snapshot_seq != checked:
+                return None  # loaded again meanwhile: that load is checked on the next call
             gen.hashed = True
             if problem is None:
                 return None
