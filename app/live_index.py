@@ -248,7 +248,22 @@ class LiveIndex:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.settings.refresh_seconds):
             self.refresh()
+            self.verify_snapshot()
             self.drift.poll()
+
+    def verify_snapshot(self) -> None:
+        """The loaded FAISS snapshot's whole checksum, once per snapshot, here in the background: opening
+        only compared its size and mtime, so that start-up never hashes a multi-GB file."""
+        searcher = self._searcher
+        if searcher is None:
+            return
+        try:
+            problem = searcher.store.verify_snapshot()
+        except (VitrineError, OSError) as exc:
+            log.warning("cannot verify the index snapshot (still serving): %s", exc)
+            return
+        if problem is not None:
+            log.error("index snapshot damaged, now served from a rebuild out of meta.sqlite: %s", problem)
 
     def close(self) -> None:
         self._stop.set()

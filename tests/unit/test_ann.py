@@ -114,6 +114,29 @@ def test_add_remove_save_load_round_trip(factory: str, random_data: tuple, tmp_p
     assert loaded.memory_bytes() > 0
 
 
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,SQ8"])
+def test_add_skips_held_and_repeated_ids_on_both_paths(
+    factory: str, random_data: tuple, tmp_path: Path
+) -> None:
+    """Ids beyond every held one take the path that skips the pass over all held ids; the others are
+    compared with them. Either way each id is held once."""
+    ids, x = random_data
+    index = AnnIndex(DIM, factory)
+    index.rebuild(ids[:2000], x[:2000])
+    index.add(ids[[2000, 2001, 2000]], x[[2000, 2001, 2000]])  # beyond all held, one repeated
+    index.add(ids[1990:2100], x[1990:2100])  # overlapping a replay
+    index.remove(ids[2050:2100])
+    index.add(ids[2050:2060], x[2050:2060])  # below the highest id ever held: compared, added again
+    index.save(tmp_path / "index.1.faiss")
+    loaded = AnnIndex.load(tmp_path / "index.1.faiss", factory=factory)
+    loaded.add(ids[2099:2200], x[2099:2200])  # after a load
+    for held in (index, loaded):
+        live = held.ids()
+        assert live.size == np.unique(live).size
+    assert sorted(loaded.ids().tolist()) == sorted(ids[:2060].tolist() + ids[2099:2200].tolist())
+    assert (loaded.search(x[2150:2160], 1)[1][:, 0] == ids[2150:2160]).all()
+
+
 def test_soft_deletes_ask_for_compaction(random_data: tuple) -> None:
     ids, x = random_data
     index = AnnIndex(DIM, "HNSW32")
@@ -158,7 +181,7 @@ def test_choose_factory_thresholds() -> None:
     assert choose_factory(0, 512) == choose_factory(FLAT_MAX, 512) == "Flat"
     assert choose_factory(FLAT_MAX + 1, 512) == choose_factory(HNSW_MAX, 512) == "HNSW32"
     assert choose_factory(HNSW_MAX + 1, 512) == choose_factory(SQ8_MAX, 512) == "IVF2048,SQ8"
-    assert choose_factory(SQ8_MAX + 1, 512) == "IVF8192,SQ8"
+    assert choose_factory(SQ8_MAX + 1, 512) == "IVF4096,SQ8"
     for n in (HNSW_MAX + 1, SQ8_MAX + 1):  # every auto tier has the data it trains on
         assert min_train_size(choose_factory(n, 64), 64) <= n
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import faiss
@@ -106,6 +106,9 @@ class AnnIndex:
         self._index = self._fresh(self._target(0))
         self._n_deleted = 0
         self._mem: tuple[int, int] | None = None  # (bytes, structure size) when last measured
+        self._top: int | None = (
+            None  # >= every id held (None: not computed yet); removals keep it an upper bound
+        )
         self.mapped = False  # codes mapped from a snapshot file (load(mmap=True)): read-only until _own()
         self._gpu = GpuSearcher()  # GPU clone for the searches it can answer (vitrine.index.gpu); else CPU
 
@@ -174,27 +177,53 @@ class AnnIndex:
         ids, vectors = self._check(ids, vectors)
         if np.unique(ids).size != ids.size:
             raise ValueError("rebuild: ids must be unique")
-        index = self._fresh(self._target(len(ids)))
+        self.rebuild_from(len(ids), lambda picks: vectors[picks], [(ids, vectors)])
+
+    def rebuild_from(
+        self,
+        n: int,
+        sample: Callable[[np.ndarray], np.ndarray],
+        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        """:meth:`rebuild` for collections read in pieces (a store larger than memory): ``n`` vectors in
+        all, ``sample(positions)`` the vectors at those sorted positions (0..n-1) for training, ``chunks``
+        every (ids, vectors) once, ids unique. Only the training sample and one chunk are held at once."""
+        index = self._fresh(self._target(n))
         if not index.is_trained:
             need = min_train_size(self.effective_factory, self.dim)
             cap = max(TRAIN_SAMPLE_FACTOR * need, TRAIN_SAMPLE_FLOOR)
-            pick = np.random.default_rng(0).choice(len(ids), size=min(cap, len(ids)), replace=False)
+            pick = np.random.default_rng(0).choice(n, size=min(cap, n), replace=False)
+            train = self._check(np.zeros(len(pick), np.int64), sample(np.sort(pick)))[1]
             with gpu_training(index):  # IVF k-means on all GPUs where faiss-gpu has them; else CPU
-                index.train(np.ascontiguousarray(vectors[np.sort(pick)]))
-        if len(ids):
-            index.add_with_ids(vectors, ids)
-        self._index, self._n_deleted, self._mem, self.mapped = index, 0, None, False
+                index.train(train)
+            del train
+        for ids, vectors in chunks:
+            ids, vectors = self._check(ids, vectors)
+            if len(ids):
+                index.add_with_ids(vectors, ids)
+        self._index, self._n_deleted, self._mem, self.mapped, self._top = index, 0, None, False, None
         self._gpu.invalidate()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors; ids already present are skipped (a catch-up may replay them)."""
         ids, vectors = self._check(ids, vectors)
-        fresh = ~np.isin(ids, self._id_view())
-        fresh[np.setdiff1d(np.arange(len(ids)), np.unique(ids, return_index=True)[1])] = False
+        if not len(ids):
+            return
+        first = np.unique(ids, return_index=True)[1]
+        if self._top is None:
+            view = self._id_view()
+            self._top = int(view.max()) if view.size else -1
+        if ids.min() > self._top:  # the usual commit: ids beyond every held one (SQLite's autoincrement),
+            fresh = np.zeros(len(ids), dtype=bool)  # known fresh without a pass over all held ids
+            fresh[first] = True
+        else:
+            fresh = ~np.isin(ids, self._id_view())
+            fresh[np.setdiff1d(np.arange(len(ids)), first)] = False
         if fresh.any():
             self._own()
             self._gpu.invalidate()
             self._index.add_with_ids(np.ascontiguousarray(vectors[fresh]), ids[fresh])
+            self._top = max(self._top, int(ids[fresh].max()))
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids (absent ones are ignored): compacting for Flat, a soft delete otherwise."""

@@ -17,10 +17,14 @@ import faiss
 #: query and needs no training, so approximation would only cost recall). Up to HNSW_MAX: ``HNSW32``
 #: (no training; insertion cost grows with n, so past HNSW_MAX an IVF builds faster, holds less and
 #: recalls as well). Above: ``IVF{nlist},SQ8``, with nlist IVF_NLIST_LARGE past SQ8_MAX so inverted lists
-#: stay short. PQ/OPQ are left to explicit requests: unrefined, their recall on clustered data is poor
-#: and OPQ trains slowly (bench/RESULTS.md, "Scale").
+#: stay short. Not more lists than that: a build costs n x nlist x dim for the coarse assignment plus
+#: k-means over ~78 x nlist points, so 8192 lists would double the one and quadruple the other (the
+#: bulk of a 10M build on 2 cores), while the default nprobe (nlist // 64) scans the same n / 64 vectors
+#: per query either way. PQ/OPQ are left to explicit requests: unrefined, their recall on clustered
+#: data is poor and OPQ trains slowly (bench/RESULTS.md, "Scale"). Readers map large snapshots instead
+#: of reading them (ann.MMAP_MIN_BYTES), so an index may exceed RAM.
 FLAT_MAX, HNSW_MAX, SQ8_MAX = 50_000, 200_000, 5_000_000
-IVF_NLIST_SMALL, IVF_NLIST_LARGE = 2048, 8192
+IVF_NLIST_SMALL, IVF_NLIST_LARGE = 2048, 4096
 #: Auto mode steps *down* a tier only once n is below half the boundary (no rebuild ping-pong).
 SHRINK_HYSTERESIS = 0.5
 #: ``search_params`` knobs. ``nprobe``: IVF lists visited per query, default ``clamp(nlist // 64, 16,

@@ -89,8 +89,29 @@ class IndexReader:
         """Why the snapshot on disk was refused at load (then rebuilt from SQLite); empty if it was not."""
         return list(self._gen.damage)
 
-    def _load_generation(self, name: str) -> snapshots.Generation:
-        return snapshots.load_generation(self.root, name, self._expected, self.writable)
+    def _load_generation(self, name: str, full: bool | None = None) -> snapshots.Generation:
+        return snapshots.load_generation(self.root, name, self._expected, self.writable, full)
+
+    def verify_snapshot(self) -> str | None:
+        """Recompute the whole checksum of the snapshot this reader loaded, once per loaded snapshot
+        (opening compared only its size and mtime, see :mod:`vitrine.index.snapshots`). When it is
+        damaged, the generation is loaded again with every snapshot hashed (so from a good one or from
+        SQLite) and swapped in; returns why, else None. Reads the whole file: meant for a background
+        thread of a process that is already answering."""
+        gen = self._gen
+        if gen.hashed:
+            return None
+        checked, problem = gen.snapshot_seq, gen.full_check()  # unlocked: refreshes go on meanwhile
+        with self._write_lock:
+            if self._gen is not gen or gen.hashed or gen.snapshot_seq != checked:
+                return None  # loaded again meanwhile: that load is checked on the next call
+            gen.hashed = True
+            if problem is None:
+                return None
+            fresh = self._load_generation(gen.name, full=True)
+            with self._ann_lock.exclusive():
+                self._gen, self._cache = fresh, {}
+            return problem
 
     def connection(self) -> sqlite3.Connection:
         """This thread's read connection to the live generation's SQLite (for queries beside the

@@ -39,8 +39,8 @@ class IndexWriter(IndexReader):
                 tmp.unlink(missing_ok=True)
         super().__init__(root, generation, lock_fd=lock_fd, expected=expected)
 
-    def _load_generation(self, name: str) -> snapshots.Generation:
-        gen = super()._load_generation(name)
+    def _load_generation(self, name: str, full: bool | None = None) -> snapshots.Generation:
+        gen = super()._load_generation(name, full)
         with layout.writing(self._conn_to(gen.path), self.root):
             self._conn_to(gen.path).execute(exclusions.TABLE)
             fulltext.ensure(self._conn_to(gen.path))  # migration of indexes made before full text
@@ -155,8 +155,7 @@ class IndexWriter(IndexReader):
             rebuild = retrain or gen.ann.needs_rebuild(gen.ann.ntotal)
             if rebuild:
                 fresh = AnnIndex(gen.dim, gen.manifest.get("factory"), gen.manifest.get("search_params"))
-                rows = self._conn().execute("SELECT id, embedding FROM vectors")
-                fresh.rebuild(*layout.id_vectors(rows, gen.dim))
+                snapshots.build_from_sqlite(self._conn(), fresh)
                 with self._ann_lock.exclusive():
                     gen.ann = fresh
             snapshots.mirror_manifest(self._conn(), self.root, gen.manifest)
