@@ -138,19 +138,24 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
         env={"ACCELERATE_USE_CPU": "true"},
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for name, loss in LOSSES.items():
+    for name, loss in [*LOSSES.items(), *((f"{n}:all", f) for n, f in LOSSES.items())]:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(8, 16, generator=generator).requires_grad_(True)
         texts = torch.randn(8, 16, generator=generator).requires_grad_(True)
+        two_each = torch.randn(16, 16, generator=generator).requires_grad_(True)
         scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
-        whole = loss(images, texts, scale, bias, margin=0.5)
+        multi = name.endswith(":all")  # two captions per image: the owner links cross the processes
+        captions = two_each if multi else texts
+        links = {"owner": torch.arange(8).repeat_interleave(2)} if multi else {}
+        whole = loss(images, captions, scale, bias, margin=0.5, **links)
         whole.loss.backward()
         for r, payload in enumerate(p[name] for p in ranks):
             assert payload["world"] == 2 and payload["negatives"] == 7, name  # 8 - 1: both processes' pairs
             assert payload["loss"] == pytest.approx(float(whole.loss.detach()), rel=1e-5), name
             rows = slice(4 * r, 4 * r + 4)
-            for side, full in (("image_grad", images.grad), ("text_grad", texts.grad)):
-                torch.testing.assert_close(torch.tensor(payload[side]), full[rows], rtol=1e-4, atol=1e-6)
+            text_rows = slice(8 * r, 8 * r + 8) if multi else rows
+            for side, full in (("image_grad", images.grad[rows]), ("text_grad", captions.grad[text_rows])):
+                torch.testing.assert_close(torch.tensor(payload[side]), full, rtol=1e-4, atol=1e-6)
         for param, key in ((scale, "scale_grad"), (bias, "bias_grad")):  # DDP's average over processes
             if param.grad is None:
                 assert all(p[name][key] is None for p in ranks), (name, key)
