@@ -208,6 +208,11 @@ class EvaluateArgs(EncoderSettings):
     data: str = arg(help="captioned catalog (folder with metadata, CSV/TSV/JSONL/Parquet manifest, dataset)")
     image_column: str | None = arg(None, "manifest column with image paths (default: auto)")
     caption_column: str | None = arg(None, "manifest column with captions (default: auto)")
+    slice: str | None = arg(
+        None,
+        "also report recall per value of this metadata field (a manifest column), with counts and 95%% "
+        "Wilson intervals",
+    )
     json: bool = arg(False, "print the metrics as JSON")
 
 
