@@ -248,7 +248,7 @@ class LiveIndex:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.settings.refresh_seconds):
             self.refresh()
-            self.drift.poll()
+            self.drift.poll(self._searcher)
 
     def close(self) -> None:
         self._stop.set()
