@@ -94,9 +94,15 @@ def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(towers_dir, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--positives", "all", "--queue-size", "8", "--text-dropout", "0.2"]],
+    ids=["default", "all-captions-queue-text-dropout"],
+)
+def test_resume_reproduces_the_uninterrupted_run(options, towers_dir, tmp_path) -> None:
     data = write_pairs(tmp_path / "pairs", copies=2)
     common = [
+        *options,
         *tower_flags(towers_dir),
         *FAST,
         "--train-data",
@@ -165,8 +171,9 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["infonce", "siglip", "hardest"])
+@pytest.mark.parametrize("loss", ["infonce", "siglip", "hardest", "infonce-all-queue"])
 def test_two_process_cpu_training(loss, towers_dir, tmp_path) -> None:
+    """Each loss on two CPU processes; ``infonce-all-queue`` adds all captions and a queue of 8."""
     pairs_dir = write_pairs(tmp_path / "pairs")  # no bad file: every global batch is full
     out = tmp_path / "out"
     run_module(
@@ -188,14 +195,18 @@ def test_two_process_cpu_training(loss, towers_dir, tmp_path) -> None:
             "--epochs",
             "2",
             "--loss",
-            loss,
+            loss.split("-")[0],
+            *(["--positives", "all", "--queue-size", "8"] if loss.endswith("queue") else []),
         ],
         env={"ACCELERATE_USE_CPU": "true"},
     )
     report = json.loads((out / "train_report.json").read_text())
     assert report["processes"] == 2
-    rows = _rows(out / "metrics.csv")
-    assert rows and all(int(r["negatives"]) == 7 for r in rows)  # 2 processes × 4 pairs - 1
+    negatives = [int(r["negatives"]) for r in _rows(out / "metrics.csv")]
+    if loss.endswith("queue"):  # the global batch's 7, then the queue's 8 less the caption's own image
+        assert negatives[0] == 7 and max(negatives) in (14, 15), negatives
+    else:
+        assert negatives and set(negatives) == {7}, negatives  # 2 processes × 4 pairs - 1
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
 
