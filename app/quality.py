@@ -3,16 +3,18 @@
 When the live generation's items have captions, text→image R@10 is measured on a sample of them
 (:func:`vitrine.quality.generation_quality`: the stored image embeddings, captions encoded by the live
 model), overall and per value of ``--quality-slice FIELD``, each slice with its item count and 95 %
-Wilson interval. Encoding a few thousand captions takes seconds, so it runs in a background thread,
-once per (generation, model, item count): the refresh loop offers it the current searcher, and
-requests never wait for it. Drift checks watch the *inputs*; this watches the *answers* where the
-index's own captions say what a right answer is.
+Wilson interval. Encoding a few thousand captions takes seconds, so it runs in a background thread:
+at once for a new generation or model, and again after later commits to the same generation (photos
+indexed from the page) at most every ``REMEASURE_SECONDS``. The refresh loop offers it the current
+searcher (an in-memory comparison), and requests never wait for it. Drift checks watch the *inputs*;
+this watches the *answers*, where the index's own captions say what a right answer is.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from app.metrics import Metrics
@@ -20,6 +22,7 @@ from vitrine.errors import VitrineError
 from vitrine.quality import generation_quality
 
 log = logging.getLogger("vitrine.app")
+REMEASURE_SECONDS = 300.0  # the same generation, changed by commits, is measured again at most this often
 
 
 class LiveQuality:
@@ -28,7 +31,8 @@ class LiveQuality:
     def __init__(self, metrics: Metrics, *, field: str | None, size: int) -> None:
         self.metrics, self.field, self.size = metrics, field, size
         self.latest: dict[str, Any] | None = None
-        self._measured: tuple | None = None
+        self._measured: tuple | None = None  # (generation, model, commit seq) of the last measurement
+        self._measured_at = 0.0
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -36,12 +40,14 @@ class LiveQuality:
         """Measure ``searcher``'s generation in the background unless it is measured or being measured."""
         if searcher is None or self.size <= 0:
             return
-        stats = searcher.store.stats()
-        key = (stats["generation"], searcher.model_version, stats["count"])
+        key = (searcher.store.generation, searcher.model_version, searcher.store.seq)
         with self._lock:
             if key == self._measured or (self._thread is not None and self._thread.is_alive()):
                 return
-            self._measured = key
+            recent = time.monotonic() - self._measured_at < REMEASURE_SECONDS
+            if self._measured is not None and key[:2] == self._measured[:2] and recent:
+                return
+            self._measured, self._measured_at = key, time.monotonic()
             self._thread = threading.Thread(
                 target=self._measure, args=(searcher,), name="live-quality", daemon=True
             )
