@@ -74,10 +74,10 @@ def slice_recall(ranks: Any, values: Sequence[str], ks: Iterable[int]) -> list[S
     """Per-slice recall from :class:`vitrine.evaluate.Ranks`; ``values[i]`` is image row i's slice.
     Largest slices first."""
     ks = list(ks)
-    counts = Counter(values)
-    labels = torch.tensor([list(counts).index(v) for v in values], dtype=torch.long)
+    codes = {value: code for code, value in enumerate(Counter(values))}
+    labels = torch.tensor([codes[v] for v in values], dtype=torch.long)
     out = []
-    for code, (value, _n) in enumerate(counts.items()):
+    for value, code in codes.items():
         images = labels == code
         t2i_rank = ranks.t2i[images[ranks.owner]]
         i2t_rank = ranks.i2t[images & ranks.captioned]
