@@ -115,6 +115,14 @@ class AppArgs(EncoderSettings):
     reindex_flags: str = arg(
         "", "extra flags for reindex jobs started from the page, e.g. '--model M'", env="REINDEX_FLAGS"
     )
+    quality_slice: str | None = arg(
+        None,
+        "Drift tab and /metrics: the live generation's recall per value of this metadata field",
+        env="QUALITY_SLICE",
+    )
+    quality_size: int = arg(
+        500, "captioned items sampled to measure the live generation's recall (0: off)", env="QUALITY_SIZE"
+    )
     log_level: str = arg("INFO", "logging level; INFO logs one line per request", env="LOG_LEVEL")
 
 
@@ -144,6 +152,8 @@ def make_service(a: AppArgs):  # type: ignore[no-untyped-def]
             store_query_text=a.store_query_text,
             admin=a.admin,
             reindex_args=shlex.split(a.reindex_flags),
+            quality_slice=a.quality_slice,
+            quality_size=a.quality_size,
         )
     )
 

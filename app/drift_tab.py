@@ -32,7 +32,9 @@ def drift_tab(service: SearchService) -> None:
             "Is the index still right for what comes in and what people ask? Reports compare newly "
             "indexed photos with the generation's reference sample and recent queries with its first "
             "ones (MMD permutation test, domain-classifier AUC, mean shift); a new model is caught "
-            "from its fingerprint. Checks run here, from `python -m indexer drift`, or a reindex scheduler."
+            "from its fingerprint. Checks run here, from `python -m indexer drift`, or a reindex scheduler. "
+            "With captioned items, *Quality* is the live generation's text→image R@10 on its own captions "
+            "(per `--quality-slice` value too)."
         )
         status = service.drift.status()
         summary = gr.HTML(_summary(status), elem_id="drift-summary")
@@ -105,6 +107,26 @@ def _history(status: dict[str, Any]) -> pd.DataFrame | None:
     return pd.DataFrame(rows).astype({"time": "datetime64[ns]", "metric": str, "value": float})
 
 
+def _quality(q: dict[str, Any]) -> str:
+    """The live generation's text→image R@10, and per slice with its interval and item count."""
+    head = (
+        f"text→image R@10 <b>{q['recall']:.1f}</b> on {q['items']:,} captioned items "
+        f"({q['captions']:,} captions) of <code>{html.escape(str(q['generation']))}</code>"
+    )
+    if not q["slices"]:
+        return head
+    cells = "".join(
+        f"<tr><td>{html.escape(s['value'])}</td><td>{s['recall']:.1f}</td>"
+        f"<td>{s['interval'][0]:.1f}–{s['interval'][1]:.1f}</td><td>{s['items']:,}</td></tr>"
+        for s in q["slices"]
+    )
+    return (
+        f"{head}; per <code>{html.escape(str(q['field']))}</code>:"
+        "<table class='vitrine-table' id='quality-slices'><tr><th>value</th><th>R@10</th>"
+        f"<th>95% interval</th><th>items</th></tr>{cells}</table>"
+    )
+
+
 def _summary(status: dict[str, Any]) -> str:
     latest, job, last = status["latest"], status["job"], status["last_reindex"]
     if latest is None:
@@ -129,8 +151,12 @@ def _summary(status: dict[str, Any]) -> str:
                 f"{ref['size']:,} of {ref['index_count']:,} items of <code>{ref['generation']}</code>",
             )
         )
+    quality = status.get("quality")
+    if quality:
+        rows.append(("Quality", _quality(quality)))
     if last:
-        numbers = ", ".join(f"{k} {v}" for k, v in (last.get("validation") or {}).items() if v is not None)
+        checks = (last.get("validation") or {}).items()
+        numbers = ", ".join(f"{k} {v}" for k, v in checks if v is not None and not isinstance(v, list))
         rows.append(
             (
                 "Last reindex",

@@ -249,7 +249,7 @@ class LiveIndex:
         while not self._stop.wait(self.settings.refresh_seconds):
             self.refresh()
             self.verify_snapshot()
-            self.drift.poll()
+            self.drift.poll(self._searcher)
 
     def verify_snapshot(self) -> None:
         """The loaded FAISS snapshot's whole checksum, once per snapshot, here in the background: opening

@@ -29,6 +29,9 @@ Terms: ``model_version`` is always the embedding-space id, ``model`` always a di
   ``drift_p_value{source}``, ``drift_mean_shift{source}``, ``drift_detected{source}`` (0/1) and
   ``drift_checked_timestamp_seconds`` come from the same report; ``source`` is ``ingest``,
   ``queries``, ``sample``, ``fingerprint`` (a model change) or ``none``.
+* ``quality_recall{slice}`` — text→image R@10 (percent) of the live generation on a sample of its own
+  captioned items (``slice="(all)"``), and per value of ``--quality-slice FIELD``; ``quality_items{slice}``
+  counts the sampled items behind each number (:mod:`app.quality`). Absent when nothing is captioned.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Histogram buckets in seconds; dense around the 250 ms p99 target of text search."""
+OVERALL = "(all)"  # the quality_recall slice label of the whole sample (field values are never parenthesised)
 
 
 class Metrics:
@@ -123,6 +127,21 @@ class Metrics:
             registry=reg,
         )
 
+        self.quality_recall = Gauge(
+            "quality_recall",
+            "Text-to-image R@10 of the live generation on its own captions, overall ((all)) and per slice",
+            ["slice"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.quality_items = Gauge(
+            "quality_items",
+            "Sampled captioned items behind each quality_recall",
+            ["slice"],
+            namespace=ns,
+            registry=reg,
+        )
+
     def observe(self, endpoint: str, seconds: float, error_reason: str | None = None) -> None:
         """Record one finished request; ``error_reason`` set means it failed or was refused."""
         self.latency.labels(endpoint).observe(seconds)
@@ -165,6 +184,18 @@ class Metrics:
             if values[name] is not None:
                 gauge.labels(source).set(float(values[name]))
         self.drift_checked.set(float(report.get("time") or time.time()))
+
+    def set_quality(self, result: dict | None) -> None:
+        """Publish a live-quality measurement (:func:`vitrine.quality.generation_quality`); None clears."""
+        self.quality_recall.clear()
+        self.quality_items.clear()
+        if result is None:
+            return
+        rows = [(OVERALL, result["recall"], result["items"])]
+        rows += [(s["value"], s["recall"], s["items"]) for s in result["slices"]]
+        for name, recall, items in rows:
+            self.quality_recall.labels(name).set(float(recall))
+            self.quality_items.labels(name).set(float(items))
 
     def set_model(self, model: str, model_version: str) -> None:
         self.model_info.clear()

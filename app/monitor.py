@@ -7,6 +7,8 @@
 * **Shows status.** The latest drift report (from the app's own checks, ``python -m indexer drift`` or
   a reindex scheduler), the history of scores, the last reindex job (``INDEX/reindex.jsonl``) and the
   reference sample. ``/metrics`` gets the same numbers through :meth:`Metrics.set_drift`.
+* **Measures quality.** With captioned items, the live generation's text→image R@10, overall and per
+  slice (:class:`app.quality.LiveQuality`, in the background), in the status and on ``/metrics``.
 * **Runs jobs.** "Check now" runs :func:`vitrine.drift.assess.assess` in-process (a second or two); with
   ``admin`` set, "Start reindex" launches ``python -m indexer reindex`` as a child process, one at a
   time, so the server keeps answering and picks up the new generation when it is published.
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from app.metrics import Metrics
+from app.quality import LiveQuality
 from vitrine.build.reindex import read_log
 from vitrine.drift import reference
 from vitrine.drift.assess import assess
@@ -55,8 +58,11 @@ class DriftMonitor:
         store_query_text: bool = False,
         admin: bool = False,
         reindex_args: Sequence[str] = (),
+        quality_slice: str | None = None,
+        quality_size: int = 500,
     ) -> None:
         self.index, self.metrics = Path(index), metrics
+        self.quality = LiveQuality(metrics, field=quality_slice, size=quality_size)
         self.journal = Journal(self.index)
         self.recorder = QueryRecorder(self.journal, store_text=store_query_text) if record_queries else None
         self.admin, self.reindex_args = admin, list(reindex_args)
@@ -81,8 +87,10 @@ class DriftMonitor:
             self.recorder.add(generation, model, Entry(np.asarray(vector, np.float32), {"mode": mode}, best))
 
     # ---------------------------------------------------------------- status
-    def poll(self) -> None:
-        """Publish the newest report to the metrics (called from the service's refresh loop)."""
+    def poll(self, searcher: Any = None) -> None:
+        """Publish the newest report to the metrics and offer the live ``searcher`` for a quality
+        measurement (called from the service's refresh loop)."""
+        self.quality.offer(searcher)
         try:
             latest = self.journal.reports(limit=1)
         except (VitrineError, OSError) as exc:
@@ -120,6 +128,7 @@ class DriftMonitor:
             "job": self.job_state(),
             "admin": self.admin,
             "recording": self.recorder is not None,
+            "quality": self.quality.latest,
         }
 
     def last_reindex(self) -> dict[str, Any] | None:

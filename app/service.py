@@ -85,6 +85,8 @@ class ServiceSettings:
     store_query_text: bool = False
     admin: bool = False
     reindex_args: list[str] = field(default_factory=list)
+    quality_slice: str | None = None
+    quality_size: int = 500
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class SearchService:
             store_query_text=settings.store_query_text,
             admin=settings.admin,
             reindex_args=settings.reindex_args,
+            quality_slice=settings.quality_slice,
+            quality_size=settings.quality_size,
         )
         self.live = LiveIndex(settings, self.metrics, self.drift, self.images)
         self.limits = self.live.limits

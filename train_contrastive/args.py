@@ -1,8 +1,10 @@
 """Command-line arguments of ``train`` and ``evaluate``, declared once as typed dataclasses.
 
 Flags, types, defaults and help come from the field metadata (see :mod:`vitrine.config`). A
-``--config FILE.json|yaml`` supplies values for any field (keys in ``snake_case`` or ``kebab-case``);
-flags given on the command line win over the file, and the file wins over the defaults.
+``--config FILE.toml|json|yaml`` supplies values for any field (keys in ``snake_case`` or
+``kebab-case``); flags given on the command line win over the file, and the file wins over the defaults.
+``--config NAME`` (no such file) names a recipe of ``train_contrastive/recipes/`` (``default`` is the
+defaults below, written out; the others are the candidates ``bench/finetune.py`` sweeps).
 
 The defaults *are* the recipe: ``train --vision-model V --text-model T --train-data TR --eval-data EV
 --output OUT`` fine-tunes the last three blocks of both towers plus new projections from a cache of
@@ -64,6 +66,17 @@ class TrainArgs:
     caption_column: str | None = arg(None, "manifest column with captions (default: auto)")
     augment: bool = arg(False, "random resized crop + flip on training images (disables the feature cache)")
     max_length: int = arg(64, "caption tokens kept (captions are short; longer costs time)")
+    positives: str = arg(
+        "one",
+        "captions per training image and step: one = one sampled per epoch; all = every caption of the "
+        "image as a multi-positive target (more text per step, same images)",
+        choices=["one", "all"],
+    )
+    text_dropout: float = arg(
+        0.0,
+        "text augmentation: share of each training caption's word pieces masked out of attention and "
+        "pooling (never its first and last token; works with the cache; evaluation sees all)",
+    )
     num_workers: int = arg(2, "DataLoader processes decoding and preprocessing images")
     # -- output ------------------------------------------------------------------------------------
     output: str = arg(help="folder for the fine-tuned model, model card, curves and checkpoints")
@@ -71,6 +84,12 @@ class TrainArgs:
     lock_vision: bool = arg(False, "freeze the whole vision tower (its projection still trains)")
     lock_text: bool = arg(False, "freeze the whole text tower (its projection still trains)")
     unfreeze_last_n: int = arg(3, "train only the last N transformer blocks of each tower; -1 = all layers")
+    vision_blocks: int | None = arg(
+        None, "trainable last blocks of the vision tower (-1 = all; default: --unfreeze-last-n)"
+    )
+    text_blocks: int | None = arg(
+        None, "trainable last blocks of the text tower (-1 = all; default: --unfreeze-last-n)"
+    )
     cache: bool = arg(
         True, "compute frozen layers once per image/caption and reuse them every epoch (off with --augment)"
     )
@@ -89,14 +108,23 @@ class TrainArgs:
         choices=["infonce", "siglip", "hardest"],
     )
     margin: float = arg(0.2, "margin of --loss hardest (cosine similarity units)")
+    queue_size: int = arg(
+        0,
+        "extra negatives: rank each query also against the embeddings of the last N images and captions "
+        "of earlier steps (a memory bank; entries of the query's own image are skipped); 0 = off",
+    )
     # -- optimisation ------------------------------------------------------------------------------
-    epochs: int = arg(8, "passes over the training images (one caption sampled per image per epoch)")
+    epochs: int = arg(
+        8, "schedule length: passes over the training images (warmup + cosine span all of them)"
+    )
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default: run all epochs)")
     batch_size: int = arg(
         64, "pairs per process per step: every other pair of the global batch is a negative"
     )
     grad_accum: int = arg(1, "micro-batches per optimizer step (negatives stay within a micro-batch)")
     lr: float = arg(3e-4, "peak learning rate of pretrained weights")
+    vision_lr: float | None = arg(None, "peak learning rate of the vision tower's weights (default: --lr)")
+    text_lr: float | None = arg(None, "peak learning rate of the text tower's weights (default: --lr)")
     head_lr: float = arg(3e-3, "peak learning rate of the projections and the temperature")
     weight_decay: float = arg(0.05, "AdamW weight decay (never applied to norms, biases, temperature)")
     warmup_ratio: float = arg(0.05, "share of steps with linear warmup before the cosine decay")
@@ -138,8 +166,31 @@ class TrainArgs:
             raise ValueError("--batch-size must be at least 2: a contrastive loss needs negatives")
         if self.epochs < 1 or self.grad_accum < 1:
             raise ValueError("--epochs and --grad-accum must be at least 1")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError("--text-dropout must be within [0, 1)")
+        if self.queue_size < 0:
+            raise ValueError("--queue-size must not be negative")
+        if any(rate is not None and rate < 0 for rate in (self.vision_lr, self.text_lr)):
+            raise ValueError("--vision-lr and --text-lr must not be negative")
         if not 0.0 < self.margin <= 2.0:
             raise ValueError("--margin must be within (0, 2]: cosine similarities differ by at most 2")
+
+    @property
+    def blocks(self) -> dict[str, int]:
+        """Trainable last blocks per tower (``--vision-blocks``/``--text-blocks``, else
+        ``--unfreeze-last-n``)."""
+        return {
+            "vision": self.unfreeze_last_n if self.vision_blocks is None else self.vision_blocks,
+            "text": self.unfreeze_last_n if self.text_blocks is None else self.text_blocks,
+        }
+
+    @property
+    def tower_lr(self) -> dict[str, float]:
+        """Peak learning rate of each tower's pretrained weights."""
+        return {
+            "vision": self.lr if self.vision_lr is None else self.vision_lr,
+            "text": self.lr if self.text_lr is None else self.text_lr,
+        }
 
     @property
     def initial_temperature(self) -> float:
@@ -157,12 +208,52 @@ class EvaluateArgs(EncoderSettings):
     data: str = arg(help="captioned catalog (folder with metadata, CSV/TSV/JSONL/Parquet manifest, dataset)")
     image_column: str | None = arg(None, "manifest column with image paths (default: auto)")
     caption_column: str | None = arg(None, "manifest column with captions (default: auto)")
+    slice: str | None = arg(
+        None,
+        "also report recall per value of this metadata field (a manifest column), with counts and 95%% "
+        "Wilson intervals",
+    )
     json: bool = arg(False, "print the metrics as JSON")
 
 
-def load_config(path: str) -> dict[str, Any]:
-    """Settings from a JSON or YAML file (a mapping of field names to values)."""
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The named recipes ``--config NAME`` accepts."""
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def resolve_config(path: str) -> Path:
+    """``path`` itself when it is a file, else the recipe of that name; ConfigError when neither."""
     file = Path(path)
+    if file.exists() or "/" in path or file.suffix:
+        return file
+    recipe = RECIPES / f"{path}.toml"
+    if not recipe.is_file():
+        raise ConfigError(f"no config file or recipe named {path!r}; recipes: {', '.join(recipe_names())}")
+    return recipe
+
+
+def _parse_text(file: Path, text: str) -> Any:
+    suffix = file.suffix.lower()
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
+            import tomli as tomllib
+
+        return tomllib.loads(text)
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Settings from a TOML, JSON or YAML file, or a named recipe (a mapping of field names to values)."""
+    file = resolve_config(path)
     try:
         text = file.read_text()
     except OSError as exc:
@@ -170,8 +261,8 @@ def load_config(path: str) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(text) if file.suffix.lower() in (".yaml", ".yml") else json.loads(text)
-    except (ValueError, yaml.YAMLError) as exc:
+        data = _parse_text(file, text)
+    except (ValueError, yaml.YAMLError) as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise ConfigError(f"cannot parse config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must hold a mapping of settings")
@@ -184,7 +275,11 @@ def parse(cls: type[C], argv: Sequence[str] | None, prog: str) -> C:
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
-    parser.add_argument("--config", help="JSON or YAML file of settings (flags win over it)")
+    parser.add_argument(
+        "--config",
+        help="TOML, JSON or YAML file of settings, or the name of a recipe in train_contrastive/recipes/ "
+        f"({', '.join(recipe_names())}); flags win over it",
+    )
     add_arguments(parser, cls)
     if known.config:
         values = load_config(known.config)

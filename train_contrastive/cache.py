@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from train_contrastive.data import ImageCaptionDataset, PairCollator, Pairs, caption_choice
+from train_contrastive.data import ImageCaptionDataset, PairCollator, Pairs, owner_rows, positive_captions
 from train_contrastive.features import (
     FeatureCache,
     TextStates,
@@ -139,22 +139,26 @@ class CachedPairs(Dataset):
 
 @dataclass
 class CachedCollator:
-    """Gathers cached image activations and the epoch's caption activations for a batch."""
+    """Gathers cached image activations and the epoch's caption activations for a batch (one sampled
+    caption per image, or all of them with ``positives="all"``; ``owner`` links captions to images)."""
 
     cache: FeatureCache
     pairs: Pairs
     seed: int
     epoch: int = 0
+    positives: str = "one"
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __call__(self, items: list[int]) -> dict[str, Any]:
         index = torch.tensor(items, dtype=torch.long)
-        caption_ids = [
-            int(self.cache.caption_offsets[i])
-            + caption_choice(self.seed, self.epoch, i, len(self.pairs.captions[i]))
+        chosen = [
+            positive_captions(self.positives, self.seed, self.epoch, i, len(self.pairs.captions[i]))
             for i in items
+        ]
+        caption_ids = [
+            int(self.cache.caption_offsets[i]) + c for i, cs in zip(items, chosen, strict=True) for c in cs
         ]
         text_states, text_mask = self.cache.texts.batch(caption_ids)
         image_states = self.cache.images[self.cache.image_row[index]].float()
@@ -163,4 +167,5 @@ class CachedCollator:
             "image_states": image_states,
             "text_states": text_states,
             "text_mask": text_mask,
+            "owner": owner_rows([len(cs) for cs in chosen]),
         }

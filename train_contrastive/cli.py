@@ -3,7 +3,7 @@
     python -m train_contrastive train --vision-model V --text-model T \
         --train-data TR --eval-data EV --output OUT
     accelerate launch -m train_contrastive train ...            # same code path, N processes
-    python -m train_contrastive evaluate --model M --data CATALOG [--json]
+    python -m train_contrastive evaluate --model M --data CATALOG [--slice FIELD] [--json]
     python -m train_contrastive train --config recipe.yaml      # any flag can come from a JSON/YAML file
 
 Exit status: 0 on success, 1 with a one-line ``error: ...`` on stderr for a fatal problem (bad data,
@@ -33,6 +33,23 @@ def _recall_line(report: dict) -> str:
     return " | ".join(cells) + f" | {report['images']} images, {report['captions']} captions"
 
 
+def _slice_lines(report: dict) -> list[str]:
+    """One line per slice: its value, counts, and R@k (95 % interval) both ways."""
+    lines = [f"per {report['slice_field']}:"]
+    for s in report["slices"]:
+        cells = [
+            f"{d} "
+            + " ".join(
+                f"{k}={v:.1f} [{s[d + '_ci'][k][0]:.1f}, {s[d + '_ci'][k][1]:.1f}]" for k, v in s[d].items()
+            )
+            for d in ("t2i", "i2t")
+        ]
+        lines.append(
+            f"  {s['value']!r} ({s['images']} images, {s['captions']} captions): " + " | ".join(cells)
+        )
+    return lines
+
+
 def cmd_train(a: TrainArgs) -> int:
     from train_contrastive.loop import train
 
@@ -55,11 +72,13 @@ def cmd_evaluate(a: EvaluateArgs) -> int:
 
     catalog = open_catalog(a.data, image_column=a.image_column, caption_column=a.caption_column)
     encoder = Encoder.from_pretrained(a.model or DEFAULT_MODEL, **a.encoder_kwargs())
-    report = evaluate_catalog(encoder, catalog)
+    report = evaluate_catalog(encoder, catalog, slice_field=a.slice)
     if a.json:
         print(json.dumps(report.to_dict()))
     else:
         print(_recall_line(report.to_dict()))
+        if a.slice is not None:
+            print("\n".join(_slice_lines(report.to_dict())))
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}", file=sys.stderr)
     return 0

@@ -64,6 +64,19 @@ def caption_choice(seed: int, epoch: int, item: int, count: int) -> int:
     return 0 if count == 1 else int(item_rng(seed, epoch, item).integers(count))
 
 
+def positive_captions(positives: str, seed: int, epoch: int, item: int, count: int) -> list[int]:
+    """Which of an image's ``count`` captions are its positives in ``epoch``: one sampled (``one``), or
+    every one of them (``all``: a multi-positive target, see :mod:`.loss`)."""
+    if positives == "all":
+        return list(range(count))
+    return [caption_choice(seed, epoch, item, count)]
+
+
+def owner_rows(counts: Sequence[int]) -> torch.Tensor:
+    """Caption → image row links of a batch whose image r has ``counts[r]`` captions."""
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(list(counts), dtype=torch.long))
+
+
 class EpochSampler(Sampler[int]):
     """A shuffle that depends only on ``(seed, epoch)``; call :meth:`set_epoch` before each epoch."""
 
@@ -101,7 +114,8 @@ class ImageCaptionDataset(Dataset):
     """Decodes and preprocesses one image (in a worker) and picks its caption for the current epoch.
 
     ``caption=False`` returns images only (used when caching); ``augment`` applies
-    :func:`augment_image` with a generator seeded by ``(seed, epoch, item)``.
+    :func:`augment_image` with a generator seeded by ``(seed, epoch, item)``; ``positives`` is
+    ``one`` or ``all`` (:func:`positive_captions`).
     """
 
     def __init__(
@@ -112,8 +126,10 @@ class ImageCaptionDataset(Dataset):
         seed: int = 0,
         augment: bool = False,
         caption: bool = True,
+        positives: str = "one",
     ) -> None:
         self.pairs = pairs
+        self.positives = positives
         self.image_processor = image_processor
         self.seed = seed
         self.augment = augment
@@ -130,7 +146,8 @@ class ImageCaptionDataset(Dataset):
         out: dict[str, Any] = {"index": item}
         if self.caption:
             captions = self.pairs.captions[item]
-            out["caption"] = captions[caption_choice(self.seed, self.epoch, item, len(captions))]
+            chosen = positive_captions(self.positives, self.seed, self.epoch, item, len(captions))
+            out["captions"] = [captions[c] for c in chosen]
         try:
             image = decode_image(read_source(self.pairs.paths[item]))
             if self.augment:
@@ -146,7 +163,8 @@ class ImageCaptionDataset(Dataset):
 
 @dataclass
 class PairCollator:
-    """Stacks the decodable items of a batch and tokenises their captions; lists the bad ones."""
+    """Stacks the decodable items of a batch and tokenises their captions (``owner`` links each caption
+    to its image row); lists the bad ones."""
 
     tokenizer: Any = None
     kind: str = "dual"
@@ -163,9 +181,9 @@ class PairCollator:
         else:
             batch["pixel_values"] = torch.zeros(0)
         if self.tokenizer is not None and good:
-            tokens = embedding.tokenize(
-                self.tokenizer, [it["caption"] for it in good], kind=self.kind, limit=self.limit
-            )
+            captions = [c for it in good for c in it["captions"]]
+            tokens = embedding.tokenize(self.tokenizer, captions, kind=self.kind, limit=self.limit)
+            batch["owner"] = owner_rows([len(it["captions"]) for it in good])
             batch["input_ids"] = tokens["input_ids"]
             batch["attention_mask"] = tokens.get("attention_mask", torch.ones_like(tokens["input_ids"]))
         return batch

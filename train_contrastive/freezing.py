@@ -1,4 +1,5 @@
-"""Which parameters train: ``--lock-vision``, ``--lock-text`` and ``--unfreeze-last-n``.
+"""Which parameters train: ``--lock-vision``, ``--lock-text``, ``--unfreeze-last-n`` and its per-tower
+forms ``--vision-blocks`` / ``--text-blocks``.
 
 ``--unfreeze-last-n N`` keeps the last N transformer blocks of each tower trainable together with
 everything *after* them (the final norm, CLIP's post-layernorm and projections, the temperature);
@@ -25,20 +26,23 @@ _BEFORE_BLOCKS = ("embeddings", "pre_layrnorm")
 
 
 def apply_freezing(
-    model: nn.Module, *, lock_vision: bool, lock_text: bool, unfreeze_last_n: int
+    model: nn.Module, *, lock_vision: bool, lock_text: bool, unfreeze_last_n: int | dict[str, int]
 ) -> dict[str, int]:
-    """Set ``requires_grad`` on ``model`` and return ``{"vision": start, "text": start}``."""
+    """Set ``requires_grad`` on ``model`` and return ``{"vision": start, "text": start}``.
+
+    ``unfreeze_last_n`` is one count for both towers or ``{"vision": n, "text": m}``."""
     starts: dict[str, int] = {}
     pooling = embedding.pooling_of(model)
     for side, locked in (("vision", lock_vision), ("text", lock_text)):
         tower = tower_of(model, side)
         blocks = blocks_of(tower)
+        n = unfreeze_last_n[side] if isinstance(unfreeze_last_n, dict) else unfreeze_last_n
         if locked:
             start = len(blocks)
-        elif unfreeze_last_n < 0:
+        elif n < 0:
             start = 0
         else:
-            start = max(0, len(blocks) - unfreeze_last_n)
+            start = max(0, len(blocks) - n)
         for name, module in tower.named_children():
             before = name in _BEFORE_BLOCKS and start > 0
             module.requires_grad_(not (locked or before))

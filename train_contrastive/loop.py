@@ -51,6 +51,7 @@ from train_contrastive.prepare import (
     make_module,
     make_optimizer,
 )
+from train_contrastive.queue import NegativeQueue
 from train_contrastive.recall import cached_recall, served_recall
 from train_contrastive.state import LoopState, TrainingError, now, resume_path, save_checkpoint
 from train_contrastive.wise import interpolate, restore, snapshot
@@ -75,6 +76,7 @@ class Run:
     eval_pairs: Pairs | None
     caches: dict[str, FeatureCache]
     state: LoopState
+    queue: NegativeQueue
     total_steps: int
     warmup: int
     tracker: str | None
@@ -170,8 +172,9 @@ def _prepare_run(
     total_steps = args.epochs * math.ceil(len(loader) / args.grad_accum)
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    state = LoopState()
+    state, queue = LoopState(), NegativeQueue(args.queue_size)
     accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(queue)
     if start.cached:
         state.bad.update(caches["train"].failures)  # undecodable files never entered the cache
     if args.resume:
@@ -196,6 +199,7 @@ def _prepare_run(
         eval_pairs=eval_pairs,
         caches=caches,
         state=state,
+        queue=queue,
         total_steps=total_steps,
         warmup=warmup,
         tracker=tracker,
@@ -248,7 +252,7 @@ def _train_epoch(run: Run) -> str | None:
     for batch in batches:
         result, logit_scale = _micro_batch(run, batch)
         losses.append(float(result.loss.detach()))
-        state.samples += result.negatives + 1  # the global batch
+        state.samples += result.pairs  # the global batch
         if not accelerator.sync_gradients:
             continue
         _record_step(run, result, logit_scale, sum(losses) / len(losses))
@@ -272,8 +276,18 @@ def _micro_batch(run: Run, batch: dict[str, Any]) -> tuple[LossOutput, torch.Ten
     )
     with accelerator.accumulate(run.module):
         images, texts, logit_scale, logit_bias = run.module(batch)
-        result = LOSSES[args.loss](images, texts, logit_scale, logit_bias, margin=args.margin)
+        result = LOSSES[args.loss](
+            images,
+            texts,
+            logit_scale,
+            logit_bias,
+            margin=args.margin,
+            owner=batch.get("owner"),
+            ids=batch["index"],
+            queue=run.queue.negatives(),
+        )
         accelerator.backward(result.backward_loss)
+        run.queue.push(result.batch)
         if accelerator.sync_gradients:
             if args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)

@@ -69,6 +69,22 @@ def drop_patches(states: torch.Tensor, share: float) -> torch.Tensor:
     return states.gather(1, chosen.unsqueeze(-1).expand(batch, keep + 1, width))
 
 
+def drop_tokens(mask: torch.Tensor, share: float) -> torch.Tensor:
+    """Text augmentation (``--text-dropout``): mask out a random ``share`` of each caption's tokens.
+
+    The first and the last real token (a BERT tower's [CLS] and [SEP]) always stay; the others are
+    removed from attention and from mean pooling by zeroing their attention-mask entries, which works
+    the same on cached activations and on token ids -- word-dropout in the spirit of EDA's random
+    deletion, cheap and label-preserving for short captions. Draws from the global RNG, which the loop
+    reseeds per micro-batch, so ``--resume`` stays exact.
+    """
+    lengths = mask.sum(1, keepdim=True)
+    positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    inner = (positions > 0) & (positions < lengths - 1) & mask.bool()
+    dropped = inner & (torch.rand(mask.shape, device=mask.device) < share)
+    return mask.masked_fill(dropped, 0)
+
+
 SIGLIP_BIAS_INIT = -10.0  # SigLIP's start: nearly every pair of a batch is a negative
 
 
@@ -87,9 +103,11 @@ class ContrastiveModule(nn.Module):
         cached: bool,
         patch_dropout: float = 0.0,
         learnt_bias: bool = False,
+        text_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
+        self.text_dropout = text_dropout
         self.starts = starts
         self.cached = cached
         self.patch_dropout = patch_dropout
@@ -99,15 +117,18 @@ class ContrastiveModule(nn.Module):
         self, batch: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m = self.model
+        text_mask = batch["text_mask" if self.cached else "attention_mask"]
+        if self.training and self.text_dropout > 0:
+            text_mask = drop_tokens(text_mask, self.text_dropout)
         if self.cached:
             states = batch["image_states"]
             if self.training and self.patch_dropout > 0:
                 states = drop_patches(states, self.patch_dropout)
             images = replay_image_features(m, states, self.starts["vision"])
-            texts = replay_text_features(m, batch["text_states"], batch["text_mask"], self.starts["text"])
+            texts = replay_text_features(m, batch["text_states"], text_mask, self.starts["text"])
         else:
             images = embedding.image_features(m, batch["pixel_values"])
-            texts = embedding.text_features(m, batch["input_ids"], batch["attention_mask"])
+            texts = embedding.text_features(m, batch["input_ids"], text_mask)
         return images, texts, m.logit_scale, self.logit_bias
 
     def train(self, mode: bool = True) -> ContrastiveModule:

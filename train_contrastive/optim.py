@@ -3,8 +3,8 @@
 Weight decay pulls weights towards zero; on norms, biases and the temperature that is harmful (it
 shrinks scales that carry meaning), so every parameter with fewer than two dimensions is excluded.
 Newly created layers (the projections of a dual encoder built from towers) and the temperature start
-from nothing useful and get ``--head-lr``; pretrained weights get the smaller ``--lr`` so a few
-epochs cannot wreck what they already know.
+from nothing useful and get ``--head-lr``; pretrained weights get the smaller ``--lr`` (per tower:
+``--vision-lr``, ``--text-lr``) so a few epochs cannot wreck what they already know.
 
 The schedule is a pure function of the optimizer step, applied before every step, so resuming needs no
 scheduler state beyond the step counter (saved with the training state).
@@ -22,24 +22,33 @@ HEAD_PREFIXES = ("visual_projection.", "text_projection.", "logit_scale")
 
 
 def param_groups(
-    model: nn.Module, *, lr: float, head_lr: float, weight_decay: float, new_heads: bool
+    model: nn.Module,
+    *,
+    lr: float,
+    head_lr: float,
+    weight_decay: float,
+    new_heads: bool,
+    tower_lr: dict[str, float] | None = None,
 ) -> list[dict]:
-    """Four groups at most: (pretrained | head) × (decay | no decay), trainable parameters only."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    """One group per (learning rate, decay or not), trainable parameters only, lowest rate first.
+
+    ``tower_lr`` (``{"vision": .., "text": ..}``) overrides ``lr`` for the weights of each tower."""
+    rates = {f"{side}_model.": rate for side, rate in (tower_lr or {}).items()}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         head = name.startswith("logit_scale") or (new_heads and name.startswith(HEAD_PREFIXES))
-        decay = param.ndim >= 2
-        groups.setdefault((head, decay), []).append(param)
+        rate = head_lr if head else next((r for p, r in rates.items() if name.startswith(p)), lr)
+        groups.setdefault((rate, param.ndim >= 2), []).append(param)
     return [
         {
             "params": params,
-            "lr": head_lr if head else lr,
-            "initial_lr": head_lr if head else lr,
+            "lr": rate,
+            "initial_lr": rate,
             "weight_decay": weight_decay if decay else 0.0,
         }
-        for (head, decay), params in sorted(groups.items())
+        for (rate, decay), params in sorted(groups.items(), key=lambda kv: kv[0])
     ]
 
 

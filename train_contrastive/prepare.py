@@ -82,7 +82,7 @@ def load_model(args: TrainArgs, device: Any) -> StartModel:
         args.model, args.vision_model, args.text_model, args.projection_dim, args.initial_temperature
     )
     starts = apply_freezing(
-        model, lock_vision=args.lock_vision, lock_text=args.lock_text, unfreeze_last_n=args.unfreeze_last_n
+        model, lock_vision=args.lock_vision, lock_text=args.lock_text, unfreeze_last_n=args.blocks
     )
     start_weights = snapshot(model) if args.wise_alpha is not None else {}
     kind = embedding.model_kind(model)
@@ -154,12 +154,14 @@ def make_batches(
     """Batches of pairs: from the frozen-layer cache when it applies, else decoded images."""
     if start.cached:
         usable = caches["train"].usable()
-        collator: Any = CachedCollator(caches["train"], pairs, args.seed)
+        collator: Any = CachedCollator(caches["train"], pairs, args.seed, positives=args.positives)
         dataset: Any = CachedPairs()
         workers = 0
     else:
         usable = list(range(len(pairs)))
-        dataset = ImageCaptionDataset(pairs, start.image_processor, seed=args.seed, augment=args.augment)
+        dataset = ImageCaptionDataset(
+            pairs, start.image_processor, seed=args.seed, augment=args.augment, positives=args.positives
+        )
         collator = PairCollator(start.tokenizer, start.kind, start.text_limit(args.max_length))
         workers = args.num_workers
     batch_size = min(args.batch_size, len(usable) // world)
@@ -180,8 +182,9 @@ def make_batches(
 
 def make_module(args: TrainArgs, start: StartModel) -> ContrastiveModule:
     """The model wrapped for training: cached or full forward, patch dropout on cached image features,
-    SigLIP's learnt bias with ``--loss siglip``. VSE++'s loss has no temperature, so with ``--loss
-    hardest`` the model's is frozen (DDP refuses parameters that never get a gradient)."""
+    text dropout on captions, SigLIP's learnt bias with ``--loss siglip``. VSE++'s loss has no
+    temperature, so with ``--loss hardest`` the model's is frozen (DDP refuses parameters that never get
+    a gradient)."""
     if args.loss == "hardest":
         start.model.logit_scale.requires_grad_(False)
     return ContrastiveModule(
@@ -190,15 +193,17 @@ def make_module(args: TrainArgs, start: StartModel) -> ContrastiveModule:
         start.cached,
         args.patch_dropout if start.cached else 0.0,
         learnt_bias=args.loss == "siglip",
+        text_dropout=args.text_dropout,
     )
 
 
 def make_optimizer(args: TrainArgs, start: StartModel, module: ContrastiveModule) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: heads at ``--head-lr``, no weight decay on 1-d parameters.
-    The loss's bias, when there is one, is a head."""
+    """AdamW over the trainable parameters: heads at ``--head-lr``, towers at ``--lr`` (or their own),
+    no weight decay on 1-d parameters. The loss's bias, when there is one, is a head."""
     groups = param_groups(
         start.model,
         lr=args.lr,
+        tower_lr=args.tower_lr,
         head_lr=args.head_lr,
         weight_decay=args.weight_decay,
         new_heads=start.new_heads,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vitrine.errors import CatalogError, ImageDecodeError
+from vitrine.slices import SliceRecall, slice_recall, slice_value
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -39,17 +40,24 @@ class RetrievalReport:
     images: int
     captions: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    slice_field: str | None = None
+    slices: list[SliceRecall] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON contract ``{"t2i": {"R@1",…}, "i2t": {…}, "images": n, "captions": m}``, plus
-        ``skipped`` (how many images failed to decode)."""
-        return {
+        ``skipped`` (how many images failed to decode) and, when sliced, ``slice_field`` and ``slices``
+        (one :class:`~vitrine.slices.SliceRecall` per value, largest first)."""
+        out: dict[str, Any] = {
             "t2i": self.t2i,
             "i2t": self.i2t,
             "images": self.images,
             "captions": self.captions,
             "skipped": len(self.skipped),
         }
+        if self.slice_field is not None:
+            out["slice_field"] = self.slice_field
+            out["slices"] = [s.to_dict() for s in self.slices]
+        return out
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -57,21 +65,37 @@ def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.detach().float().cpu()
 
 
-def recall_at_k(
+@dataclass
+class Ranks:
+    """Per-query ranks (0 = first): ``t2i[j]`` of caption j's own image, ``i2t[i]`` of image i's best
+    own caption; ``owner[j]`` is caption j's image row, ``captioned[i]`` whether image i has captions."""
+
+    t2i: torch.Tensor
+    i2t: torch.Tensor
+    owner: torch.Tensor
+    captioned: torch.Tensor
+
+    def recall(self, ks: Iterable[int], images: torch.Tensor | None = None) -> tuple[dict, dict]:
+        """``(t2i, i2t)`` recall@k in percent, over all queries or those of the ``images`` mask (a
+        caption belongs to its image's slice; every query still ranks *all* candidates)."""
+        images = torch.ones_like(self.captioned) if images is None else images
+        return _recall(self.t2i[images[self.owner]], ks), _recall(self.i2t[images & self.captioned], ks)
+
+
+def _recall(rank: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
+    n = max(1, rank.shape[0])
+    return {f"R@{k}": round(100.0 * float((rank < k).sum()) / n, 2) for k in sorted(set(int(k) for k in ks))}
+
+
+def retrieval_ranks(
     image_embeddings: np.ndarray | torch.Tensor,
     text_embeddings: np.ndarray | torch.Tensor,
     caption_image: Sequence[int] | np.ndarray | torch.Tensor,
-    ks: Iterable[int] = DEFAULT_KS,
     *,
     normalise: bool = True,
     chunk: int = 1024,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """``(t2i, i2t)`` recall@k in percent.
-
-    ``caption_image[j]`` is the row of ``image_embeddings`` that caption ``j`` describes. Embeddings
-    are L2-normalised here unless ``normalise=False`` (then scores are plain dot products).
-    Raises ``ValueError`` on empty inputs or captions pointing outside the image rows.
-    """
+) -> Ranks:
+    """The rank of every query's answer, both directions (see :func:`recall_at_k`)."""
     images, texts = _as_tensor(image_embeddings), _as_tensor(text_embeddings)
     owner = torch.as_tensor(np.asarray(caption_image), dtype=torch.long)
     if images.shape[0] == 0 or texts.shape[0] == 0:
@@ -83,7 +107,6 @@ def recall_at_k(
     if normalise:
         images = torch.nn.functional.normalize(images, dim=-1)
         texts = torch.nn.functional.normalize(texts, dim=-1)
-    ks = sorted(set(int(k) for k in ks))
 
     # text → image: rank of the caption's own image among all images.
     t2i_rank = torch.empty(texts.shape[0], dtype=torch.long)
@@ -104,15 +127,35 @@ def recall_at_k(
         i2t_rank[start : start + scores.shape[0]] = torch.where(has_caption, rank, texts.shape[0])
     captioned = torch.zeros(images.shape[0], dtype=torch.bool)
     captioned[owner] = True  # images without captions cannot be scored image→text
-
-    def recall(rank: torch.Tensor) -> dict[str, float]:
-        return {f"R@{k}": round(100.0 * float((rank < k).float().mean()), 2) for k in ks}
-
-    return recall(t2i_rank), recall(i2t_rank[captioned])
+    return Ranks(t2i_rank, i2t_rank, owner, captioned)
 
 
-def evaluate_catalog(encoder: Any, catalog: Iterable[Any], ks: Iterable[int] = DEFAULT_KS) -> RetrievalReport:
-    """Encode a captioned catalog with ``encoder`` and measure recall both ways.
+def recall_at_k(
+    image_embeddings: np.ndarray | torch.Tensor,
+    text_embeddings: np.ndarray | torch.Tensor,
+    caption_image: Sequence[int] | np.ndarray | torch.Tensor,
+    ks: Iterable[int] = DEFAULT_KS,
+    *,
+    normalise: bool = True,
+    chunk: int = 1024,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(t2i, i2t)`` recall@k in percent.
+
+    ``caption_image[j]`` is the row of ``image_embeddings`` that caption ``j`` describes. Embeddings
+    are L2-normalised here unless ``normalise=False`` (then scores are plain dot products).
+    Raises ``ValueError`` on empty inputs or captions pointing outside the image rows.
+    """
+    ranks = retrieval_ranks(
+        image_embeddings, text_embeddings, caption_image, normalise=normalise, chunk=chunk
+    )
+    return ranks.recall(ks)
+
+
+def evaluate_catalog(
+    encoder: Any, catalog: Iterable[Any], ks: Iterable[int] = DEFAULT_KS, slice_field: str | None = None
+) -> RetrievalReport:
+    """Encode a captioned catalog with ``encoder`` and measure recall both ways (and per value of the
+    metadata field ``slice_field``, when given: :mod:`vitrine.slices`).
 
     Records without captions are ignored; images that fail to decode are skipped (listed in
     ``skipped`` as ``(path, reason)``) together with their captions, never fatal. Raises
@@ -137,5 +180,11 @@ def evaluate_catalog(encoder: Any, catalog: Iterable[Any], ks: Iterable[int] = D
     captions = [c for r in kept for c in r.captions]
     owner = [i for i, r in enumerate(kept) for _ in r.captions]
     texts = encoder.encode_texts(captions)
-    t2i, i2t = recall_at_k(np.stack(image_rows), texts, owner, ks)
-    return RetrievalReport(t2i=t2i, i2t=i2t, images=len(kept), captions=len(captions), skipped=skipped)
+    ks = list(ks)
+    ranks = retrieval_ranks(np.stack(image_rows), texts, owner)
+    t2i, i2t = ranks.recall(ks)
+    report = RetrievalReport(t2i=t2i, i2t=i2t, images=len(kept), captions=len(captions), skipped=skipped)
+    if slice_field is not None:
+        values = [slice_value(r.metadata, slice_field) for r in kept]
+        report.slice_field, report.slices = slice_field, slice_recall(ranks, values, ks)
+    return report

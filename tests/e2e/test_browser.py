@@ -104,8 +104,10 @@ def test_drift_tab_runs_a_check_and_shows_the_verdict(page, live_server: LiveSer
         journal.add_report(assess(live_server.index, journal=journal).to_dict())
     page.get_by_role("button", name="Refresh").click()
     page.wait_for_function(f"['No drift', 'Drift detected'].some(w => {verdict}.includes(w))")
+    # the live generation's quality from its own captions (measured in the background, shown on refresh)
+    page.wait_for_function(f"{verdict}.includes('24 captioned items')", timeout=60_000)
     page.wait_for_timeout(1200)
     text = summary.inner_text()
-    assert "gen-000001" in text and "24 of 24 items" in text
+    assert "gen-000001" in text and "24 of 24 items" in text and "text→image R@10" in text
     page.screenshot(path=str(ARTIFACTS / "browser-drift.png"), full_page=True)
     page.get_by_role("tab", name="Search").click()

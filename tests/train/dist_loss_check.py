@@ -1,8 +1,10 @@
 """Run under ``accelerate launch`` with 2 processes: each holds half of one fixed batch of embeddings.
 
-For each ``--loss``, writes per rank the global loss, the number of negatives, the gradient reaching its
-local rows and the gradients of the temperature and bias to ``$OUT/rank<R>.json``; the test compares
-them with one process computing the same loss on the whole batch.
+For each ``--loss``, with one caption per image and with two (``NAME:all``: a multi-positive batch whose
+caption→image links must be shifted by the other rank's images), writes per rank the global loss, the
+number of negatives, the gradient reaching its local rows and the gradients of the temperature and bias
+to ``$OUT/rank<R>.json``; the test compares them with one process computing the same loss on the whole
+batch.
 """
 
 from __future__ import annotations
@@ -25,13 +27,22 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(8, 16, generator=generator)
     texts = torch.randn(8, 16, generator=generator)
+    two_each = torch.randn(16, 16, generator=generator)
     local = slice(4 * rank, 4 * rank + 4)
+    cases = {name: (texts[local], {}, loss) for name, loss in LOSSES.items()} | {
+        f"{name}:all": (
+            two_each[8 * rank : 8 * rank + 8],
+            {"owner": torch.arange(4).repeat_interleave(2)},
+            loss,
+        )
+        for name, loss in LOSSES.items()
+    }
     payload = {}
-    for name, loss in LOSSES.items():
+    for name, (captions, links, loss) in cases.items():
         img = images[local].clone().requires_grad_(True)
-        txt = texts[local].clone().requires_grad_(True)
+        txt = captions.clone().requires_grad_(True)
         scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
-        result = loss(img, txt, scale, bias, margin=0.5)
+        result = loss(img, txt, scale, bias, margin=0.5, **links)
         result.backward_loss.backward()
         payload[name] = {
             "loss": float(result.loss.detach()),

@@ -94,9 +94,15 @@ def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(towers_dir, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--positives", "all", "--queue-size", "8", "--text-dropout", "0.2"]],
+    ids=["default", "all-captions-queue-text-dropout"],
+)
+def test_resume_reproduces_the_uninterrupted_run(options, towers_dir, tmp_path) -> None:
     data = write_pairs(tmp_path / "pairs", copies=2)
     common = [
+        *options,
         *tower_flags(towers_dir),
         *FAST,
         "--train-data",
@@ -138,19 +144,24 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
         env={"ACCELERATE_USE_CPU": "true"},
     )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for name, loss in LOSSES.items():
+    for name, loss in [*LOSSES.items(), *((f"{n}:all", f) for n, f in LOSSES.items())]:
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(8, 16, generator=generator).requires_grad_(True)
         texts = torch.randn(8, 16, generator=generator).requires_grad_(True)
+        two_each = torch.randn(16, 16, generator=generator).requires_grad_(True)
         scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
-        whole = loss(images, texts, scale, bias, margin=0.5)
+        multi = name.endswith(":all")  # two captions per image: the owner links cross the processes
+        captions = two_each if multi else texts
+        links = {"owner": torch.arange(8).repeat_interleave(2)} if multi else {}
+        whole = loss(images, captions, scale, bias, margin=0.5, **links)
         whole.loss.backward()
         for r, payload in enumerate(p[name] for p in ranks):
             assert payload["world"] == 2 and payload["negatives"] == 7, name  # 8 - 1: both processes' pairs
             assert payload["loss"] == pytest.approx(float(whole.loss.detach()), rel=1e-5), name
             rows = slice(4 * r, 4 * r + 4)
-            for side, full in (("image_grad", images.grad), ("text_grad", texts.grad)):
-                torch.testing.assert_close(torch.tensor(payload[side]), full[rows], rtol=1e-4, atol=1e-6)
+            text_rows = slice(8 * r, 8 * r + 8) if multi else rows
+            for side, full in (("image_grad", images.grad[rows]), ("text_grad", captions.grad[text_rows])):
+                torch.testing.assert_close(torch.tensor(payload[side]), full, rtol=1e-4, atol=1e-6)
         for param, key in ((scale, "scale_grad"), (bias, "bias_grad")):  # DDP's average over processes
             if param.grad is None:
                 assert all(p[name][key] is None for p in ranks), (name, key)
@@ -160,8 +171,9 @@ def test_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["infonce", "siglip", "hardest"])
+@pytest.mark.parametrize("loss", ["infonce", "siglip", "hardest", "infonce-all-queue"])
 def test_two_process_cpu_training(loss, towers_dir, tmp_path) -> None:
+    """Each loss on two CPU processes; ``infonce-all-queue`` adds all captions and a queue of 8."""
     pairs_dir = write_pairs(tmp_path / "pairs")  # no bad file: every global batch is full
     out = tmp_path / "out"
     run_module(
@@ -183,14 +195,18 @@ def test_two_process_cpu_training(loss, towers_dir, tmp_path) -> None:
             "--epochs",
             "2",
             "--loss",
-            loss,
+            loss.split("-")[0],
+            *(["--positives", "all", "--queue-size", "8"] if loss.endswith("queue") else []),
         ],
         env={"ACCELERATE_USE_CPU": "true"},
     )
     report = json.loads((out / "train_report.json").read_text())
     assert report["processes"] == 2
-    rows = _rows(out / "metrics.csv")
-    assert rows and all(int(r["negatives"]) == 7 for r in rows)  # 2 processes × 4 pairs - 1
+    negatives = [int(r["negatives"]) for r in _rows(out / "metrics.csv")]
+    if loss.endswith("queue"):  # the global batch's 7, then the queue's 8 less the caption's own image
+        assert negatives[0] == 7 and max(negatives) in (14, 15), negatives
+    else:
+        assert negatives and set(negatives) == {7}, negatives  # 2 processes × 4 pairs - 1
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
 
 

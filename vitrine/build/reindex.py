@@ -16,7 +16,9 @@ Validation before the swap (knobs in :class:`ReindexSettings`): the item count e
 catalog records minus the records that failed; no record fails that did not fail in the live
 generation; and where items have captions, text→image R@10 on a deterministic sample of up to
 ``eval_size`` captioned items (stored image embeddings of each generation, captions encoded by each
-generation's model) is not worse than the live generation's by more than ``recall_margin`` points.
+generation's model) is not worse than the live generation's by more than ``recall_margin`` points,
+overall and, with ``slice_field``, in every slice (value of that metadata field) holding at least
+``slice_min_items`` sampled items (:mod:`vitrine.quality`): an aggregate can hide a slice that got worse.
 A rejected generation is kept for inspection and discarded by the next job. Every job appends one
 JSON line to ``ROOT/reindex.jsonl`` (:func:`read_log` reads the last ones).
 """
@@ -24,7 +26,6 @@ JSON line to ``ROOT/reindex.jsonl`` (:func:`read_log` reads the last ones).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -36,22 +37,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vitrine.build.ingest import Ingestor
 from vitrine.catalog.readers import open_catalog
 from vitrine.drift import assess, reference
 from vitrine.errors import ReindexError, StoreError, ValidationFailed
-from vitrine.evaluate import recall_at_k
 from vitrine.index import generations, layout
 from vitrine.index.atomic import write_atomic
 from vitrine.index.generations import JOB_FILE, read_job
 from vitrine.index.store import IndexReader, IndexStore, IndexWriter
 from vitrine.model.encoder import Encoder
 from vitrine.open_index import encoder_fingerprint
+from vitrine.quality import RECALL_K, CaptionSample, caption_sample, compare_slices, sample_ranks, t2i_recall
 
 LOG_FILE = "reindex.jsonl"
-RECALL_K = 10
 
 
 @dataclass(frozen=True)
@@ -59,13 +57,17 @@ class ReindexSettings:
     """``keep``: published generations kept (>= 2; rollback can step back ``keep - 1`` times).
     ``eval_size``: captioned items in the recall check (R@10 among that many images; larger is
     steadier and costs one text encoding per caption per model). ``recall_margin``: points of R@10 the
-    new generation may lose. ``commit_every``: items per transaction, the most a kill can lose."""
+    new generation may lose, overall and in each slice of ``slice_field`` (a metadata field; None =
+    no slices) with at least ``slice_min_items`` sampled items. ``commit_every``: items per
+    transaction, the most a kill can lose."""
 
     retrain_ivf: bool = False
     keep: int = 3
     eval_size: int = 500
     recall_margin: float = 2.0
     commit_every: int = 256
+    slice_field: str | None = None
+    slice_min_items: int = 50
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Validation:
     recall_new: float | None
     margin: float
     problems: list[str] = field(default_factory=list)
+    slices: list[dict[str, Any]] = field(default_factory=list)  # per slice: items, old and new R@10
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "problems"}
@@ -130,8 +133,12 @@ class Reindexer:
         self.progress = progress
         if self.settings.keep < generations.MIN_KEEP:
             raise ReindexError(f"keep must be at least {generations.MIN_KEEP}, got {self.settings.keep}")
-        if self.settings.eval_size < 0 or self.settings.recall_margin < 0:
-            raise ReindexError("eval_size and recall_margin must not be negative")
+        if (
+            self.settings.eval_size < 0
+            or self.settings.recall_margin < 0
+            or self.settings.slice_min_items < 1
+        ):
+            raise ReindexError("eval_size and recall_margin must not be negative, slice_min_items at least 1")
 
     def run(self, *, if_drifted: bool = False) -> ReindexReport:
         """Build, validate, publish. Raises ValidationFailed (live generation untouched) when a check
@@ -239,9 +246,8 @@ class Reindexer:
     def _validate(self, live: IndexReader, new: IndexWriter, keys: set[str]) -> Validation:
         failed_new = {f["key"]: f for f in new.failures() if f["key"] in keys}
         beyond = sorted(set(failed_new) - {f["key"] for f in live.failures()})
-        old, fresh = self._recall(live, new)
         s = self.settings
-        check = Validation(len(new), len(keys - set(failed_new)), len(beyond), old, fresh, s.recall_margin)
+        check = Validation(len(new), len(keys - set(failed_new)), len(beyond), None, None, s.recall_margin)
         if check.count != check.expected:
             check.problems.append(
                 f"item count {check.count} != expected {check.expected} (catalog records minus failures)"
@@ -249,28 +255,41 @@ class Reindexer:
         if beyond:
             shown = ", ".join(f"{failed_new[k]['path']} ({failed_new[k]['reason']})" for k in beyond[:3])
             check.problems.append(f"{len(beyond)} new failure(s) not failing in {live.generation}: {shown}")
-        if old is not None and fresh is not None and fresh < old - s.recall_margin:
-            check.problems.append(
-                f"text->image R@{RECALL_K} {fresh:.2f} vs {old:.2f} in {live.generation}: "
-                f"worse by more than the {s.recall_margin:g}-point margin"
-            )
+        self._check_recall(live, new, check)
         return check
 
-    def _recall(self, live: IndexReader, new: IndexWriter) -> tuple[float | None, float | None]:
-        """R@10 of (live, new) on the same captioned sample; (None, None) when nothing is captioned."""
-        chosen = eval_sample(new, self.settings.eval_size)
-        keys = live.embeddings(list(chosen))[0]  # items both generations hold
-        if not keys:
-            return None, None
-        captions = [c for k in keys for c in chosen[k]]
-        owner = [i for i, k in enumerate(keys) for _ in chosen[k]]
+    def _check_recall(self, live: IndexReader, new: IndexWriter, check: Validation) -> None:
+        """R@10 of the live and the new generation on the same captioned sample (nothing when nothing
+        is captioned), overall and per slice."""
+        s = self.settings
+        sample = caption_sample(new, s.eval_size)
+        sample = sample.restrict(live.embeddings(sample.keys)[0])  # items both generations hold
+        if not sample.keys:
+            return
+        old, fresh = self._ranks(live, new, sample)
+        check.recall_old, check.recall_new = t2i_recall(old), t2i_recall(fresh)
+        if check.recall_new < check.recall_old - s.recall_margin:
+            check.problems.append(
+                f"text->image R@{RECALL_K} {check.recall_new:.2f} vs {check.recall_old:.2f} in "
+                f"{live.generation}: worse by more than the {s.recall_margin:g}-point margin"
+            )
+        if s.slice_field is not None:
+            values = sample.values(s.slice_field)
+            check.slices, problems = compare_slices(
+                old, fresh, values, min_items=s.slice_min_items, margin=s.recall_margin
+            )
+            check.problems += [f"{p} (in {live.generation})" for p in problems]
+
+    def _ranks(self, live: IndexReader, new: IndexWriter, sample: CaptionSample) -> tuple[Any, Any]:
+        """Caption ranks in (live, new): each generation's images, captions encoded by its own model."""
+        captions, owner = sample.texts()
         new_texts = self.encoder.encode_texts(captions)
         same = live.fingerprint.get("id") == self.encoder.version
         old_encoder = self.encoder if same or self.old_encoder is None else self.old_encoder()
         if old_encoder.version != live.fingerprint.get("id"):
             raise ReindexError(f"the recall check needs the model of {live.generation} (old_encoder)")
         old_texts = new_texts if old_encoder is self.encoder else old_encoder.encode_texts(captions)
-        return _r_at_k(live, keys, old_texts, owner), _r_at_k(new, keys, new_texts, owner)
+        return sample_ranks(live, sample, old_texts, owner), sample_ranks(new, sample, new_texts, owner)
 
     def _reject(
         self, live: IndexReader, new: IndexWriter, job: dict, report: ReindexReport, check: Validation
@@ -282,28 +301,6 @@ class Reindexer:
             + "; ".join(check.problems)
         )
         raise ValidationFailed(report.reason, report)
-
-
-def _r_at_k(store: IndexReader, keys: list[str], texts: np.ndarray, owner: list[int]) -> float:
-    found, images = store.embeddings(keys)
-    if found != keys:
-        raise ReindexError(f"generation {store.generation} lacks {len(keys) - len(found)} sampled items")
-    return float(recall_at_k(images, texts, owner, ks=(RECALL_K,))[0][f"R@{RECALL_K}"])
-
-
-def eval_sample(store: IndexReader, size: int) -> dict[str, list[str]]:
-    """key -> captions of up to ``size`` captioned items, chosen by a hash of the key (deterministic,
-    spread over the whole catalog, and the same items for every generation holding them)."""
-    if size <= 0:
-        return {}
-    conn = layout.connect(store.root / store.generation / "meta.sqlite", readonly=True)
-    try:
-        keys = [r[0] for r in conn.execute("SELECT key FROM items WHERE captions NOT IN ('[]', '')")]
-        keys = sorted(keys, key=lambda k: hashlib.sha256(k.encode()).digest())[:size]
-        found = dict(layout.select_in(conn, "SELECT key, captions FROM items WHERE key IN ({})", keys))
-    finally:
-        conn.close()
-    return {k: json.loads(found[k]) for k in keys}
 
 
 def _resume(root: Path, job: dict[str, Any]) -> str | None:

@@ -1,0 +1,39 @@
+"""bench/finetune.py --recipes: the sweep runner, smoke-tested on tiny towers (two recipes × two seeds,
+two steps each); the real sweep takes hours of CPU and is not run by the tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.train.conftest import FAST, write_pairs
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_recipe_and_seed_with_the_default_as_baseline(towers_dir, tmp_path, capsys) -> None:
+    from bench.finetune import main
+
+    data = write_pairs(tmp_path / "pairs", copies=1)
+    flags = " ".join([*FAST, "--projection-dim", "32", "--batch-size", "4", "--max-steps", "2"])
+    code = main(
+        [
+            *("--vision-model", str(towers_dir[0]), "--text-model", str(towers_dir[1])),
+            *("--train-data", str(data), "--eval-data", str(data), "--output", str(tmp_path / "sweep")),
+            *("--recipes", "siglip", "--seeds", "0,1", "--train-flags", flags),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    per_recipe, per_run = out.split("Per run:")
+    rows = [line for line in per_run.splitlines() if line.startswith("| ") and "recipe" not in line]
+    assert [r.split("|")[1:3] for r in rows] == [
+        [" default ", " 0    "],
+        [" siglip  ", " 0    "],
+        [" default ", " 1    "],
+        [" siglip  ", " 1    "],
+    ], rows
+    table = [line.split("|") for line in per_recipe.splitlines() if line.startswith("| ")]
+    summary = {cells[1].strip(): cells for cells in table}
+    assert summary["default"][2].strip() == "2" and summary["siglip"][9].strip() != "—"  # Δ vs default
+    assert "±" in summary["siglip"][3] and "--config RECIPE --seed SEED" in out
+    for name in ("default-seed0", "siglip-seed1"):
+        assert (tmp_path / "sweep" / name / "model.safetensors").is_file()
