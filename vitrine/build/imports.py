@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitrine.build.shards import SHARD_SCHEMA
+from vitrine.build.shards import read_shard
 from vitrine.catalog.readers import jsonable
 from vitrine.errors import FingerprintMismatch, ImageDecodeError, ImportRefused, StoreError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES, read_regular_file
@@ -160,20 +161,22 @@ def read_part(part: Part, dim: int, settings: ImportSettings) -> list[Row]:
 
 def _shard_rows(path: Path, dim: int) -> list[Row]:
     try:
-        table = pq.read_table(path, schema=SHARD_SCHEMA)
-    except (OSError, ValueError) as exc:
+        shard = read_shard(path)
+        decoded = [
+            (json.loads(r["captions"] or "[]"), json.loads(r["metadata"] or "{}")) for r in shard.values()
+        ]
+    except (OSError, ValueError, pa.ArrowException) as exc:
         raise ImportRefused(f"cannot read shard {path}: {exc}") from exc
     rows = []
-    for record in table.to_pylist():
-        emb = record["embedding"]
-        vec = None if emb is None else np.asarray(emb, dtype=np.float32)
+    for record, (captions, meta) in zip(shard.values(), decoded, strict=True):
+        vec = record["embedding"]
         if vec is not None and vec.size != dim:
             raise ImportRefused(
                 f"shard {path.name} holds vectors of dim {vec.size}; the index's model has {dim}"
             )
-        meta = json.loads(record["metadata"] or "{}")
-        rows.append(Row(record["path"] or "", _captions(json.loads(record["captions"] or "[]")), meta, vec))
-        rows[-1].reason = record["reason"] or ("" if vec is not None else "no embedding in the shard")
+        row = Row(record["path"] or "", _captions(captions), meta if isinstance(meta, dict) else {}, vec)
+        row.reason = record["reason"] or ("" if vec is not None else "no embedding in the shard")
+        rows.append(row)
     return _check_vectors(rows)
 
 
