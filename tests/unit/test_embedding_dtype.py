@@ -57,12 +57,15 @@ def test_float16_is_exact_on_every_read_path(tmp_path: Path) -> None:
     keys = [f"/p/{i:04d}.jpg" for i in range(50)]
     with IndexStore.create(root, FP) as store:
         assert store.manifest["embedding_dtype"] == "float16" and store.embedding_dtype == "float16"
+        live = IndexStore.open(root)  # a reader that catches up by replaying the commits
         store.write([item(i, vectors[i]) for i in range(50)])
         got_keys, got = store.embeddings(keys)
         assert got_keys == keys and got.dtype == np.float32 and np.array_equal(got, expected)
         assert np.array_equal(store.vector_for("sha-7"), expected[7])
         ids = np.array([store.get(k)["vector_id"] for k in keys])
         assert np.array_equal(store._gen.ann.stored(ids), expected)  # FAISS holds the stored values
+        assert live.refresh() and np.array_equal(live._gen.ann.stored(ids), expected)
+        live.close()
         top = store.search(expected[:5], k=1)
         assert [h[0].key for h in top] == keys[:5]
     assert blob_sizes(root) == {DIM * 2}

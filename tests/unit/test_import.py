@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from vitrine.build.imports import Importer, ImportSettings
+from vitrine.build.reindex import Reindexer
 from vitrine.build.shards import write_shard
 from vitrine.errors import ImportRefused
+from vitrine.index.store import IndexStore
 from vitrine.model import embedding
 from vitrine.open_index import open_for_build
 
@@ -64,11 +66,35 @@ def test_an_import_of_the_models_own_embeddings_passes_and_reruns_skip(
         item = store.get(str(files[3].resolve()))
         assert item["sha256"] == hashlib.sha256(files[3].read_bytes()).hexdigest()
         assert item["captions"] == ["photo 3"] and item["metadata"] == {"url": "http://x/3", "width": 96}
-        assert item["source"] == str(out.resolve()) and item["size"] == files[3].stat().st_size
+        assert item["size"] == files[3].stat().st_size
+        ((source, spec),) = store.catalogs().items()  # the import is a catalog: a JSONL manifest in the index
+        assert item["source"] == source == spec["path"] and source.startswith(
+            str((tmp_path / "index").resolve())
+        )
         hit = store.search(clip_encoder.encode_images([files[5]]), k=1)[0][0]
         assert hit.key == str(files[5].resolve()) and hit.score > 0.99
         again = Importer(clip_encoder, settings(photo_folder)).run(store, out)
         assert again.unchanged == len(files) and again.added == again.updated == 0
+
+
+def test_a_reindex_keeps_imported_items(clip_encoder, photo_folder: Path, tmp_path: Path) -> None:
+    """The import records a catalog (a manifest of what it wrote), so a reindex rebuilds those items
+    instead of leaving them out; with the same model their vectors are copied, never re-encoded."""
+    files = photos(photo_folder)
+    out = clip_retrieval_output(
+        tmp_path / "emb", rows_for(files, photo_folder), clip_encoder.encode_images(files)
+    )
+    with open_for_build(tmp_path / "index", clip_encoder) as store:
+        Importer(clip_encoder, settings(photo_folder)).run(store, out)
+        before = store.embeddings()
+    report = Reindexer(tmp_path / "index", clip_encoder).run()
+    assert (
+        report.status == "published" and report.build["count"] == len(files) == report.build["donor_reused"]
+    )
+    with IndexStore.open(tmp_path / "index") as live:
+        assert live.generation == "gen-000002" and live.embeddings()[0] == before[0]
+        assert np.array_equal(live.embeddings()[1], before[1])
+        assert live.get(str(files[4].resolve()))["metadata"] == {"url": "http://x/4", "width": 96}
 
 
 @pytest.mark.parametrize("mistake", ["no mean/std normalisation", "raw 0-255 pixels", "another model"])

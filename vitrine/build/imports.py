@@ -32,16 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitrine.build.shards import SHARD_SCHEMA
-from vitrine.errors import FingerprintMismatch, ImageDecodeError, ImportRefused
+from vitrine.build.shards import read_shard
+from vitrine.catalog.readers import jsonable
+from vitrine.errors import FingerprintMismatch, ImageDecodeError, ImportRefused, StoreError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES, read_regular_file
 from vitrine.index.store import Failure, IndexWriter, NewItem
 from vitrine.model.encoder import Encoder
 
 _EMB_RE = re.compile(r"^img_emb_(\d+)\.npy$")
 IMAGE_COLUMNS = ("image_path", "path", "filepath", "file_name", "image")
+#: The import's own catalog: a JSONL manifest in INDEX/imports/, with these two columns.
+IMPORTS_DIR, IMAGE_FIELD, CAPTION_FIELD = "imports", "vitrine_image", "vitrine_captions"
 CAPTION_COLUMNS = ("caption", "text", "captions")
 
 
@@ -150,27 +154,29 @@ def read_part(part: Part, dim: int, settings: ImportSettings) -> list[Row]:
     for i, record in enumerate(table.to_pylist()):
         value = record.pop(image)
         captions = _captions(record.pop(caption) if caption else None)
-        metadata = {k: v for k, v in record.items() if _plain(v)}
+        metadata = {k: jsonable(v) for k, v in record.items()}  # as a manifest catalog keeps them
         rows.append(Row(str(value or ""), captions, metadata, vectors[i]))
     return _check_vectors(rows)
 
 
 def _shard_rows(path: Path, dim: int) -> list[Row]:
     try:
-        table = pq.read_table(path, schema=SHARD_SCHEMA)
-    except (OSError, ValueError) as exc:
+        shard = read_shard(path)
+        decoded = [
+            (json.loads(r["captions"] or "[]"), json.loads(r["metadata"] or "{}")) for r in shard.values()
+        ]
+    except (OSError, ValueError, pa.ArrowException) as exc:
         raise ImportRefused(f"cannot read shard {path}: {exc}") from exc
     rows = []
-    for record in table.to_pylist():
-        emb = record["embedding"]
-        vec = None if emb is None else np.asarray(emb, dtype=np.float32)
+    for record, (captions, meta) in zip(shard.values(), decoded, strict=True):
+        vec = record["embedding"]
         if vec is not None and vec.size != dim:
             raise ImportRefused(
                 f"shard {path.name} holds vectors of dim {vec.size}; the index's model has {dim}"
             )
-        meta = json.loads(record["metadata"] or "{}")
-        rows.append(Row(record["path"] or "", _captions(json.loads(record["captions"] or "[]")), meta, vec))
-        rows[-1].reason = record["reason"] or ("" if vec is not None else "no embedding in the shard")
+        row = Row(record["path"] or "", _captions(captions), meta if isinstance(meta, dict) else {}, vec)
+        row.reason = record["reason"] or ("" if vec is not None else "no embedding in the shard")
+        rows.append(row)
     return _check_vectors(rows)
 
 
@@ -203,10 +209,40 @@ def _captions(cell: Any) -> list[str]:
     return [str(v) for v in values if v is not None and str(v).strip()]
 
 
-def _plain(value: Any) -> bool:
-    if isinstance(value, float):
-        return bool(np.isfinite(value))
-    return isinstance(value, (str, int, bool))
+# ---------------------------------------------------------------------- the import as a catalog
+def catalog_manifest(index: Path, folder: Path) -> Path:
+    """Where the catalog of the items imported from ``folder`` is kept: inside the index directory."""
+    tag = hashlib.sha256(folder.as_posix().encode()).hexdigest()[:12]
+    return Path(index).resolve() / IMPORTS_DIR / f"{folder.name}-{tag}.jsonl"
+
+
+def catalog_spec(manifest: Path) -> dict[str, Any]:
+    """How :func:`vitrine.catalog.readers.open_catalog` reopens it (columns named apart from metadata)."""
+    return {"path": manifest.as_posix(), "image_column": IMAGE_FIELD, "caption_column": CAPTION_FIELD}
+
+
+def write_manifest(store: IndexWriter, source: str, path: Path) -> None:
+    """The imported items as a JSONL manifest (path, captions, metadata), replaced atomically.
+
+    Why: a reindex rebuilds an index from its recorded catalogs; with this one the imported items are
+    rebuilt too (their vectors copied when the model stays, re-encoded from the files when it changes)
+    instead of being left out, and a build of the manifest treats them like any catalog's items."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    rows = store.connection().execute(
+        "SELECT key, captions, metadata FROM items WHERE source=? ORDER BY key", (source,)
+    )
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for key, captions, metadata in rows:
+                row = {**json.loads(metadata), IMAGE_FIELD: key, CAPTION_FIELD: json.loads(captions)}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write the import's catalog {path}: {exc.strerror or exc}") from exc
 
 
 # ---------------------------------------------------------------------- paths and files
@@ -317,9 +353,14 @@ class Importer:
         return Checked(folder, kind, parts, verification)
 
     def write(self, store: IndexWriter, checked: Checked) -> ImportReport:
+        """Write every row (see the class docstring), then the import's catalog manifest."""
         if store.fingerprint.get("id") != self.encoder.version:
             raise FingerprintMismatch(store.fingerprint, self.encoder.fingerprint)
-        start, source, self.store = time.perf_counter(), str(checked.folder), store
+        start, self.store = time.perf_counter(), store
+        manifest = catalog_manifest(store.root, checked.folder)
+        source = manifest.as_posix()
+        # Recorded first: a reindex after a killed import then fails on the missing manifest, loudly.
+        store.record_catalog(source, catalog_spec(manifest))
         report = ImportReport(format=checked.format, verification=checked.verification)
         states = store.item_states(source)
         step = self.settings.commit_every
@@ -330,6 +371,7 @@ class Importer:
                     prepared = pool.map(lambda r: self._prepare(r, source, states), rows[i : i + step])
                     self._commit(prepared, report)
                     self.progress(len(rows[i : i + step]))
+        write_manifest(store, source, manifest)
         store.flush()
         report.count = len(store)
         report.seconds = round(time.perf_counter() - start, 3)

@@ -103,6 +103,8 @@ def _open(db: Path, mode: str, readonly: bool, immutable: bool = False) -> sqlit
             # Searches read ~10 random rows each: through the OS page cache by mmap that is several times
             # faster than through SQLite's read() and its small page cache (bench/RESULTS.md, "Load").
             conn.execute(f"PRAGMA mmap_size={READER_MMAP_BYTES}")
+        else:  # a batch's staged rows (vitrine.index.upsert) stay in memory, never in a temp file
+            conn.execute("PRAGMA temp_store=MEMORY")
     except sqlite3.Error:
         conn.close()
         raise
