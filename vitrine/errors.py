@@ -90,7 +90,7 @@ class QueryError(VitrineError):
 
 
 def _describe(fp: dict) -> str:
-    keys = ("model", "revision", "processor_hash", "dim", "id")
+    keys = ("model", "revision", "processor_hash", "dim", "runtime", "precision", "id")
     return "{" + ", ".join(f"{k}={fp.get(k)!r}" for k in keys if k in fp) + "}"
 
 

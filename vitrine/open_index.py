@@ -44,19 +44,51 @@ def index_model(index: str | Path) -> tuple[str, dict[str, Any]] | None:
         return None
     require_index(index)
     fp = IndexStore.read_manifest(index)["fingerprint"]
-    return fp["model"], {"draft_size": (fp.get("decode") or {}).get("draft")}
+    return fp["model"], {"draft_size": (fp.get("decode") or {}).get("draft"), **recorded_runtime(fp)}
 
 
-def load_encoder(index: str | Path, model: str | None, **encoder_kwargs: Any) -> Encoder:
-    """The encoder for ``index``: ``model`` if given, else the index's own, else $VITRINE_MODEL/default."""
+def recorded_runtime(fp: dict[str, Any]) -> dict[str, Any]:
+    """The runtime, precision and int8 calibration an index was built with, as encoder kwargs.
+
+    Indexes from before runtimes existed record none: they reopen with the torch runtime and ``auto``,
+    which is the encoder that built them. ``auto`` never re-decides for an index that recorded a choice.
+    """
+    if "runtime" not in fp:
+        return {}
+    kwargs = {"runtime": fp["runtime"], "precision": (fp.get("precision") or {}).get("image", "auto")}
+    calibration = (fp.get("quantization") or {}).get("calibration")
+    return {**kwargs, "quantization": calibration} if calibration else kwargs
+
+
+def load_encoder(
+    index: str | Path, model: str | None, *, catalog: Catalog | None = None, **encoder_kwargs: Any
+) -> Encoder:
+    """The encoder for ``index``: ``model`` if given, else the index's own, else $VITRINE_MODEL/default.
+
+    The index's recorded runtime and precision are reused unless ``encoder_kwargs`` name either. A
+    build passes its ``catalog``: int8 calibration images are drawn from it when the chosen runtime
+    may quantize (``int8`` or ``auto`` off torch) and the index has no recorded quantization.
+    """
     recorded = index_model(index)
     if recorded is not None:
         name, recorded_kwargs = recorded
+        if "runtime" in encoder_kwargs or "precision" in encoder_kwargs:
+            recorded_kwargs = {k: v for k, v in recorded_kwargs.items() if k == "draft_size"}
         encoder_kwargs = {**recorded_kwargs, **encoder_kwargs}
-        return Encoder.from_pretrained(model or name, **encoder_kwargs)
-    return Encoder.from_pretrained(
-        model or os.environ.get("VITRINE_MODEL") or DEFAULT_MODEL, **encoder_kwargs
+    name = model or (recorded[0] if recorded else os.environ.get("VITRINE_MODEL") or DEFAULT_MODEL)
+    return Encoder.from_pretrained(name, **_with_calibration(encoder_kwargs, catalog))
+
+
+def _with_calibration(kwargs: dict[str, Any], catalog: Catalog | None) -> dict[str, Any]:
+    quantizes = kwargs.get("runtime", "torch") != "torch" and kwargs.get("precision", "auto") in (
+        "auto",
+        "int8",
     )
+    if catalog is None or not quantizes or kwargs.get("quantization") or "calibration" in kwargs:
+        return kwargs
+    from vitrine.model.runtimes.calibration import draw
+
+    return {**kwargs, "calibration": draw(list(catalog))}
 
 
 def encoder_fingerprint(encoder: Encoder) -> dict[str, Any]:
