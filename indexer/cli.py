@@ -249,7 +249,14 @@ def _build_ray(
         window_shards=a.window_shards,
         max_file_bytes=a.max_file_bytes,
     )
-    kwargs = {"batch_size": a.batch_size, "num_workers": a.num_workers}
+    from vitrine.open_index import recorded_runtime
+
+    # The actors run the driver's runtime and precision (an int8 model by its calibration id, from the cache).
+    kwargs = {
+        "batch_size": a.batch_size,
+        "num_workers": a.num_workers,
+        **recorded_runtime(encoder.fingerprint),
+    }
     report, run = build_with_ray(
         store,
         encoder,
