@@ -241,6 +241,10 @@ def test_auto_picks_a_validated_precision_and_onnx_has_no_bf16(clip_path):
     assert "fp32" in tried and "int8" in tried and tried[encoder.runtime.precision]
     with pytest.raises(ModelLoadError, match="ONNX Runtime has no bf16 CPU kernels"):
         Encoder.from_pretrained(str(clip_path), device="cpu", runtime="onnx", precision="bf16")
+    with pytest.raises(
+        ModelLoadError, match="--precision int8 needs calibration images: build from a catalog"
+    ):
+        Encoder.from_pretrained(str(clip_path), device="cpu", runtime="openvino", precision="int8")
     with pytest.raises(ModelLoadError, match="--runtime torch has no int8 path"):
         Encoder.from_pretrained(str(clip_path), device="cpu", runtime="torch", precision="int8")
 

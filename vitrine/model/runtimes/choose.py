@@ -160,6 +160,11 @@ def select(
         raise ModelLoadError(
             "ONNX Runtime has no bf16 CPU kernels here: use --runtime openvino or torch for bf16"
         )
+    if precision == "int8" and calibration is None and quantization is None:
+        raise ModelLoadError(
+            "--precision int8 needs calibration images: build from a catalog (indexer build draws them from "
+            "it, or from --calibration CATALOG)"
+        )
     sessions.require(runtime)
     folder = _exported(tower)
     candidates = _candidates(runtime, precision, calibration, quantization)

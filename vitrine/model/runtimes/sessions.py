@@ -2,7 +2,7 @@
 
 ONNX Runtime sessions are thread-safe; an OpenVINO compiled model is shared but each thread gets its
 own infer request (one request must not run two inferences at once). Both use as many threads as
-torch does, so ``--num-workers`` / ``torch.set_num_threads`` keep meaning the same thing. OpenVINO
+torch does (``torch.set_num_threads``, the app's ``--torch-threads``) when they are created. OpenVINO
 picks bf16 by itself on CPUs with bf16 units, so fp32 is asked for explicitly; its compiled blobs
 are cached beside the exported model (``CACHE_DIR``) so a second start skips compilation.
 """
@@ -52,6 +52,8 @@ def onnxruntime_forward(path: Path, names: list[str]) -> Forward:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # Idle pool threads would otherwise spin on the cores the decode threads and other requests need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}  # an input the graph ignores (SigLIP's mask) is dropped
 
