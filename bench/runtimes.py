@@ -142,11 +142,11 @@ def text_p50_ms(encoder: Encoder, queries: Sequence[str]) -> float:
 
 
 def fidelity(
-    variant: Variant, baseline: Variant, held_out: torch.Tensor, texts: list[str]
+    variant: Variant, reference: tuple[np.ndarray, np.ndarray], held_out: torch.Tensor, texts: list[str]
 ) -> tuple[float, float]:
-    """(min image cosine, min text cosine) to the torch fp32 baseline on the held-out photos/captions."""
-    image = np.sum(variant.encoder.encode_pixels(held_out) * baseline.encoder.encode_pixels(held_out), 1)
-    text = np.sum(variant.encoder.encode_texts(texts) * baseline.encoder.encode_texts(texts), 1)
+    """(min image cosine, min text cosine) to the torch fp32 ``reference`` (image, text embeddings)."""
+    image = np.sum(variant.encoder.encode_pixels(held_out) * reference[0], 1)
+    text = np.sum(variant.encoder.encode_texts(texts) * reference[1], 1)
     return float(image.min()), float(text.min())
 
 
@@ -163,9 +163,10 @@ def measure(args: Args, variants: list[Variant], pixels: np.ndarray, queries: li
             print(f"  round {round_ + 1} {v.name}: {rate:.1f} img/s, text p50 {p50:.2f} ms", flush=True)
     held_out = torch.from_numpy(pixels[args.calibrate :])
     base = variants[0]
+    reference = (base.encoder.encode_pixels(held_out), base.encoder.encode_texts(queries))
     rows = []
     for v in variants:
-        image_cos, text_cos = fidelity(v, base, held_out, queries)
+        image_cos, text_cos = fidelity(v, reference, held_out, queries)
         rate, p50 = median(speed[v.name]), median(latency[v.name])
         ratio = rate / median(speed[base.name])
         rows.append(
