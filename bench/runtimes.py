@@ -9,7 +9,7 @@ layers, built here for comparison only), ONNX Runtime fp32 / int8 and OpenVINO f
 not timed (they are the pipeline's part, bench/embed.py). Variants alternate between rounds; the
 median is reported with the load average, because the machine is shared.
 
-    .venv/bin/python -m bench.runtimes                  # ~5 min on 2 cores
+    .venv/bin/python -m bench.runtimes                  # ~5 min on 2 quiet cores, ~11 at load 6
     .venv/bin/python -m bench.runtimes --write-results  # also update bench/RESULTS.md
 """
 

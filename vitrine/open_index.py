@@ -48,16 +48,19 @@ def index_model(index: str | Path) -> tuple[str, dict[str, Any]] | None:
 
 
 def recorded_runtime(fp: dict[str, Any]) -> dict[str, Any]:
-    """The runtime, precision and int8 calibration an index was built with, as encoder kwargs.
+    """The runtime an index was built with, and its precision where that defines the embedding space.
 
-    Indexes from before runtimes existed record none: they reopen with the torch runtime and ``auto``,
-    which is the encoder that built them. ``auto`` never re-decides for an index that recorded a choice.
+    int8 comes back with its calibration id (the same quantized model, from the cache). fp32 and bf16
+    share the model's space, so they are left to ``auto`` on the machine at hand: an index built where
+    bf16 is native still opens at full speed and in the same space where it is not. Indexes from before
+    runtimes existed record nothing and reopen with the torch runtime and ``auto``, as they were built.
     """
     if "runtime" not in fp:
         return {}
-    kwargs = {"runtime": fp["runtime"], "precision": (fp.get("precision") or {}).get("image", "auto")}
     calibration = (fp.get("quantization") or {}).get("calibration")
-    return {**kwargs, "quantization": calibration} if calibration else kwargs
+    if (fp.get("precision") or {}).get("image") == "int8" and calibration:
+        return {"runtime": fp["runtime"], "precision": "int8", "quantization": calibration}
+    return {"runtime": fp["runtime"]}
 
 
 def load_encoder(
@@ -65,9 +68,9 @@ def load_encoder(
 ) -> Encoder:
     """The encoder for ``index``: ``model`` if given, else the index's own, else $VITRINE_MODEL/default.
 
-    The index's recorded runtime and precision are reused unless ``encoder_kwargs`` name either. A
-    build passes its ``catalog``: int8 calibration images are drawn from it when the chosen runtime
-    may quantize (``int8`` or ``auto`` off torch) and the index has no recorded quantization.
+    The index's recorded runtime (and int8 model) are reused unless ``encoder_kwargs`` name a runtime
+    or precision. A build passes its ``catalog``: int8 calibration images are drawn from it for a new
+    index whose runtime may quantize (``int8``, or ``auto`` off torch), or when int8 is asked for.
     """
     recorded = index_model(index)
     if recorded is not None:
@@ -76,14 +79,13 @@ def load_encoder(
             recorded_kwargs = {k: v for k, v in recorded_kwargs.items() if k == "draft_size"}
         encoder_kwargs = {**recorded_kwargs, **encoder_kwargs}
     name = model or (recorded[0] if recorded else os.environ.get("VITRINE_MODEL") or DEFAULT_MODEL)
-    return Encoder.from_pretrained(name, **_with_calibration(encoder_kwargs, catalog))
+    calibrate = recorded is None or encoder_kwargs.get("precision") == "int8"
+    return Encoder.from_pretrained(name, **_with_calibration(encoder_kwargs, catalog if calibrate else None))
 
 
 def _with_calibration(kwargs: dict[str, Any], catalog: Catalog | None) -> dict[str, Any]:
-    quantizes = kwargs.get("runtime", "torch") != "torch" and kwargs.get("precision", "auto") in (
-        "auto",
-        "int8",
-    )
+    precision = kwargs.get("precision", "auto")
+    quantizes = kwargs.get("runtime", "torch") != "torch" and precision in ("auto", "int8")
     if catalog is None or not quantizes or kwargs.get("quantization") or "calibration" in kwargs:
         return kwargs
     from vitrine.model.runtimes.calibration import draw

@@ -228,6 +228,16 @@ def test_an_index_from_before_runtimes_opens_with_the_default_settings(clip_path
     IndexStore.open(tmp_path / "old", expected_fingerprint=onnx.fingerprint).close()
 
 
+def test_a_float_index_reopens_with_its_runtime_and_auto_never_makes_it_int8(clip_path, tmp_path):
+    built = Encoder.from_pretrained(str(clip_path), device="cpu", runtime="openvino", precision="fp32")
+    IndexStore.create(tmp_path / "ov", encoder_fingerprint(built)).close()
+    catalog = [type("Record", (), {"path": "unused.jpg", "captions": ()})()]  # would fail if it were read
+    reopened = load_encoder(tmp_path / "ov", None, catalog=catalog, device="cpu")
+    assert reopened.runtime.runtime == "openvino" and reopened.runtime.precision in ("fp32", "bf16")
+    assert all(t["precision"] != "int8" for t in reopened.fingerprint.get("validation", []))
+    IndexStore.open(tmp_path / "ov", expected_fingerprint=reopened.fingerprint).close()
+
+
 def test_auto_picks_a_validated_precision_and_onnx_has_no_bf16(clip_path):
     reference = _torch(clip_path)
     encoder = Encoder.from_pretrained(

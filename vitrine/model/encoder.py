@@ -223,8 +223,9 @@ class Encoder:
                 self, model_id, fingerprint["id"], runtime, precision, calibration, quantization
             )
             self._image_forward, self._text_forward = self.runtime.image, self.runtime.text
-        elif half:
-            self.runtime = choose.Choice("torch", "fp16", "fp16")
+        elif self.runtime.dtype != self.dtype:  # on CUDA: fp16 (default) or fp32, never bf16
+            name = "fp16" if half else "fp32"
+            self.runtime = choose.Choice("torch", name, name)
         self.fingerprint = choose.fingerprint(fingerprint, self.runtime)
 
     @classmethod

@@ -8,8 +8,9 @@ machine. An explicit precision that fails its gate falls back to the next one in
 where the CPU has bf16 units, else fp32; bench/RESULTS.md, "Embedding throughput") so the default
 encoder is what it was; both are the same embedding space (see :func:`fingerprint_part`).
 
-Reopening an index passes the index's recorded runtime, precision and calibration id
-(:func:`vitrine.open_index.index_model`), so ``auto`` never re-decides for an existing index.
+Reopening an index passes the index's recorded runtime and, for int8, its precision and calibration id
+(:func:`vitrine.open_index.recorded_runtime`): ``auto`` may re-pick between fp32 and bf16 for the machine
+at hand (one embedding space), never int8 for an index that is not, nor a new int8 model for one that is.
 """
 
 from __future__ import annotations
