@@ -21,7 +21,7 @@ from vitrine.index.store import IndexStore
 from vitrine.model import embedding
 from vitrine.model.encoder import Encoder, _normalise, make_fingerprint
 from vitrine.model.runtimes import cache
-from vitrine.model.runtimes.calibration import Calibration
+from vitrine.model.runtimes.calibration import Calibration, draw
 from vitrine.open_index import encoder_fingerprint, load_encoder
 
 pytest.importorskip("onnxruntime", reason="the onnx runtime is an optional dependency (requirements.txt)")
@@ -263,3 +263,14 @@ def test_probe_of_a_constant_image_still_encodes(clip_path):
     encoder = Encoder.from_pretrained(str(clip_path), device="cpu", runtime="openvino", precision="fp32")
     assert encoder.encode_images([Image.new("RGB", (40, 30), (10, 10, 10))]).shape == (1, encoder.dim)
     assert encoder.trace() == {"text": "openvino", "image": "openvino"}
+
+
+def test_calibration_draw_is_seeded_and_holds_out_fewer_images_without_captions():
+    from vitrine.catalog.readers import Record
+
+    plain = [Record(f"k{i}", f"/p/{i}.jpg") for i in range(1000)]
+    captioned = [Record(f"k{i}", f"/p/{i}.jpg", (f"caption {i}",)) for i in range(1000)]
+    first, again = draw(plain), draw(plain)
+    assert first.sources == again.sources and len(first.sources) == 64 + 64  # cosine gate only
+    assert len(draw(captioned).sources) == 64 + 256  # enough captions for R@10 to resolve half a point
+    assert len(set(first.sources)) == len(first.sources) and first.calibrate == 64

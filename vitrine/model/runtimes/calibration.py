@@ -18,7 +18,10 @@ import torch
 from vitrine.errors import ImageDecodeError
 
 CALIBRATION_IMAGES = 64
+# Enough captions for R@10 to resolve half a point; without captions only the per-image cosine is checked,
+# for which fewer images do (each costs an fp32 forward at start-up).
 HELD_OUT_IMAGES = 256
+HELD_OUT_UNCAPTIONED = 64
 
 
 @dataclass
@@ -65,6 +68,9 @@ def draw(
     seed: int = 0,
 ) -> Sample:
     """A seeded random sample of catalog ``records`` (``path`` and ``captions`` attributes): the first
-    ``calibrate`` calibrate, the rest are held out (a third calibrates when the catalog is small)."""
+    ``calibrate`` calibrate, the rest are held out (a third calibrates when the catalog is small); at
+    most :data:`HELD_OUT_UNCAPTIONED` are held out when none of the drawn records has a caption."""
     picked = random.Random(seed).sample(list(records), min(len(records), calibrate + held_out))
+    if not any(r.captions for r in picked):
+        picked = picked[: calibrate + min(held_out, HELD_OUT_UNCAPTIONED)]
     return Sample([r.path for r in picked], [tuple(r.captions) for r in picked], calibrate)
