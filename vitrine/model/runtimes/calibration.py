@@ -56,7 +56,8 @@ class Sample:
             except (ImageDecodeError, OSError, ValueError):
                 continue
             captions.append(caps)
-        split = min(self.calibrate, max(1, len(pixels) // 3))
+        # A small catalog (fewer than twice the calibration size) calibrates on a third of its images.
+        split = self.calibrate if len(pixels) >= 2 * self.calibrate else max(1, len(pixels) // 3)
         stacked = np.stack(pixels) if pixels else np.zeros((0, 3, 1, 1), np.float32)
         return Calibration(stacked[:split], stacked[split:], captions[split:])
 
