@@ -9,18 +9,19 @@ definition; nothing here re-implements pooling. One module per concept:
   cached one is still valid (fingerprint, versions, calibration), so a model is never re-exported.
 - :mod:`.export`: torch → ONNX for both towers, checked against eager on other shapes.
 - :mod:`.quantize`: static int8 quantization of the image tower, calibrated on catalog images.
+- :mod:`.calibration`: the catalog images drawn for int8 (calibration and held-out split).
 - :mod:`.sessions`: an exported model as a forward for the :class:`~vitrine.model.encoder.Encoder`.
 - :mod:`.validate`: the gate: cosine to fp32 on held-out images and text→image R@10 where captions exist.
 - :mod:`.choose`: ``precision auto``: the fastest validated option, measured on this machine; the
   fallback order when a precision fails its gate.
 
-Why these dependencies: ONNX Runtime and OpenVINO both run the exported graph with int8 (VNNI/AMX) and,
-for OpenVINO, bf16 kernels; both are measured against torch in ``bench/runtimes.py`` and the choice of
-default is written down with the figures in bench/RESULTS.md ("Encoder runtimes"). The int8 model is
-one QDQ ONNX file (quantized by ONNX Runtime's tooling) that both runtimes execute, so a catalog is
-calibrated once whichever runs it. The text tower stays in floating point under ``int8``: a text
-query is one short sequence (latency, not throughput) and quantizing it would put quantization error
-into every query for little time saved.
+Why these dependencies (measured in ``bench/runtimes.py``, figures and reading in bench/RESULTS.md,
+"Encoder runtimes"): OpenVINO has the bf16 kernels that were by far the fastest on a CPU with bf16 units,
+and ONNX Runtime's tooling writes the static int8 model (one QDQ ONNX file) that both runtimes execute,
+so a catalog is calibrated once whichever runs it; torch's own int8 (dynamic quantization) was slower
+and less faithful than either, so it is not offered. The text tower stays in floating point under
+``int8``: a text query is one short sequence (latency, not throughput), and quantizing it would put
+quantization error into every query for little time saved.
 """
 
 from __future__ import annotations
