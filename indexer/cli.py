@@ -80,6 +80,9 @@ class BuildArgs(EncoderSettings):
     max_file_mb: float = arg(
         DEFAULT_MAX_FILE_BYTES / 2**20, "larger catalog files are recorded as failures, never read (MB)"
     )
+    calibration: str | None = arg(
+        None, "catalog whose images calibrate and validate int8 (default: images drawn from CATALOG)"
+    )
 
     @property
     def max_file_bytes(self) -> int:
@@ -181,10 +184,11 @@ def cmd_build(a: BuildArgs) -> int:
 
         require_ray()  # before loading anything: one clear error line when Ray is missing
     catalog = open_catalog(a.catalog, image_column=a.image_column, caption_column=a.caption_column)
-    encoder = load_encoder(a.index, a.model, **a.encoder_kwargs())
+    calibration = open_catalog(a.calibration) if a.calibration else catalog
+    encoder = load_encoder(a.index, a.model, catalog=calibration, **a.encoder_kwargs())
     store = open_for_build(a.index, encoder, factory=a.factory)
     bar = tqdm(total=len(catalog), unit="img", disable=not a.progress, file=sys.stderr, desc="indexing")
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"encoder": encoder.runtime.record()}
     try:
         if a.engine == "ray":
             report, extra["shards"] = _build_ray(a, store, encoder, catalog, bar.update)
@@ -247,7 +251,14 @@ def _build_ray(
         window_shards=a.window_shards,
         max_file_bytes=a.max_file_bytes,
     )
-    kwargs = {"batch_size": a.batch_size, "num_workers": a.num_workers}
+    from vitrine.open_index import recorded_runtime
+
+    # The actors run the driver's runtime and precision (an int8 model by its calibration id, from the cache).
+    kwargs = {
+        "batch_size": a.batch_size,
+        "num_workers": a.num_workers,
+        **recorded_runtime(encoder.fingerprint),
+    }
     report, run = build_with_ray(
         store,
         encoder,

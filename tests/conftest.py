@@ -33,6 +33,7 @@ SLOW_PATHS = (
     "tests/integration/test_indexer_cli.py",  # the indexer as a subprocess, end to end
     "tests/integration/test_indexer_autotune_cli.py",
     "tests/integration/test_search_cli.py",  # the indexer as a subprocess: typed metadata, filters, pages
+    "tests/integration/test_runtimes_cli.py",  # indexer build --runtime onnx --precision int8, subprocesses
     "tests/app/test_refresh.py",  # starts its own server
 )
 SLOW_FIXTURES = {"live_server"}  # one real server subprocess for the API, README and drift-page tests

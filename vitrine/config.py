@@ -85,8 +85,24 @@ class EncoderSettings:
         2, "threads decoding and preprocessing images while the model runs", env="NUM_WORKERS"
     )
 
+    runtime: str | None = arg(
+        None,
+        "what runs the towers: torch, onnx (ONNX Runtime) or openvino (default: the index's own, else torch)",
+        env="RUNTIME",
+        choices=["torch", "onnx", "openvino"],
+    )
+    precision: str | None = arg(
+        None,
+        "fp32, bf16, int8 (image tower calibrated on the catalog and validated against fp32), or auto: "
+        "the fastest validated one on this machine (default: the index's own, else auto)",
+        env="PRECISION",
+        choices=["auto", "fp32", "bf16", "int8"],
+    )
+
     def encoder_kwargs(self) -> dict[str, Any]:
-        return {"device": self.device, "batch_size": self.batch_size, "num_workers": self.num_workers}
+        kwargs = {"device": self.device, "batch_size": self.batch_size, "num_workers": self.num_workers}
+        runtime = {"runtime": self.runtime, "precision": self.precision}
+        return {**kwargs, **{k: v for k, v in runtime.items() if v is not None}}
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

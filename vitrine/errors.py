@@ -58,6 +58,7 @@ class FingerprintMismatch(StoreError):
             "index was built with a different model/preprocessing: "
             f"index {_describe(index_fingerprint)} vs encoder {_describe(encoder_fingerprint)}; "
             "use the index's own model (omit --model) or build a new index (or run a reindex job)"
+            + _runtime_hint(index_fingerprint, encoder_fingerprint)
         )
 
 
@@ -99,8 +100,21 @@ class QueryError(VitrineError):
         super().__init__(message)
 
 
+def _runtime_hint(index: dict, encoder: dict) -> str:
+    """int8 embeddings are their own space: say so when only the precision or runtime differs."""
+    built, offered = (
+        fp.get("precision", {}).get("image") if fp.get("precision") else None for fp in (index, encoder)
+    )
+    if built == offered or "int8" not in (built, offered):
+        return ""
+    return (
+        f"; the index was built with {index.get('runtime')} {built}: omit --runtime/--precision to reopen "
+        "it with its own"
+    )
+
+
 def _describe(fp: dict) -> str:
-    keys = ("model", "revision", "processor_hash", "dim", "id")
+    keys = ("model", "revision", "processor_hash", "dim", "runtime", "precision", "id")
     return "{" + ", ".join(f"{k}={fp.get(k)!r}" for k in keys if k in fp) + "}"
 
 

@@ -44,19 +44,53 @@ def index_model(index: str | Path) -> tuple[str, dict[str, Any]] | None:
         return None
     require_index(index)
     fp = IndexStore.read_manifest(index)["fingerprint"]
-    return fp["model"], {"draft_size": (fp.get("decode") or {}).get("draft")}
+    return fp["model"], {"draft_size": (fp.get("decode") or {}).get("draft"), **recorded_runtime(fp)}
 
 
-def load_encoder(index: str | Path, model: str | None, **encoder_kwargs: Any) -> Encoder:
-    """The encoder for ``index``: ``model`` if given, else the index's own, else $VITRINE_MODEL/default."""
+def recorded_runtime(fp: dict[str, Any]) -> dict[str, Any]:
+    """The runtime an index was built with, and its precision where that defines the embedding space.
+
+    int8 comes back with its calibration id (the same quantized model, from the cache). fp32 and bf16
+    share the model's space, so they are left to ``auto`` on the machine at hand: an index built where
+    bf16 is native still opens at full speed and in the same space where it is not. Indexes from before
+    runtimes existed record nothing and reopen with the torch runtime and ``auto``, as they were built.
+    """
+    if "runtime" not in fp:
+        return {}
+    calibration = (fp.get("quantization") or {}).get("calibration")
+    if (fp.get("precision") or {}).get("image") == "int8" and calibration:
+        return {"runtime": fp["runtime"], "precision": "int8", "quantization": calibration}
+    return {"runtime": fp["runtime"]}
+
+
+def load_encoder(
+    index: str | Path, model: str | None, *, catalog: Catalog | None = None, **encoder_kwargs: Any
+) -> Encoder:
+    """The encoder for ``index``: ``model`` if given, else the index's own, else $VITRINE_MODEL/default.
+
+    The index's recorded runtime (and int8 model) are reused unless ``encoder_kwargs`` name a runtime
+    or precision. A build passes its ``catalog``: int8 calibration images are drawn from it for a new
+    index whose runtime may quantize (``int8``, or ``auto`` off torch), or when int8 is asked for.
+    """
     recorded = index_model(index)
     if recorded is not None:
         name, recorded_kwargs = recorded
+        if "runtime" in encoder_kwargs or "precision" in encoder_kwargs:
+            recorded_kwargs = {k: v for k, v in recorded_kwargs.items() if k == "draft_size"}
         encoder_kwargs = {**recorded_kwargs, **encoder_kwargs}
-        return Encoder.from_pretrained(model or name, **encoder_kwargs)
-    return Encoder.from_pretrained(
-        model or os.environ.get("VITRINE_MODEL") or DEFAULT_MODEL, **encoder_kwargs
-    )
+    name = model or (recorded[0] if recorded else os.environ.get("VITRINE_MODEL") or DEFAULT_MODEL)
+    calibrate = recorded is None or encoder_kwargs.get("precision") == "int8"
+    return Encoder.from_pretrained(name, **_with_calibration(encoder_kwargs, catalog if calibrate else None))
+
+
+def _with_calibration(kwargs: dict[str, Any], catalog: Catalog | None) -> dict[str, Any]:
+    precision = kwargs.get("precision", "auto")
+    quantizes = kwargs.get("runtime", "torch") != "torch" and precision in ("auto", "int8")
+    if catalog is None or not quantizes or kwargs.get("quantization") or "calibration" in kwargs:
+        return kwargs
+    from vitrine.model.runtimes.calibration import draw
+
+    return {**kwargs, "calibration": draw(list(catalog))}
 
 
 def encoder_fingerprint(encoder: Encoder) -> dict[str, Any]:

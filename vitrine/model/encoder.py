@@ -28,6 +28,7 @@ from vitrine.config import DEFAULT_MODEL
 from vitrine.errors import ImageDecodeError, ModelLoadError
 from vitrine.images import decode_image
 from vitrine.model import embedding
+from vitrine.model.runtimes import choose
 
 # |(1 - mean) / std| is at most ~2.7 for the usual statistics; 0-255 input reaches hundreds.
 _MAX_NORMALISED = 20.0
@@ -166,6 +167,9 @@ class Encoder:
     only) halves memory and time with ~1e-4 cosine error; ``bf16`` (CPU, default on where the CPU has
     native bf16 matmul: AVX512-BF16 / AMX) runs the model in bfloat16, much faster there and close to
     fp32 (bench/RESULTS.md, "Embedding throughput", has the speed and the cosine to fp32).
+    ``runtime`` (``torch`` | ``onnx`` | ``openvino``) and ``precision`` (``auto`` | ``fp32`` | ``bf16`` |
+    ``int8``) pick how the towers run; int8 needs ``calibration`` (catalog images) or, when reopening an
+    index, its recorded ``quantization`` id (:mod:`vitrine.model.runtimes` has the rules and the gate).
     Preprocessing takes a verified fast path (same Pillow resize, one numpy step) whenever the processor
     is the resize-shortest-edge + center-crop kind and the path matches it on a probe image.
     """
@@ -184,12 +188,20 @@ class Encoder:
         bf16: bool | None = None,
         draft_size: int | str | None = "auto",
         max_pixels: int | None = None,
+        runtime: str = "torch",
+        precision: str = "auto",
+        calibration: choose.Calibration | choose.Sample | None = None,
+        quantization: str | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.kind = embedding.model_kind(model)
+        if bf16 is not None and precision == "auto":  # the former knob, kept for callers that set it
+            precision = "bf16" if bf16 else "fp32"
+        if runtime != "torch" and self.device.type != "cpu":
+            raise ModelLoadError(f"--runtime {runtime} runs on the CPU; use --runtime torch on {self.device}")
         half = self.device.type == "cuda" if fp16 is None else fp16 and self.device.type == "cuda"
-        cpu = self.device.type == "cpu"
-        brain = cpu and (cpu_has_native_bf16() if bf16 is None else bf16)
+        self.runtime = choose.select_torch(precision) if runtime == "torch" else None
+        brain = self.device.type == "cpu" and self.runtime is not None and self.runtime.precision == "bf16"
         self.dtype = torch.float16 if half else torch.bfloat16 if brain else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
         self.image_processor = image_processor
@@ -203,9 +215,18 @@ class Encoder:
         self._image_forward: Callable[..., torch.Tensor] | None = None
         self.trace_notes: dict[str, str] = {}
         self.dim = int(self.encode_texts(["probe"]).shape[1])
-        self.fingerprint = make_fingerprint(
+        fingerprint = make_fingerprint(
             model_id, model, image_processor, tokenizer, {"draft": self.draft_size}, self.dim
         )
+        if self.runtime is None:  # ONNX Runtime / OpenVINO: exported (or cached), validated, chosen
+            self.runtime = choose.select_for(
+                self, model_id, fingerprint["id"], runtime, precision, calibration, quantization
+            )
+            self._image_forward, self._text_forward = self.runtime.image, self.runtime.text
+        elif self.runtime.dtype != self.dtype:  # on CUDA: fp16 (default) or fp32, never bf16
+            name = "fp16" if half else "fp32"
+            self.runtime = choose.Choice("torch", name, name)
+        self.fingerprint = choose.fingerprint(fingerprint, self.runtime)
 
     @classmethod
     def from_pretrained(
@@ -223,6 +244,8 @@ class Encoder:
         or whose traced output differs from eager, is left as it was). Outputs are unchanged, so the
         fingerprint is too. Idempotent.
         """
+        if not self.trace_notes and self.runtime.runtime != "torch":  # already a compiled graph
+            self.trace_notes = {"text": self.runtime.runtime, "image": self.runtime.runtime}
         if not self.trace_notes:
             from vitrine.model import torchscript
 

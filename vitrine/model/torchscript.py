@@ -28,7 +28,9 @@ from vitrine.model import embedding
 Forward = Callable[..., torch.Tensor]
 
 
-class _Text(nn.Module):
+class TextTower(nn.Module):
+    """The text embedding as a module; ``masked=False`` drops the attention mask (families without one)."""
+
     def __init__(self, model: nn.Module, masked: bool) -> None:
         super().__init__()
         self.model, self.masked = model, masked
@@ -37,7 +39,9 @@ class _Text(nn.Module):
         return embedding.text_features(self.model, input_ids, attention_mask if self.masked else None)
 
 
-class _Image(nn.Module):
+class ImageTower(nn.Module):
+    """The image embedding (:func:`vitrine.model.embedding.image_features`) as a module to trace or export."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -80,7 +84,7 @@ def trace_text(
         ids = tokens["input_ids"].to(device)
         return (ids, tokens["attention_mask"].to(device)) if masked else (ids,)
 
-    return trace(_Text(model, masked).eval(), args(first), args(second), tolerance)
+    return trace(TextTower(model, masked).eval(), args(first), args(second), tolerance)
 
 
 def trace_image(
@@ -90,4 +94,4 @@ def trace_image(
     gen = torch.Generator().manual_seed(0)
     batch = [pixels.float().cpu() + 0.1 * torch.randn((n, *pixels.shape[1:]), generator=gen) for n in (2, 3)]
     example, check = (b.to(pixels.device, pixels.dtype) for b in batch)
-    return trace(_Image(model).eval(), (example,), (check,), tolerance)
+    return trace(ImageTower(model).eval(), (example,), (check,), tolerance)
