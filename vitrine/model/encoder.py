@@ -369,16 +369,19 @@ def _input_size(image_processor: Any) -> int | None:
 
 
 class FastPreprocess:
-    """The CLIP-style Pillow processor's arithmetic (resize shortest edge with the same Pillow call,
-    integer center crop, rescale+normalise folded into one multiply-add) without its PIL->numpy->PIL
-    round trips (bench/RESULTS.md has its speed-up). Only built when the processor is of that kind *and*
-    agrees with it to 1e-5 on a probe image; otherwise the checkpoint's processor is used."""
+    """The CLIP-style Pillow processor's arithmetic (resize the shortest edge, or to the fixed size of
+    ViT/DeiT processors, with the same Pillow call; integer center crop; rescale+normalise folded into
+    one multiply-add) without its PIL->numpy->PIL round trips (bench/RESULTS.md has its speed-up). Only
+    built when the processor is of that kind *and* agrees with it to 1e-5 on a probe image; otherwise
+    the checkpoint's processor is used."""
 
     def __init__(self, processor: Any) -> None:
         cfg = processor.to_dict()
         size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
+        fixed = set(size) == {"height", "width"}  # ViT/DeiT: resize to a fixed size, then crop
+        self.size = (int(size["width"]), int(size["height"])) if fixed else None
         self.supported = bool(
-            set(size) == {"shortest_edge"}
+            (set(size) == {"shortest_edge"} or fixed)
             and cfg.get("do_resize", True)
             and cfg.get("do_center_crop")
             and set(crop) == {"height", "width"}
@@ -411,9 +414,12 @@ class FastPreprocess:
     def __call__(self, image: Image.Image) -> np.ndarray:
         image = image if image.mode == "RGB" else image.convert("RGB")
         width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.short * long / short)
-        new_w, new_h = (self.short, new_long) if width <= height else (new_long, self.short)
+        if self.size is not None:
+            new_w, new_h = self.size
+        else:
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(self.short * long / short)
+            new_w, new_h = (self.short, new_long) if width <= height else (new_long, self.short)
         if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), resample=self.resample)
         crop_h, crop_w = self.crop
