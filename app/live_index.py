@@ -9,7 +9,9 @@
   answered whole in the text batcher's thread (:func:`vitrine.search.batch.search_texts`): with Gradio's
   queue, a request thread that hands a text to the model thread and waits cost 0.8 ms of CPU per request
   for the hop alone and most of the latency budget under 16 clients (bench/RESULTS.md, Load), so the
-  text endpoint is a coroutine that awaits the batcher's answer instead.
+  text endpoint is a coroutine that awaits the batcher's answer instead. Photo-only queries likewise:
+  decoded and preprocessed in the request's thread, embedded and searched together in the image
+  batcher's (:func:`vitrine.search.batch.search_photos`: one forward, one store call per page shape).
 * **The heap is settled** after loading (:func:`settle_heap`).
 
 It takes :class:`~vitrine.search.query.Query` objects as validated by the service and never re-checks them.
@@ -38,7 +40,15 @@ from vitrine.errors import FingerprintMismatch, VitrineError
 from vitrine.index.store import IndexStore
 from vitrine.model.encoder import Encoder
 from vitrine.open_index import open_searcher
-from vitrine.search.batch import Answer, Found, TextSearch, search_texts
+from vitrine.search.batch import (
+    Answer,
+    Found,
+    PhotoSearch,
+    TextSearch,
+    photo_only,
+    search_photos,
+    search_texts,
+)
 from vitrine.search.query import Query, SearchLimits
 from vitrine.search.searcher import Page, Searcher
 
@@ -111,10 +121,20 @@ class LiveIndex:
         """A text-only query for the text batcher; the future's result is an Answer."""
         return self._embeds[id(searcher.encoder)].text.submit(TextSearch(searcher, query))
 
+    def submit_photo(self, searcher: Searcher, query: Query) -> Future:
+        """A photo-only query for the image batcher, preprocessed here (in the caller's thread); the
+        future's result is an Answer."""
+        assert query.image is not None
+        pixels = searcher.encoder.preprocess([query.image])
+        return self._embeds[id(searcher.encoder)].image_batcher.submit(PhotoSearch(searcher, query, pixels))
+
     def search(self, searcher: Searcher, query: Query) -> Page:
-        """Any query, blocking: text-only ones are answered in the text batcher, others here."""
+        """Any query, blocking: text-only and photo-only ones are answered whole in their batcher,
+        others here."""
         if query.texts_only:
             return unwrap(self.submit_text(searcher, query).result()).page
+        if photo_only(query):
+            return unwrap(self.submit_photo(searcher, query).result()).page
         if query.mode == "lexical":  # no query vector: nothing for the drift journal
             return searcher.answer(query, None)
         vector = searcher.vector(query, self._embeds[id(searcher.encoder)])
@@ -128,6 +148,15 @@ class LiveIndex:
         for item, answer in zip(items, out, strict=True):
             if isinstance(answer, Found) and isinstance(item, TextSearch):
                 self._record(item.searcher, answer.vector, answer.page, "text")
+        return out
+
+    def _answer_photos(self, encoder: Encoder, items: Sequence[torch.Tensor | PhotoSearch]) -> list[Any]:
+        """The image batcher's function: one forward for every photo, then the photo-only searches
+        grouped into store calls (as texts); samples each answered query's vector for drift checks."""
+        out = search_photos(encoder, items)
+        for item, answer in zip(items, out, strict=True):
+            if isinstance(answer, Found) and isinstance(item, PhotoSearch):
+                self._record(item.searcher, answer.vector, answer.page, "image")
         return out
 
     def _record(self, searcher: Searcher, vector: np.ndarray, page: Page, mode: str) -> None:
@@ -165,7 +194,7 @@ class LiveIndex:
             on_batch=sizes.labels("text").observe,
         )
         image = MicroBatcher(
-            functools.partial(_encode_pixels, encoder),
+            functools.partial(self._answer_photos, encoder),
             max_batch=size,
             max_wait_ms=wait,
             name="image-batcher",
@@ -274,10 +303,6 @@ class LiveIndex:
         for embed in self._embeds.values():
             embed.text.close()
             embed.image_batcher.close()
-
-
-def _encode_pixels(encoder: Encoder, pixels: list[torch.Tensor]) -> np.ndarray:
-    return encoder.encode_pixels(torch.cat(pixels))
 
 
 def unwrap(answer: Answer) -> Found:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ from app.sources import ItemImages, public_hit
 from app.uploads import Uploads
 from vitrine.errors import ImageDecodeError, VitrineError
 from vitrine.index.store import Hit
+from vitrine.search.batch import photo_only
 from vitrine.search.query import EMPTY_ANY, EMPTY_TEXT, Query, with_image
 from vitrine.search.searcher import Page, Searcher
 
@@ -204,6 +206,12 @@ class SearchService:
         photo = Photo(self, image, required=True)
         return self.result(self.answer("search_image", dict(k=k, filters=filters), EMPTY_ANY, photo))
 
+    async def search_image_async(self, image: Any, k: Any = 10, filters: Any = None) -> dict[str, Any]:
+        """:meth:`search_image` for the event loop: the photo is decoded and preprocessed in a worker
+        thread, then embedded and searched with the photos that arrived with it (the image batcher)."""
+        fields, photo = dict(k=k, filters=filters), Photo(self, image, required=True)
+        return self.result(await self.answer_async("search_image", fields, EMPTY_ANY, photo))
+
     def search(self, image: Any, text: Any, weight: Any = 0.5, k: Any = 10, filters: Any = None) -> dict:
         fields = dict(text=text, weight=weight, k=k, filters=filters)
         return self.result(self.answer("search", fields, EMPTY_ANY, Photo(self, image, required=False)))
@@ -253,19 +261,38 @@ class SearchService:
             page = translate(lambda: self.live.search(searcher, query))
         return _logged(Answered(endpoint, query, page, searcher, _ms(start)))
 
-    async def answer_async(self, endpoint: str, fields: dict[str, Any], empty: str) -> Answered:
-        """:meth:`answer` on the event loop: a text-only query is awaited from the text batcher, any
-        other is answered in a worker thread."""
+    async def answer_async(
+        self, endpoint: str, fields: dict[str, Any], empty: str, photo: PhotoSource | None = None
+    ) -> Answered:
+        """:meth:`answer` on the event loop: a text-only query is awaited from the text batcher, a
+        photo-only one from the image batcher once a worker thread has decoded and preprocessed its
+        photo, any other is answered in a worker thread."""
         start = time.perf_counter()
         with self._handled(endpoint, start):
             searcher = self._require()
-            query = self.parse(searcher, fields, empty, None)
+            if photo is None:
+                query, photo_answer = self.parse(searcher, fields, empty, None), None
+            else:
+                query, photo_answer = await asyncio.to_thread(
+                    self._photo_query, searcher, fields, empty, photo
+                )
             if query.texts_only:
                 answer = await asyncio.wrap_future(self.live.submit_text(searcher, query))
+                page = translate(lambda: unwrap(answer).page)
+            elif photo_answer is not None:
+                answer = await asyncio.wrap_future(photo_answer)
                 page = translate(lambda: unwrap(answer).page)
             else:
                 page = await asyncio.to_thread(translate, lambda: self.live.search(searcher, query))
         return _logged(Answered(endpoint, query, page, searcher, _ms(start)))
+
+    def _photo_query(
+        self, searcher: Searcher, fields: dict[str, Any], empty: str, photo: PhotoSource
+    ) -> tuple[Query, Future | None]:
+        """Worker thread: the query with its photo decoded and, when the photo is all it searches with,
+        preprocessed and handed to the image batcher (the future of its answer)."""
+        query = self.parse(searcher, fields, empty, photo)
+        return query, self.live.submit_photo(searcher, query) if photo_only(query) else None
 
     def parse(
         self, searcher: Searcher, fields: dict[str, Any], empty: str, photo: PhotoSource | None

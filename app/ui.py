@@ -235,7 +235,7 @@ def _legacy_endpoints(service: SearchService, trigger: gr.Button, result: gr.JSO
         trigger.click(fn, inputs=args, outputs=[result], api_name=name)
 
     endpoint("search_text", _api_async(service.search_text_async), [text, k, filters])
-    endpoint("search_image", _api(service.search_image), [image, k, filters])
+    endpoint("search_image", _api_async(service.search_image_async), [image, k, filters])
     endpoint("search", _api(service.search), [image, text, weight, k, filters])
     endpoint("more_like", _api(service.more_like), [key, k, filters])
 

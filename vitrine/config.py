@@ -82,7 +82,10 @@ class EncoderSettings:
         32, "images per model forward: larger is faster until memory runs out", env="BATCH_SIZE"
     )
     num_workers: int = arg(
-        2, "threads decoding and preprocessing images while the model runs", env="NUM_WORKERS"
+        0,
+        "threads decoding and preprocessing images while the model runs (0: split the CPU cores between "
+        "them and the model as measured while indexing)",
+        env="NUM_WORKERS",
     )
 
     runtime: str | None = arg(

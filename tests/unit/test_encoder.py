@@ -220,3 +220,21 @@ def test_default_draft_resolves_before_fingerprinting(clip_path):
     default = Encoder.from_pretrained(str(clip_path), device="cpu")
     explicit = Encoder.from_pretrained(str(clip_path), device="cpu", draft_size=default.draft_size)
     assert default.draft_size == 32 and default.fingerprint["id"] == explicit.fingerprint["id"]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4000, 20), (301, 457), (224, 224)])
+def test_fast_preprocessing_covers_fixed_size_processors(size):
+    """ViT/DeiT processors resize to a fixed size before the crop (DeiT: 256x256, then 224): the fast
+    path takes them too, and gives their pixels."""
+    from transformers.models.deit.image_processing_pil_deit import DeiTImageProcessorPil
+
+    from vitrine.model.encoder import FastPreprocess
+
+    processor = DeiTImageProcessorPil(
+        size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True
+    )
+    fast = FastPreprocess.verified(processor)
+    assert fast is not None
+    image = pattern_image(11, size)
+    want = processor(images=[image], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(fast(image), want, atol=1e-5)

@@ -44,23 +44,29 @@ from vitrine.index.gpu import GpuSearcher, gpu_training
 
 # Searches of at most this many queries run on one FAISS thread: waking an OpenMP team for a single
 # query cost more than it saved next to the text encoder's own threads (bench/RESULTS.md, "Load").
-# Batches keep them all.
+# Batches keep the calling thread's setting.
 SMALL_QUERY_BATCH = 4
-_DEFAULT_THREADS = faiss.omp_get_max_threads()
 
 
 @contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
-    """FAISS OpenMP threads for one call (process-wide, so concurrent calls may briefly share it: a
-    throughput knob only, never a correctness one)."""
+    """FAISS OpenMP threads for one call, then the calling thread's own setting again.
+
+    The setting is OpenMP's per-thread ``nthreads`` value, and torch's intra-op thread count is that
+    same value (one OpenMP runtime serves both): restoring anything but what this thread had on entry
+    silently changed the threads of the model calls that thread makes next (a server's model thread
+    set to one thread ran its forwards on every core after its first search, under load many times
+    slower). Being per thread, other threads' calls cannot interleave with it.
+    """
     if n is None:
         yield
         return
+    before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(n)
     try:
         yield
-    finally:  # the process default, not the value seen on entry: interleaved calls cannot ratchet it down
-        faiss.omp_set_num_threads(_DEFAULT_THREADS)
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 #: Soft-deleted slots beyond this fraction of the structure make a rebuild worthwhile.

@@ -12,9 +12,7 @@ import hashlib
 import json
 import os
 import socket
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +26,7 @@ from vitrine.config import DEFAULT_MODEL
 from vitrine.errors import ImageDecodeError, ModelLoadError
 from vitrine.images import decode_image
 from vitrine.model import embedding
+from vitrine.model.pipeline import Pipeline, PipelineStats
 from vitrine.model.runtimes import choose
 
 # |(1 - mean) / std| is at most ~2.7 for the usual statistics; 0-255 input reaches hundreds.
@@ -161,7 +160,8 @@ class Encoder:
     """Turns images and texts into one embedding space.
 
     Knobs: ``batch_size`` trades memory for throughput; ``num_workers`` threads decode and preprocess
-    images while the model runs (Pillow releases the GIL, so this overlaps on CPU too);
+    images while the model runs (Pillow releases the GIL, so this overlaps on CPU too; None: as many as
+    measurement says, with torch's threads, :mod:`vitrine.model.pipeline`);
     ``draft_size`` lets large JPEGs decode at a reduced DCT scale (part of the fingerprint, since it
     changes pixels slightly; ``"auto"`` = the processor's input size, ``None`` = off); ``fp16`` (CUDA
     only) halves memory and time with ~1e-4 cosine error; ``bf16`` (CPU, default on where the CPU has
@@ -183,7 +183,7 @@ class Encoder:
         model_id: str,
         device: str = "auto",
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         fp16: bool | None = None,
         bf16: bool | None = None,
         draft_size: int | str | None = "auto",
@@ -207,7 +207,8 @@ class Encoder:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.num_workers = max(1, num_workers)
+        self.num_workers = num_workers if num_workers and num_workers > 0 else None
+        self.pipeline_stats = PipelineStats()
         self.draft_size = _input_size(image_processor) if draft_size == "auto" else draft_size
         self._fast = FastPreprocess.verified(image_processor)
         self.max_pixels = max_pixels
@@ -316,43 +317,27 @@ class Encoder:
     ) -> Iterator[tuple[T, np.ndarray | ImageDecodeError | None]]:
         """Yield ``(item, embedding | ImageDecodeError)`` in input order.
 
-        ``load`` (decode) and preprocessing run in ``num_workers`` threads, at most a few batches
-        ahead, while the model works on the current batch; an item that fails to load yields its
-        error and never stops the stream.
+        ``load`` (decode) and preprocessing run in worker threads, at most two batches ahead, while the
+        model works on the current batch (:mod:`vitrine.model.pipeline`: with ``num_workers`` None on a
+        CPU, the split between workers and torch threads is measured as it runs). An item that fails
+        to load yields its error and never stops the stream; ``load`` may return None for items that
+        need no embedding (the caller reuses a stored one): they yield None. ``pipeline_stats`` holds
+        where the last stream's time went.
         """
-        pending: deque[tuple[T, Future]] = deque()
-        ahead = self.batch_size * 2 + self.num_workers
-        iterator = iter(items)
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="vitrine-decode") as pool:
-            while True:
-                while len(pending) < ahead and (item := next(iterator, _END)) is not _END:
-                    pending.append((item, pool.submit(self._prepare_one, load, item)))
-                if not pending:
-                    return
-                batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
-                yield from self._encode_prepared(batch)
+        pipeline = Pipeline(
+            load,
+            self._preprocess_one,
+            self.encode_pixels,
+            _as_decode_error,
+            batch_size=self.batch_size,
+            workers=self.num_workers,
+            adapt_threads=self.device.type == "cpu",
+        )
+        self.pipeline_stats = pipeline.stats
+        yield from pipeline.run(items)
 
-    def _prepare_one(self, load: Callable[[T], Image.Image | None], item: T) -> torch.Tensor | None:
-        image = load(item)
-        return None if image is None else self.preprocess([image])
-
-    def _encode_prepared(self, batch: list[tuple[T, Future]]) -> Iterator[tuple[T, Any]]:
-        """Resolve a batch's futures; one forward for all that decoded. ``load`` may return None for
-        items that need no embedding (the caller reuses a stored one): they yield None."""
-        outcomes: list[Any] = []
-        for item, future in batch:
-            try:
-                outcomes.append(future.result())
-            except ImageDecodeError as exc:
-                outcomes.append(exc)
-            except OSError as exc:
-                outcomes.append(ImageDecodeError(f"cannot read file: {exc.strerror or exc}", str(item)))
-            except Exception as exc:  # a processor failure is still one bad item, not a dead batch
-                outcomes.append(ImageDecodeError(f"preprocessing failed: {exc}", str(item)))
-        tensors = [o for o in outcomes if isinstance(o, torch.Tensor)]
-        embeddings = iter(self.encode_pixels(torch.cat(tensors)) if tensors else [])
-        for (item, _), outcome in zip(batch, outcomes, strict=True):
-            yield item, next(embeddings) if isinstance(outcome, torch.Tensor) else outcome
+    def _preprocess_one(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess([image])
 
     # -- texts --------------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -377,7 +362,13 @@ class Encoder:
         return np.concatenate(out) if out else np.zeros((0, getattr(self, "dim", 0)), np.float32)
 
 
-_END = object()
+def _as_decode_error(item: Any, exc: Exception) -> ImageDecodeError:
+    """A worker's failure as the item's result: a processor failure is one bad item, not a dead batch."""
+    if isinstance(exc, ImageDecodeError):
+        return exc
+    if isinstance(exc, OSError):
+        return ImageDecodeError(f"cannot read file: {exc.strerror or exc}", str(item))
+    return ImageDecodeError(f"preprocessing failed: {exc}", str(item))
 
 
 @lru_cache(maxsize=1)
@@ -401,16 +392,19 @@ def _input_size(image_processor: Any) -> int | None:
 
 
 class FastPreprocess:
-    """The CLIP-style Pillow processor's arithmetic (resize shortest edge with the same Pillow call,
-    integer center crop, rescale+normalise folded into one multiply-add) without its PIL->numpy->PIL
-    round trips (bench/RESULTS.md has its speed-up). Only built when the processor is of that kind *and*
-    agrees with it to 1e-5 on a probe image; otherwise the checkpoint's processor is used."""
+    """The CLIP-style Pillow processor's arithmetic (resize the shortest edge, or to the fixed size of
+    ViT/DeiT processors, with the same Pillow call; integer center crop; rescale+normalise folded into
+    one multiply-add) without its PIL->numpy->PIL round trips (bench/RESULTS.md has its speed-up). Only
+    built when the processor is of that kind *and* agrees with it to 1e-5 on a probe image; otherwise
+    the checkpoint's processor is used."""
 
     def __init__(self, processor: Any) -> None:
         cfg = processor.to_dict()
         size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
+        fixed = set(size) == {"height", "width"}  # ViT/DeiT: resize to a fixed size, then crop
+        self.size = (int(size["width"]), int(size["height"])) if fixed else None
         self.supported = bool(
-            set(size) == {"shortest_edge"}
+            (set(size) == {"shortest_edge"} or fixed)
             and cfg.get("do_resize", True)
             and cfg.get("do_center_crop")
             and set(crop) == {"height", "width"}
@@ -443,9 +437,12 @@ class FastPreprocess:
     def __call__(self, image: Image.Image) -> np.ndarray:
         image = image if image.mode == "RGB" else image.convert("RGB")
         width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.short * long / short)
-        new_w, new_h = (self.short, new_long) if width <= height else (new_long, self.short)
+        if self.size is not None:
+            new_w, new_h = self.size
+        else:
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(self.short * long / short)
+            new_w, new_h = (self.short, new_long) if width <= height else (new_long, self.short)
         if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), resample=self.resample)
         crop_h, crop_w = self.crop
