@@ -65,7 +65,10 @@ class Args:
     batch: int = arg(5000, "items per IndexWriter.write (one SQLite transaction)")
     flush_every: int = arg(500_000, "items between IndexWriter.flush calls (retraining, tier changes)")
     queries: int = arg(300, "near-data queries, timed one at a time")
-    nprobe: list[int] = arg([16, 32, 64], "nprobe values measured after the defaults (mapped, stamped only)")
+    params: list[str] = arg(
+        ["nprobe=16", "nprobe=32", "nprobe=64"],
+        "search_params measured after the defaults, as k=v[,k=v] (mapped, stamped only)",
+    )
     variants: list[str] = arg(list(VARIANTS), "serving variants, baseline first")
     index: str = arg("", "index directory (default: under the bench cache); reused if it holds n items")
     keep: bool = arg(False, "keep the index directory afterwards")
@@ -213,10 +216,10 @@ def serve_child(cfg: dict) -> dict:
     opened = {"open_s": time.perf_counter() - t0, "after_open": status_mb(), "before": before}
     stats = reader.stats()
     rows = []
-    sweeps = [None] + (cfg["nprobe"] if cfg["sweep"] else [])
-    for nprobe in sweeps:
+    sweeps = [""] + (cfg["params"] if cfg["sweep"] else [])
+    for knobs in sweeps:
         ann_index = reader._gen.ann  # the bench varies the knob on the open store's own structure
-        ann_index.search_params = {} if nprobe is None else {"nprobe": nprobe}
+        ann_index.search_params = {k: float(v) for k, v in (kv.split("=") for kv in knobs.split(",") if kv)}
         reader.search(queries[:5], k=K)  # first touch of the code paths
         wall, cpu, found = [], [], []
         for q in queries:
@@ -233,7 +236,7 @@ def serve_child(cfg: dict) -> dict:
         recall = float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, top, strict=True)]))
         rows.append(
             {
-                "nprobe": nprobe or "default",
+                "params": knobs or "default",
                 "recall": recall,
                 **{f"p{p}": float(np.percentile(1000 * np.array(wall), p)) for p in (50, 95, 99)},
                 **{f"cpu_p{p}": float(np.percentile(1000 * np.array(cpu), p)) for p in (50, 99)},
@@ -366,7 +369,7 @@ def report(
                 [
                     variant,
                     out["factory"],
-                    r["nprobe"],
+                    r["params"],
                     f"{out['open_s']:.1f}",
                     f"{out['after_open']['RssAnon']:.0f}",
                     f"{rss['RssAnon']:.0f}",
@@ -382,7 +385,7 @@ def report(
     headers = [
         "serving",
         "structure",
-        "nprobe",
+        "search params",
         "open s",
         "anon MB open",
         "anon MB served",
