@@ -13,6 +13,8 @@ from vitrine.index.ann import AnnIndex, exact_search
 from vitrine.index.factories import (
     DEFAULT_K_FACTOR,
     FASTSCAN_K_FACTOR,
+    FASTSCAN_K_FACTOR_MAX,
+    FASTSCAN_K_FACTOR_N,
     FLAT_MAX,
     HNSW_MAX,
     IVF_NLIST_LARGE,
@@ -155,12 +157,10 @@ def test_the_largest_tier_structure_serves_mapped_and_re_ranks_deep(data: tuple,
     index = AnnIndex(DIM, factory, {"nprobe": 16})
     index.rebuild(ids, x)
     assert index.effective_factory == factory == "IVF16,PQ8x4fs,Refine(SQ8)"
-    assert (
-        default_k_factor(factory)
-        == FASTSCAN_K_FACTOR
-        > DEFAULT_K_FACTOR
-        == default_k_factor("IVF16,PQ8,RFlat")
-    )
+    assert default_k_factor(factory, len(ids)) == FASTSCAN_K_FACTOR > DEFAULT_K_FACTOR
+    assert default_k_factor("IVF16,PQ8,RFlat", 10**7) == DEFAULT_K_FACTOR  # 8-bit codes rank finely
+    assert default_k_factor(factory, 5 * FASTSCAN_K_FACTOR_N) == 5 * FASTSCAN_K_FACTOR  # deeper with n
+    assert default_k_factor(factory, 10**9) == FASTSCAN_K_FACTOR_MAX
     assert recall(index.search(q, 10)[1], truth) >= 0.95
     index.remove(ids[:50])
     index.save(tmp_path / "index.1.faiss")

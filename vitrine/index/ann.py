@@ -306,7 +306,8 @@ class AnnIndex:
         """
         chain = _chain(self._index)
         refine = any(isinstance(p, faiss.IndexRefine) for p in chain)
-        k_factor = float(self.search_params.get("k_factor", default_k_factor(self.effective_factory)))
+        default = default_k_factor(self.effective_factory, int(self._index.ntotal))
+        k_factor = float(self.search_params.get("k_factor", default))
         inner = top = self._inner_params(chain[-1], math.ceil(k * k_factor) if refine else k, widen)
         keep: list = [inner]
         for part in reversed(chain[:-1]):

@@ -34,9 +34,12 @@ SHRINK_HYSTERESIS = 0.5
 #: must grow with n, so autotune sweeps it and scales it to the collection (vitrine/index/autotune.py).
 #: The defaults aim at recall@10 >= 0.95 on clustered, CLIP-like data (bench/RESULTS.md).
 DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 256, 40, 8.0
-#: ``k_factor`` default for refined 4-bit fast-scan PQ (``PQ{m}x4fs``): 16 centroids per sub-vector rank
-#: coarsely, so the true neighbours sit much deeper in the shortlist than with 8-bit codes.
-FASTSCAN_K_FACTOR = 128.0
+#: ``k_factor`` default for refined 4-bit fast-scan PQ (``PQ{m}x4fs``): FASTSCAN_K_FACTOR per
+#: FASTSCAN_K_FACTOR_N vectors, at least that, at most FASTSCAN_K_FACTOR_MAX. 16 centroids per sub-vector
+#: rank coarsely, so the true neighbours sit deep in the shortlist, and n times the vectors put about n
+#: times as many ahead of them (bench/RESULTS.md: recall@10 at 1M saturated from k_factor 64-128; the
+#: re-ranking of k x k_factor SQ8 codes costs about 1 ms per 1000 candidates).
+FASTSCAN_K_FACTOR, FASTSCAN_K_FACTOR_N, FASTSCAN_K_FACTOR_MAX = 128.0, 1_000_000, 1024.0
 PARAM_KEYS = frozenset({"nprobe", "efSearch", "efConstruction", "k_factor"})
 
 _SQ_NAMES = {
@@ -63,9 +66,11 @@ def choose_factory(n: int, dim: int) -> str:
     )
 
 
-def default_k_factor(factory: str) -> float:
-    """Candidates re-ranked per result by a refine structure when ``search_params`` names none."""
-    return FASTSCAN_K_FACTOR if re.search(r"PQ\d+x4fs", factory) else DEFAULT_K_FACTOR
+def default_k_factor(factory: str, n: int) -> float:
+    """Candidates re-ranked per result by a refine structure of n vectors (unless ``search_params`` say)."""
+    if not re.search(r"PQ\d+x4fs", factory):
+        return DEFAULT_K_FACTOR
+    return min(FASTSCAN_K_FACTOR_MAX, max(FASTSCAN_K_FACTOR, FASTSCAN_K_FACTOR * n / FASTSCAN_K_FACTOR_N))
 
 
 def auto_tier(n: int) -> int:
