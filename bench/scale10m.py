@@ -8,10 +8,10 @@ mixture of anisotropic clusters on the 512-d sphere with a shared direction (CLI
 bench/search.py), regenerated chunk by chunk, so 10M vectors never sit in memory at once.
 
 Serve (one child process per variant, so each RSS is its own): open the index with ``IndexStore.open``
-(what the app does), then time ``reader.search(vector, k=10)`` one query at a time: FAISS plus the
-SQLite hit lookup (keys, paths, captions, metadata), the call the REST search makes after encoding the
-text (text encoding is measured by bench/search.py and issue 14 item 2). recall@10: the hits' keys
-against exact inner-product search over the generated vectors. Variants, baseline first:
+(what the app does), then time ``reader.search(vector, k=11)`` one query at a time: FAISS plus the
+SQLite hit lookup (keys, paths, captions, metadata), the store call a REST search for 10 hits makes (one
+past the page) once the text is encoded (text encoding: bench/search.py, issue 14 item 2). recall@10: the
+hits' keys against exact inner-product search over the generated vectors. Variants, baseline first:
 
 * ``in RAM, hashed``: snapshot read into memory, whole sha256 at open (the path before mapping);
 * ``mapped, hashed``: IVF lists mapped from the snapshot, whole sha256 at open (before this change);
@@ -65,7 +65,10 @@ class Args:
     batch: int = arg(5000, "items per IndexWriter.write (one SQLite transaction)")
     flush_every: int = arg(500_000, "items between IndexWriter.flush calls (retraining, tier changes)")
     queries: int = arg(300, "near-data queries, timed one at a time")
-    nprobe: list[int] = arg([16, 32, 64], "nprobe values measured after the defaults (mapped, stamped only)")
+    params: list[str] = arg(
+        ["nprobe=16", "nprobe=32", "nprobe=64"],
+        "search_params measured after the defaults, as k=v[,k=v] (mapped, stamped only)",
+    )
     variants: list[str] = arg(list(VARIANTS), "serving variants, baseline first")
     index: str = arg("", "index directory (default: under the bench cache); reused if it holds n items")
     keep: bool = arg(False, "keep the index directory afterwards")
@@ -213,27 +216,27 @@ def serve_child(cfg: dict) -> dict:
     opened = {"open_s": time.perf_counter() - t0, "after_open": status_mb(), "before": before}
     stats = reader.stats()
     rows = []
-    sweeps = [None] + (cfg["nprobe"] if cfg["sweep"] else [])
-    for nprobe in sweeps:
+    sweeps = [""] + (cfg["params"] if cfg["sweep"] else [])
+    for knobs in sweeps:
         ann_index = reader._gen.ann  # the bench varies the knob on the open store's own structure
-        ann_index.search_params = {} if nprobe is None else {"nprobe": nprobe}
+        ann_index.search_params = {k: float(v) for k, v in (kv.split("=") for kv in knobs.split(",") if kv)}
         reader.search(queries[:5], k=K)  # first touch of the code paths
         wall, cpu, found = [], [], []
         for q in queries:
             t, c = time.perf_counter(), time.thread_time()
-            hits = reader.search(q, k=K)[0]
+            hits = reader.search(q, k=K + 1)[0][:K]  # Searcher.pages asks one past the page, as REST does
             wall.append(time.perf_counter() - t)
             cpu.append(time.thread_time() - c)  # work done, whatever the neighbours take of the cores
             found.append([int(h.key.split("-")[1]) for h in hits])
         ann_only = []
         for q in queries:  # the FAISS part alone, as many candidates as the store asks for
             t = time.perf_counter()
-            ann_index.search(q[None], K + TIE_MARGIN)
+            ann_index.search(q[None], K + 1 + TIE_MARGIN)
             ann_only.append(time.perf_counter() - t)
         recall = float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, top, strict=True)]))
         rows.append(
             {
-                "nprobe": nprobe or "default",
+                "params": knobs or "default",
                 "recall": recall,
                 **{f"p{p}": float(np.percentile(1000 * np.array(wall), p)) for p in (50, 95, 99)},
                 **{f"cpu_p{p}": float(np.percentile(1000 * np.array(cpu), p)) for p in (50, 99)},
@@ -366,7 +369,7 @@ def report(
                 [
                     variant,
                     out["factory"],
-                    r["nprobe"],
+                    r["params"],
                     f"{out['open_s']:.1f}",
                     f"{out['after_open']['RssAnon']:.0f}",
                     f"{rss['RssAnon']:.0f}",
@@ -382,7 +385,7 @@ def report(
     headers = [
         "serving",
         "structure",
-        "nprobe",
+        "search params",
         "open s",
         "anon MB open",
         "anon MB served",
@@ -396,7 +399,8 @@ def report(
     ]
     notes = [
         "",
-        f"Queries: {args.queries} near-data vectors one at a time, `reader.search(v, k=10)` = FAISS + "
+        f"Queries: {args.queries} near-data vectors one at a time, `reader.search(v, k=11)` (the store call "
+        "of a REST search for 10 hits: one past the page) = FAISS + "
         "SQLite hit lookup (keys, paths, captions, metadata JSON); text encoding not included. CPU: the "
         "querying thread's CPU time per query (what the query costs, without the waits for a core that "
         "the other agents' load adds to the wall-clock p50/p95/p99). FAISS only: `AnnIndex.search` of the "

@@ -17,7 +17,7 @@ from app.sources import ItemImages
 from tests.app.live import build_index
 from vitrine.config import parse_args
 from vitrine.errors import VitrineError
-from vitrine.index.store import IndexStore
+from vitrine.index.store import IndexStore, NewItem
 
 
 @pytest.mark.parametrize(
@@ -243,5 +243,36 @@ def test_text_batch_answers_each_query_and_isolates_bad_ones(
         with pytest.raises(RequestRefused) as empty:
             asyncio.run(service.search_text_async("  ", 4))
         assert empty.value.reason == "empty_query"
+    finally:
+        service.close()
+
+
+def test_the_service_rehashes_its_snapshot_lazily_and_serves_a_rebuild_when_damaged(
+    tmp_path: Path, clip_path: Path
+) -> None:
+    """Opening compares the snapshot's recorded size and mtime only; the refresh thread's
+    ``verify_snapshot`` hashes it whole and swaps in a rebuild from SQLite when the bytes changed."""
+    from tests.unit.test_snapshot_integrity import _garble_unsampled_vector_keeping_mtime
+    from vitrine.open_index import load_encoder, open_for_build
+
+    root = tmp_path / "index"
+    store = open_for_build(root, load_encoder(root, str(clip_path), device="cpu"))  # as the indexer does
+    vecs = np.random.default_rng(4).standard_normal((300, store.dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    try:
+        store.write(
+            [NewItem(f"k{i:04d}", f"/p/{i}", f"sha{i}", 1, 1, embedding=v) for i, v in enumerate(vecs)]
+        )
+    finally:
+        store.close()
+    key = _garble_unsampled_vector_keeping_mtime(root)
+    service = SearchService(ServiceSettings(index=str(root), refresh_seconds=0))
+    try:
+        store = service.live.searcher.store
+        assert store.snapshot_damage == [] and store.search(vecs[4], k=1)[0][0].key != key
+        service.live.verify_snapshot()
+        store = service.live.searcher.store
+        assert "does not match its recorded checksum" in store.snapshot_damage[0]
+        assert store.search(vecs[4], k=1)[0][0].key == key
     finally:
         service.close()

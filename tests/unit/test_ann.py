@@ -10,7 +10,19 @@ import pytest
 
 from vitrine.errors import StoreError
 from vitrine.index.ann import AnnIndex, exact_search
-from vitrine.index.factories import FLAT_MAX, HNSW_MAX, SQ8_MAX, choose_factory, min_train_size
+from vitrine.index.factories import (
+    DEFAULT_K_FACTOR,
+    FASTSCAN_K_FACTOR,
+    FASTSCAN_K_FACTOR_MAX,
+    FASTSCAN_K_FACTOR_N,
+    FLAT_MAX,
+    HNSW_MAX,
+    IVF_NLIST_LARGE,
+    SQ8_MAX,
+    choose_factory,
+    default_k_factor,
+    min_train_size,
+)
 
 DIM = 64
 
@@ -137,6 +149,29 @@ def test_add_skips_held_and_repeated_ids_on_both_paths(
     assert (loaded.search(x[2150:2160], 1)[1][:, 0] == ids[2150:2160]).all()
 
 
+def test_the_largest_tier_structure_serves_mapped_and_re_ranks_deep(data: tuple, tmp_path: Path) -> None:
+    """The auto choice past SQ8_MAX (here with 16 lists): fast-scan PQ shortlist re-ranked by SQ8 with the
+    deep default k_factor, read from a mapped snapshot exactly as from memory, soft deletes honoured."""
+    ids, x, q, truth = data
+    factory = choose_factory(SQ8_MAX + 1, DIM).replace(f"IVF{IVF_NLIST_LARGE}", "IVF16")
+    index = AnnIndex(DIM, factory, {"nprobe": 16})
+    index.rebuild(ids, x)
+    assert index.effective_factory == factory == "IVF16,PQ8x4fs,Refine(SQ8)"
+    assert default_k_factor(factory, len(ids)) == FASTSCAN_K_FACTOR > DEFAULT_K_FACTOR
+    assert default_k_factor("IVF16,PQ8,RFlat", 10**7) == DEFAULT_K_FACTOR  # 8-bit codes rank finely
+    assert default_k_factor(factory, 5 * FASTSCAN_K_FACTOR_N) == 5 * FASTSCAN_K_FACTOR  # deeper with n
+    assert default_k_factor(factory, 10**9) == FASTSCAN_K_FACTOR_MAX
+    assert recall(index.search(q, 10)[1], truth) >= 0.95
+    index.remove(ids[:50])
+    index.save(tmp_path / "index.1.faiss")
+    mapped = AnnIndex.load(tmp_path / "index.1.faiss", {"nprobe": 16}, factory, mmap=True)
+    loaded = AnnIndex.load(tmp_path / "index.1.faiss", {"nprobe": 16}, factory)
+    assert mapped.mapped and mapped.deleted == 50
+    for a, b in zip(mapped.search(q, 10), loaded.search(q, 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.isin(mapped.search(x[:50], 10)[1], ids[:50]).any()
+
+
 def test_soft_deletes_ask_for_compaction(random_data: tuple) -> None:
     ids, x = random_data
     index = AnnIndex(DIM, "HNSW32")
@@ -181,7 +216,8 @@ def test_choose_factory_thresholds() -> None:
     assert choose_factory(0, 512) == choose_factory(FLAT_MAX, 512) == "Flat"
     assert choose_factory(FLAT_MAX + 1, 512) == choose_factory(HNSW_MAX, 512) == "HNSW32"
     assert choose_factory(HNSW_MAX + 1, 512) == choose_factory(SQ8_MAX, 512) == "IVF2048,SQ8"
-    assert choose_factory(SQ8_MAX + 1, 512) == "IVF4096,SQ8"
+    assert choose_factory(SQ8_MAX + 1, 512) == "IVF4096,PQ64x4fs,Refine(SQ8)"
+    assert choose_factory(SQ8_MAX + 1, 100) == "IVF4096,SQ8"  # no whole 8-dimension sub-vectors
     for n in (HNSW_MAX + 1, SQ8_MAX + 1):  # every auto tier has the data it trains on
         assert min_train_size(choose_factory(n, 64), 64) <= n
 

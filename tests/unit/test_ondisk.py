@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitrine.index import ann, layout, snapshots
+from vitrine.index import ann, factories, layout, snapshots
 from vitrine.index.ann import AnnIndex
 from vitrine.index.store import IndexStore, NewItem
 
@@ -88,3 +88,30 @@ def test_damage_to_a_mapped_ivf_snapshot_is_caught_at_open(
         assert expected in reason and reader.stats()["snapshot_seq"] is None
         hits = reader.search(vecs[:50], k=1)
         assert sum(h[0].key == f"k{i:05d}" for i, h in enumerate(hits)) >= 45  # served from the rebuild
+
+
+def test_the_store_moves_to_the_largest_tier_and_readers_map_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Auto mode through the real store, tiers scaled down: the writer's flush rebuilds from SQLite into
+    the fast-scan PQ + SQ8 refine structure, and a mapped reader answers as the writer does."""
+    for name, value in [("FLAT_MAX", 100), ("HNSW_MAX", 200), ("SQ8_MAX", 1000), ("IVF_NLIST_LARGE", 16)]:
+        monkeypatch.setattr(factories, name, value)
+    monkeypatch.setattr(snapshots, "REBUILD_CHUNK", 500)
+    root = tmp_path / "index"
+    vecs = unit(np.random.default_rng(8).standard_normal((3000, DIM)))
+    items = [NewItem(f"k{i:05d}", f"/p/{i}", f"sha{i}", 1, 1, embedding=v) for i, v in enumerate(vecs)]
+    with IndexStore.create(root, FP) as writer:
+        writer.write(items[:150])
+        writer.flush()
+        assert writer.stats()["effective_factory"] == "HNSW32"
+        writer.write(items[150:])
+        writer.flush()
+        assert writer.stats()["effective_factory"] == "IVF16,PQ4x4fs,Refine(SQ8)"
+        queries = unit(vecs[:40] + 0.1 * np.random.default_rng(9).standard_normal((40, DIM)))
+        expected = top_keys(writer, queries)
+    monkeypatch.setattr(ann, "MMAP_MIN_BYTES", 0)
+    with IndexStore.open(root) as reader:
+        assert reader._gen.ann.mapped and reader.snapshot_damage == []
+        assert top_keys(reader, queries) == expected
+        assert [h[0].key for h in reader.search(vecs[:40], k=1)] == [f"k{i:05d}" for i in range(40)]

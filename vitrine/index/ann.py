@@ -30,12 +30,12 @@ from vitrine.index.atomic import durable_replace, temporary
 from vitrine.index.factories import (
     DEFAULT_EF_CONSTRUCTION,
     DEFAULT_EF_SEARCH,
-    DEFAULT_K_FACTOR,
     SHRINK_HYSTERESIS,
     auto_tier,
     auto_tiers,
     check_params,
     choose_factory,
+    default_k_factor,
     describe,
     min_train_size,
     validate_factory,
@@ -312,7 +312,8 @@ class AnnIndex:
         """
         chain = _chain(self._index)
         refine = any(isinstance(p, faiss.IndexRefine) for p in chain)
-        k_factor = float(self.search_params.get("k_factor", DEFAULT_K_FACTOR))
+        default = default_k_factor(self.effective_factory, int(self._index.ntotal))
+        k_factor = float(self.search_params.get("k_factor", default))
         inner = top = self._inner_params(chain[-1], math.ceil(k * k_factor) if refine else k, widen)
         keep: list = [inner]
         for part in reversed(chain[:-1]):

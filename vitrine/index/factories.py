@@ -16,13 +16,14 @@ import faiss
 #: Auto choice by size. Up to FLAT_MAX: exact ``Flat`` (a scan of that many vectors is a few ms per
 #: query and needs no training, so approximation would only cost recall). Up to HNSW_MAX: ``HNSW32``
 #: (no training; insertion cost grows with n, so past HNSW_MAX an IVF builds faster, holds less and
-#: recalls as well). Above: ``IVF{nlist},SQ8``, with nlist IVF_NLIST_LARGE past SQ8_MAX so inverted lists
-#: stay short. Not more lists than that: a build costs n x nlist x dim for the coarse assignment plus
-#: k-means over ~78 x nlist points, so 8192 lists would double the one and quadruple the other (the
-#: bulk of a 10M build on 2 cores), while the default nprobe (nlist // 64) scans the same n / 64 vectors
-#: per query either way. PQ/OPQ are left to explicit requests: unrefined, their recall on clustered
-#: data is poor and OPQ trains slowly (bench/RESULTS.md, "Scale"). Readers map large snapshots instead
-#: of reading them (ann.MMAP_MIN_BYTES), so an index may exceed RAM.
+#: recalls as well). Up to SQ8_MAX: ``IVF2048,SQ8``. Above: IVF_NLIST_LARGE lists scanned by 4-bit
+#: fast-scan PQ (32 bytes a vector, scanned many times faster than SQ8's 512: queries land in the
+#: densest lists, which at millions of vectors hold far more than n / nlist), the shortlist re-ranked by
+#: SQ8 codes (``Refine(SQ8)``, :data:`FASTSCAN_K_FACTOR` candidates per result), so recall stays SQ8's.
+#: Not more lists: a build costs n x nlist x dim for the coarse assignment plus k-means over ~78 x
+#: nlist points, the bulk of a 10M build on 2 cores. Unrefined PQ and OPQ are left to explicit
+#: requests: their recall on clustered data is poor and OPQ trains slowly (bench/RESULTS.md, "Scale").
+#: Readers map large snapshots instead of reading them (ann.MMAP_MIN_BYTES), so an index may exceed RAM.
 FLAT_MAX, HNSW_MAX, SQ8_MAX = 50_000, 200_000, 5_000_000
 IVF_NLIST_SMALL, IVF_NLIST_LARGE = 2048, 4096
 #: Auto mode steps *down* a tier only once n is below half the boundary (no rebuild ping-pong).
@@ -33,6 +34,12 @@ SHRINK_HYSTERESIS = 0.5
 #: must grow with n, so autotune sweeps it and scales it to the collection (vitrine/index/autotune.py).
 #: The defaults aim at recall@10 >= 0.95 on clustered, CLIP-like data (bench/RESULTS.md).
 DEFAULT_EF_SEARCH, DEFAULT_EF_CONSTRUCTION, DEFAULT_K_FACTOR = 256, 40, 8.0
+#: ``k_factor`` default for refined 4-bit fast-scan PQ (``PQ{m}x4fs``): FASTSCAN_K_FACTOR per
+#: FASTSCAN_K_FACTOR_N vectors, at least that, at most FASTSCAN_K_FACTOR_MAX. 16 centroids per sub-vector
+#: rank coarsely, so the true neighbours sit deep in the shortlist, and n times the vectors put about n
+#: times as many ahead of them (bench/RESULTS.md: recall@10 at 1M saturated from k_factor 64-128; the
+#: re-ranking of k x k_factor SQ8 codes costs about 1 ms per 1000 candidates).
+FASTSCAN_K_FACTOR, FASTSCAN_K_FACTOR_N, FASTSCAN_K_FACTOR_MAX = 128.0, 1_000_000, 1024.0
 PARAM_KEYS = frozenset({"nprobe", "efSearch", "efConstruction", "k_factor"})
 
 _SQ_NAMES = {
@@ -46,13 +53,24 @@ _SQ_NAMES = {
 def choose_factory(n: int, dim: int) -> str:
     """The factory used when none was requested, by collection size (see FLAT_MAX and friends).
 
-    ``dim`` is part of the contract (a future tier may depend on it) but unused by the current tiers.
+    ``dim`` sets the PQ sub-vectors of the largest tier (one per 8 dimensions, 4 bits each).
     """
     if n <= FLAT_MAX:
         return "Flat"
     if n <= HNSW_MAX:
         return "HNSW32"
-    return f"IVF{IVF_NLIST_SMALL if n <= SQ8_MAX else IVF_NLIST_LARGE},SQ8"
+    if n <= SQ8_MAX:
+        return f"IVF{IVF_NLIST_SMALL},SQ8"
+    return (
+        f"IVF{IVF_NLIST_LARGE},PQ{dim // 8}x4fs,Refine(SQ8)" if dim % 8 == 0 else f"IVF{IVF_NLIST_LARGE},SQ8"
+    )
+
+
+def default_k_factor(factory: str, n: int) -> float:
+    """Candidates re-ranked per result by a refine structure of n vectors (unless ``search_params`` say)."""
+    if not re.search(r"PQ\d+x4fs", factory):
+        return DEFAULT_K_FACTOR
+    return min(FASTSCAN_K_FACTOR_MAX, max(FASTSCAN_K_FACTOR, FASTSCAN_K_FACTOR * n / FASTSCAN_K_FACTOR_N))
 
 
 def auto_tier(n: int) -> int:
