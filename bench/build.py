@@ -53,6 +53,10 @@ class BuildBenchArgs:
     model: str = arg("", "checkpoint folder (default: a random ViT-B/32-sized CLIP, built once)")
     rounds: int = arg(2, "builds per variant, alternating which runs first; medians are reported")
     profile: bool = arg(True, "also run one in-process build for the per-stage profile")
+    runtimes: str = arg(
+        "openvino:auto,onnx:int8",
+        "extra `indexer build` rows, RUNTIME:PRECISION comma-separated (also profiled); '' for none",
+    )
 
 
 def catalog(images: Path, n: int) -> Path:
@@ -86,11 +90,11 @@ def naive(model: Path, files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def indexer_build(model: Path, cat: Path, workers: int) -> tuple[float, float, float]:
+def indexer_build(model: Path, cat: Path, flags: tuple[str, ...]) -> tuple[float, float, float]:
     """(wall seconds of the whole process, the build's own seconds, the process's CPU seconds)."""
     index = Path(tempfile.mkdtemp(dir=CACHE_DIR)) / "index"
     cmd = [sys.executable, "-m", "indexer", "build", str(cat), "--index", str(index), "--model", str(model)]
-    cmd += ["--num-workers", str(workers), "--json", "--no-progress"]
+    cmd += [*flags, "--json", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -103,6 +107,23 @@ def indexer_build(model: Path, cat: Path, workers: int) -> tuple[float, float, f
     report = json.loads(out.stdout.strip().splitlines()[-1])
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return wall, float(report["seconds"]), cpu
+
+
+def runtime_pairs(runtimes: str) -> list[tuple[str, str]]:
+    """``"openvino:auto,onnx:int8"`` -> [(runtime, precision), ...]."""
+    return [tuple(v.strip().split(":")) for v in runtimes.split(",") if v.strip()]
+
+
+def variant_flags(runtimes: str) -> dict[str, tuple[str, ...]]:
+    """Row name -> the `indexer build` flags: torch with the measured split and the former fixed two
+    workers, then one row per RUNTIME:PRECISION (measured split)."""
+    variants = {
+        "torch, measured split (default)": ("--num-workers", "0"),
+        "torch, --num-workers 2 (former default)": ("--num-workers", "2"),
+    }
+    for runtime, precision in runtime_pairs(runtimes):
+        variants[f"{runtime} {precision}"] = ("--runtime", runtime, "--precision", precision)
+    return variants
 
 
 def build_rows(name: str, n: int, runs: list, base: float, cores: int) -> list[list]:
@@ -131,20 +152,24 @@ def build_rows(name: str, n: int, runs: list, base: float, cores: int) -> list[l
     ]
 
 
-def profile(model: Path, cat: Path) -> tuple[dict, float]:
+def profile(model: Path, cat: Path, **runtime: str) -> tuple[dict, float]:
     """One in-process build's pipeline stats (and its images/s); then text query p50 in ms."""
     from vitrine.catalog.readers import open_catalog
     from vitrine.open_index import load_encoder, open_for_build, run_build
 
     index = Path(tempfile.mkdtemp(dir=CACHE_DIR)) / "index"
-    encoder = load_encoder(index, str(model))
+    encoder = load_encoder(index, str(model), catalog=open_catalog(str(cat)), **runtime)
     store = open_for_build(index, encoder)
     try:
         report = run_build(store, encoder, open_catalog(str(cat)))
     finally:
         store.close()
         shutil.rmtree(index.parent, ignore_errors=True)
-    stats = {**encoder.pipeline_stats.to_dict(), "build_seconds": report.seconds}
+    stats = {
+        **encoder.pipeline_stats.to_dict(),
+        "build_seconds": report.seconds,
+        "encoder": f"{encoder.runtime.runtime} {encoder.runtime.precision}",
+    }
     encoder.trace()  # as a server runs it
     latencies = []
     for i in range(5 + 4 * len(QUERIES)):
@@ -166,13 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0))
     base = naive(model, sorted(cat.iterdir())[: a.naive_n])
     rows = [["naive loop (fp32, batch 32, model loaded)", a.naive_n, "-", "-", f"{base:.1f}", "1.00", "-"]]
-    variants = {0: "measured split (default)", 2: "--num-workers 2 (former default)"}
-    runs: dict[int, list[tuple[float, float, float]]] = {w: [] for w in variants}
+    variants = variant_flags(a.runtimes)
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     for r in range(a.rounds):  # A B, then B A: neither variant always runs first (page cache, load)
-        for workers in list(variants)[:: 1 if r % 2 == 0 else -1]:
-            runs[workers].append(indexer_build(model, cat, workers))
-    for workers, name in variants.items():
-        rows += build_rows(name, a.n, runs[workers], base, cores)
+        for name in list(variants)[:: 1 if r % 2 == 0 else -1]:
+            runs[name].append(indexer_build(model, cat, variants[name]))
+    for name in variants:
+        rows += build_rows(name, a.n, runs[name], base, cores)
     headers = [
         "row",
         "images",
@@ -184,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(table(headers, rows), flush=True)
     if a.profile:
-        stats, text_p50 = profile(model, cat)
-        print("profile of one in-process build:", json.dumps(stats))
-        print(f"text query encode p50: {text_p50:.2f} ms (one query, traced forward)")
+        for pair in [None, *runtime_pairs(a.runtimes)]:
+            kwargs = {} if pair is None else {"runtime": pair[0], "precision": pair[1]}
+            stats, text_p50 = profile(model, cat, **kwargs)
+            print(f"profile of one in-process build ({stats['encoder']}):", json.dumps(stats))
+            print(f"text query encode p50 ({stats['encoder']}): {text_p50:.2f} ms (one query)")
     print(f"load average at end: {loadavg()}")
     return 0
 
