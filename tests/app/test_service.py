@@ -257,7 +257,8 @@ def test_the_service_rehashes_its_snapshot_lazily_and_serves_a_rebuild_when_dama
 
     root = tmp_path / "index"
     store = open_for_build(root, load_encoder(root, str(clip_path), device="cpu"))  # as the indexer does
-    vecs = np.random.default_rng(4).standard_normal((300, store.dim)).astype(np.float32)
+    dim = store.dim
+    vecs = np.random.default_rng(4).standard_normal((300, dim)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     try:
         store.write(
@@ -265,7 +266,7 @@ def test_the_service_rehashes_its_snapshot_lazily_and_serves_a_rebuild_when_dama
         )
     finally:
         store.close()
-    key = _garble_unsampled_vector_keeping_mtime(root)
+    key = _garble_unsampled_vector_keeping_mtime(root, dim)
     service = SearchService(ServiceSettings(index=str(root), refresh_seconds=0))
     try:
         store = service.live.searcher.store

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vitrine.errors import IndexDamaged
-from vitrine.index import ann, generations, snapshots
+from vitrine.index import ann, embeddings, generations, snapshots
 from vitrine.index.store import IndexStore, NewItem
 
 DIM = 16
@@ -133,7 +133,7 @@ def test_a_reader_opens_a_large_snapshot_without_reading_it_whole(
     assert read < size // 4, f"opening read {read} bytes of a {size}-byte snapshot"
 
 
-def _garble_unsampled_vector_keeping_mtime(root: Path) -> str:
+def _garble_unsampled_vector_keeping_mtime(root: Path, dim: int = DIM) -> str:
     """Overwrite one stored vector in place, bytes found by value, then put size and mtime back as they
     were (media damage, or a tool that restores times); the vector is one the SQLite sample skips."""
     db = sqlite3.connect(root / "gen-000001" / "meta.sqlite")
@@ -142,11 +142,13 @@ def _garble_unsampled_vector_keeping_mtime(root: Path) -> str:
         (key,) = db.execute("SELECT key FROM items WHERE vector_id = 5").fetchone()
     finally:
         db.close()
+    vector = embeddings.decode([blob], dim)[0]  # SQLite's row (float16 or 32) as FAISS holds it: float32
+    wanted = vector.tobytes()
     snap = snapshot(root)
     st, data = snap.stat(), bytearray(snap.read_bytes())
-    at = data.find(blob)
-    assert at > 0 and data.count(blob) == 1
-    data[at : at + len(blob)] = (-np.frombuffer(blob, np.float32)).tobytes()  # the vector, pointing away
+    at = data.find(wanted)
+    assert at > 0 and data.count(wanted) == 1
+    data[at : at + len(wanted)] = (-vector).tobytes()  # the vector, pointing away
     with open(snap, "r+b") as fh:
         fh.write(data)
     os.utime(snap, ns=(st.st_atime_ns, st.st_mtime_ns))
