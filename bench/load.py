@@ -79,6 +79,7 @@ class LoadArgs:
     k: int = arg(10, "results per query")
     concurrency: int = arg(0, "server --concurrency (0: the server's default)")
     torch_threads: int = arg(0, "server --torch-threads, also used by the baseline (0: the server's default)")
+    runtime: str = arg("", "server --runtime, also used by the baseline (torch, onnx, openvino; '': default)")
     baseline_queries: int = arg(60, "in-process sequential queries for the baseline")
     write_results: bool = arg(False, "replace this benchmark's section of bench/RESULTS.md")
 
@@ -270,13 +271,15 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q) * 1000) if values else float("nan")
 
 
-def start_server(index: Path, concurrency: int, threads: int, log: Path) -> tuple[str, subprocess.Popen]:
+def start_server(index: Path, a: LoadArgs, log: Path) -> tuple[str, subprocess.Popen]:
     sys.path.insert(0, str(REPO))
     from tests.app.live import start_server as start
 
-    extra = ["--log-level", "WARNING", "--max-k", "100", "--torch-threads", str(threads)]
-    if concurrency:
-        extra += ["--concurrency", str(concurrency)]
+    extra = ["--log-level", "WARNING", "--max-k", "100", "--torch-threads", str(a.torch_threads)]
+    if a.concurrency:
+        extra += ["--concurrency", str(a.concurrency)]
+    if a.runtime:
+        extra += ["--runtime", a.runtime]
     return start(index, log, *extra, timeout=180)
 
 
@@ -290,7 +293,8 @@ def run_model(name: str, a: LoadArgs) -> list[list]:
 
     torch.set_num_threads(torch_threads(a.torch_threads))  # the baseline runs as the server does
     path = checkpoint(name)
-    encoder = Encoder.from_pretrained(str(path), device="cpu")
+    runtime = {"runtime": a.runtime} if a.runtime else {}
+    encoder = Encoder.from_pretrained(str(path), device="cpu", **runtime)
     index = synthetic_index(encoder, a.items)
     photo = jpeg()
     store = IndexStore.open(index, expected_fingerprint=encoder.fingerprint)
@@ -299,7 +303,7 @@ def run_model(name: str, a: LoadArgs) -> list[list]:
     store.close()
     del encoder
     log = CACHE_DIR / f"load-server-{name}.log"
-    url, proc = start_server(index, a.concurrency, a.torch_threads, log)
+    url, proc = start_server(index, a, log)
     rows = []
     try:
         upload = httpx.post(f"{url}/gradio_api/upload", files={"files": ("query.jpg", photo, "image/jpeg")})
