@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitrine.build.shards import read_shard
-from vitrine.catalog.readers import jsonable
-from vitrine.errors import FingerprintMismatch, ImageDecodeError, ImportRefused, StoreError
+from vitrine.catalog.readers import jsonable, pick_column
+from vitrine.errors import CatalogError, FingerprintMismatch, ImageDecodeError, ImportRefused, StoreError
 from vitrine.files import DEFAULT_MAX_FILE_BYTES, read_regular_file
 from vitrine.index.store import Failure, IndexWriter, NewItem
 from vitrine.model.encoder import Encoder
@@ -148,7 +148,7 @@ def read_part(part: Part, dim: int, settings: ImportSettings) -> list[Row]:
             f"{table.num_rows} rows: row i of one must describe row i of the other"
         )
     image = _column(table.column_names, settings.image_column, IMAGE_COLUMNS, "image", part.metadata)
-    caption = _column(table.column_names, settings.caption_column, CAPTION_COLUMNS, None, part.metadata)
+    caption = _column(table.column_names, settings.caption_column, CAPTION_COLUMNS, "caption", part.metadata)
     vectors = np.asarray(vectors, dtype=np.float32)
     rows = []
     for i, record in enumerate(table.to_pylist()):
@@ -189,17 +189,12 @@ def _check_vectors(rows: list[Row]) -> list[Row]:
     return rows
 
 
-def _column(names: list[str], given: str | None, defaults: tuple, what: str | None, path: Path) -> str | None:
-    if given is not None:
-        if given not in names:
-            raise ImportRefused(f"{path.name} has no column {given!r}; columns: {', '.join(names)}")
-        return given
-    found = next((c for c in defaults if c in names), None)
-    if found is None and what is not None:
-        raise ImportRefused(
-            f"{path.name} has no {what} column ({', '.join(defaults)}); name one with --{what}-column"
-        )
-    return found
+def _column(names: list[str], given: str | None, defaults: tuple, role: str, path: Path) -> str | None:
+    """The catalogs' column rule (:func:`~vitrine.catalog.readers.pick_column`), refusing the import."""
+    try:
+        return pick_column(names, given, defaults, role, path)
+    except CatalogError as exc:
+        raise ImportRefused(str(exc)) from exc
 
 
 def _captions(cell: Any) -> list[str]:
