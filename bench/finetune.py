@@ -71,6 +71,7 @@ class Args:
     recipes: str = arg("", "sweep these named recipes (comma-separated; 'default' always runs as baseline)")
     seeds: str = arg("0,1,2", "with --recipes: the seeds each recipe is trained with")
     train_flags: str = arg("", "with --recipes: extra flags for every run (e.g. '--max-steps 20')")
+    fresh: bool = arg(False, "with --recipes: retrain runs already recorded under --output")
     write_results: bool = arg(False, "replace this benchmark's section of bench/RESULTS.md")
 
 
@@ -171,7 +172,9 @@ def run_sweep(a: Args) -> int:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     recipes = [r.strip() for r in a.recipes.split(",") if r.strip()]
     start = loadavg()
-    results = sweep.sweep(recipes, seeds, Path(a.output), common, log=lambda m: print(m, file=sys.stderr))
+    results = sweep.sweep(
+        recipes, seeds, Path(a.output), common, log=lambda m: print(m, file=sys.stderr), fresh=a.fresh
+    )
     body = sweep.render(results, common, (start, loadavg()), machine())
     body += "".join(f"\n- {n}" for n in a.note)
     print(body)

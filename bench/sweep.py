@@ -7,6 +7,10 @@ the trainer and its DataLoader workers) are measured around it. The ``default`` 
 the sweep: it is the baseline every other recipe is compared with, measured in the same run on the
 same (shared) machine.
 
+A finished run records itself in ``OUT/RECIPE-seedS/sweep-run.json``; running the same sweep again (same
+``--output``) reuses every run whose record names the same command and trains only what is missing, so a
+sweep of hours survives a stop and grows one recipe at a time (``--fresh`` retrains everything).
+
 Two tables come out: one row per run, and one per recipe with the mean and standard deviation over
 seeds and the difference of its mean text→image R@1 from the default's. Recall on 1000 images moves by
 one or two points from seed to seed, so a gain smaller than the spread is not a gain.
@@ -14,6 +18,7 @@ one or two points from seed to seed, so a gain smaller than the spread is not a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -75,6 +80,19 @@ def train_command(recipe: str, seed: int, out: Path, common: Sequence[str]) -> l
     ]
 
 
+RECORD = "sweep-run.json"
+
+
+def recorded(out: Path, command: Sequence[str]) -> RunResult | None:
+    """The finished run recorded in ``out`` when it was trained by ``command``, else None."""
+    try:
+        data = json.loads((out / RECORD).read_text())
+        result = RunResult(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    return result if result.command[1:] == list(command)[1:] else None  # any interpreter path
+
+
 def run_one(recipe: str, seed: int, out: Path, common: Sequence[str]) -> RunResult:
     """Train ``recipe`` with ``seed`` into ``out`` (a fresh folder: its cache is built from scratch)."""
     command = train_command(recipe, seed, out, common)
@@ -101,20 +119,38 @@ def run_one(recipe: str, seed: int, out: Path, common: Sequence[str]) -> RunResu
     )
 
 
+def record(result: RunResult, out: Path) -> None:
+    tmp = out / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(dataclasses.asdict(result), indent=1))
+    os.replace(tmp, out / RECORD)
+
+
 def sweep(
-    recipes: Sequence[str], seeds: Sequence[int], root: Path, common: Sequence[str], log: Any = print
+    recipes: Sequence[str],
+    seeds: Sequence[int],
+    root: Path,
+    common: Sequence[str],
+    log: Any = print,
+    fresh: bool = False,
 ) -> list[RunResult]:
-    """Every recipe × seed, seeds in the outer loop so a stopped sweep has every recipe's first seeds."""
+    """Every recipe × seed, seeds in the outer loop so a stopped sweep has every recipe's first seeds;
+    runs recorded by an earlier call with the same command are reused unless ``fresh``."""
     results = []
     for seed in seeds:
         for recipe in recipe_list(recipes):
             out = root / f"{recipe}-seed{seed}"
+            done = None if fresh else recorded(out, train_command(recipe, seed, out, common))
+            if done is not None:
+                log(f"{recipe} seed {seed}: recorded in {out / RECORD}, reused")
+                results.append(done)
+                continue
             if out.exists():
                 import shutil
 
                 shutil.rmtree(out)
             log(f"[{time.strftime('%H:%M:%S')}] {recipe} seed {seed} (load {loadavg()})")
             results.append(run_one(recipe, seed, out, common))
+            record(results[-1], out)
             r = results[-1]
             cost = f"{r.wall_minutes:.1f} wall-min, {r.cpu_minutes:.1f} CPU-min"
             log(f"  t2i R@1 {r.cell('t2i', 1):.1f}, {cost}")

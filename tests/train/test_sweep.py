@@ -37,3 +37,29 @@ def test_sweep_runs_each_recipe_and_seed_with_the_default_as_baseline(towers_dir
     assert "±" in summary["siglip"][3] and "--config RECIPE --seed SEED" in out
     for name in ("default-seed0", "siglip-seed1"):
         assert (tmp_path / "sweep" / name / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_second_sweep_reuses_recorded_runs_and_trains_only_new_ones(towers_dir, tmp_path, capsys) -> None:
+    """A sweep of hours must survive a stop: the same sweep again trains only what is not recorded."""
+    from bench.finetune import main
+
+    data = write_pairs(tmp_path / "pairs", copies=1)
+    flags = " ".join([*FAST, "--projection-dim", "32", "--batch-size", "4", "--max-steps", "2"])
+    argv = [
+        *("--vision-model", str(towers_dir[0]), "--text-model", str(towers_dir[1])),
+        *("--train-data", str(data), "--eval-data", str(data), "--output", str(tmp_path / "sweep")),
+        *("--train-flags", flags),
+    ]
+    assert main([*argv, "--recipes", "siglip", "--seeds", "0"]) == 0
+    first = capsys.readouterr()
+    weights = tmp_path / "sweep" / "siglip-seed0" / "model.safetensors"
+    trained = weights.stat().st_mtime_ns
+    assert main([*argv, "--recipes", "siglip,hardest", "--seeds", "0"]) == 0
+    second = capsys.readouterr()
+    assert "siglip seed 0: recorded" in second.err and "default seed 0: recorded" in second.err
+    assert "hardest seed 0 (load" in second.err  # the new recipe trained
+    assert weights.stat().st_mtime_ns == trained
+    assert first.out.split("Per run:")[1].splitlines()[3] in second.out  # the same row, reused
+    assert main([*argv, "--recipes", "siglip", "--seeds", "0", "--train-flags", f"{flags} --lr 1e-4"]) == 0
+    assert "siglip seed 0 (load" in capsys.readouterr().err  # another command: trained again
