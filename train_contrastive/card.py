@@ -23,6 +23,19 @@ def _recall_table(before: dict | None, after: dict | None) -> str:
     return "\n".join(lines) + "\n" + sizes
 
 
+_POSITIVES = {
+    "one": "one caption sampled per image per epoch",
+    "all": "all of its captions as positives at every step",
+}
+
+
+def _blocks(report: dict[str, Any]) -> str:
+    blocks = report.get("trainable_blocks")
+    if not blocks:
+        return ""
+    return f" (last blocks trained: vision {blocks['vision']}, text {blocks['text']}; -1 = all)"
+
+
 def write_card(path: Path, report: dict[str, Any]) -> None:
     """``report`` is the training report (see ``train_contrastive.loop.train``)."""
     args = report["args"]
@@ -44,7 +57,7 @@ Produced by `python -m train_contrastive train`. Load it with
 {start} ({report["model_kind"]}).
 
 ## Data
-- train: `{args["train_data"]}` — {report["train_pairs"]} images, one caption sampled per image per epoch
+- train: `{args["train_data"]}` — {report["train_pairs"]} images, {_POSITIVES.get(args.get("positives"), "")}
   ({report["train_skipped"]} files skipped as undecodable)
 - eval: `{args.get("eval_data")}`
 
@@ -52,7 +65,7 @@ Produced by `python -m train_contrastive train`. Load it with
 - {report["steps"]} optimizer steps, {report["epochs_run"]} epoch(s), {report["train_seconds"]:.0f} s
   ({minutes:.1f} min), {report["samples_per_second"]:.1f} samples/s on {report["device"]}
   × {report["processes"]} process(es); frozen-layer cache: {report["cached"]}
-- trainable parameters: {report["trainable"]:,} of {report["total"]:,}
+- trainable parameters: {report["trainable"]:,} of {report["total"]:,}{_blocks(report)}
 - final temperature: {report["temperature"]:.4f}; stopped because: {report["stop_reason"]}
 
 ## Recall (evaluation catalog)

@@ -1,10 +1,12 @@
 """Which parameters train: ``--lock-vision``, ``--lock-text``, ``--unfreeze-last-n`` and its per-tower
 forms ``--vision-blocks`` / ``--text-blocks``.
 
-``--unfreeze-last-n N`` keeps the last N transformer blocks of each tower trainable together with
-everything *after* them (the final norm, CLIP's post-layernorm and projections, the temperature);
-embeddings and the blocks below are frozen. ``-1`` trains everything. A locked tower is frozen
-entirely, and its projection still trains, so a locked tower can still be aligned.
+``--vision-blocks N`` / ``--text-blocks N`` (both at once: ``--unfreeze-last-n N``; see
+:attr:`.args.TrainArgs.blocks` for the defaults) keep the last N transformer blocks of a tower
+trainable together with everything *after* them (the final norm, CLIP's post-layernorm and
+projections, the temperature); embeddings and the blocks below are frozen. ``-1`` trains
+everything. A locked tower is frozen entirely, and its projection still trains, so a locked tower can
+still be aligned.
 
 A pooler that the pooling does not use (the random pooler transformers adds to a DeiT or BERT tower
 whose embedding is the CLS token or the token mean) is always frozen: it gets no gradient, and a

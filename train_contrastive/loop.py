@@ -397,6 +397,7 @@ def _finish(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
     report = {
         **extra,
         "args": dataclasses.asdict(args),
+        "trainable_blocks": args.blocks,
         "steps": state.step,
         "epochs_run": round(state.history[-1]["epoch"], 3) if state.history else 0,
         "train_seconds": state.train_seconds,

@@ -7,6 +7,7 @@ As in test_loss.py, images are unit vectors, so cos(image i, caption j) is capti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -162,7 +163,7 @@ def test_config_precedence_defaults_then_file_then_flags(tmp_path) -> None:
     recipe.write_text('epochs = 3\nlr = 1e-4\nloss = "hardest"\ntext-blocks = 6\n')
     chosen = parse(TrainArgs, [*BASE, "--config", str(recipe), "--epochs", "5"], "train")
     assert (chosen.epochs, chosen.lr, chosen.loss) == (5, 1e-4, "hardest")  # flag > file > default
-    assert chosen.batch_size == 64 and chosen.blocks == {"vision": 3, "text": 6}
+    assert chosen.batch_size == 64 and chosen.blocks == {"vision": 6, "text": 6}
     assert chosen.tower_lr == {"vision": 1e-4, "text": 1e-4}
     named = parse(TrainArgs, [*BASE, "--config", "siglip", "--text-lr", "1e-5"], "train")
     assert named.loss == "siglip" and named.tower_lr == {"vision": 3e-4, "text": 1e-5}
@@ -175,9 +176,24 @@ def test_config_precedence_defaults_then_file_then_flags(tmp_path) -> None:
 
 def test_the_default_recipe_file_is_the_defaults_and_every_recipe_is_valid() -> None:
     assert "default" in recipe_names() and len(recipe_names()) >= 6
-    assert parse(TrainArgs, [*BASE, "--config", "default"], "train") == parse(TrainArgs, BASE, "train")
+    written = parse(TrainArgs, [*BASE, "--config", "default"], "train")
+    built_in = parse(TrainArgs, BASE, "train")
+    assert written.blocks == built_in.blocks == {"vision": 6, "text": 3}
+    per_tower = {"unfreeze_last_n": None, "vision_blocks": None, "text_blocks": None}
+    assert dataclasses.replace(written, **per_tower) == built_in  # the file spells the blocks out
     for name in recipe_names():
         parse(TrainArgs, [*BASE, "--config", name], "train").validate()
+
+
+def test_trainable_blocks_per_tower_flag_then_both_towers_flag_then_default() -> None:
+    def blocks(*flags: str) -> dict[str, int]:
+        return parse(TrainArgs, [*BASE, *flags], "train").blocks
+
+    assert blocks() == {"vision": 6, "text": 3}
+    assert blocks("--unfreeze-last-n", "2") == {"vision": 2, "text": 2}
+    assert blocks("--unfreeze-last-n", "2", "--vision-blocks", "-1") == {"vision": -1, "text": 2}
+    assert blocks("--text-blocks", "0") == {"vision": 6, "text": 0}
+    assert parse(TrainArgs, [*BASE, "--config", "first-release"], "train").positives == "one"
 
 
 def test_param_groups_give_each_tower_its_rate(dual_path) -> None:
