@@ -125,7 +125,8 @@ class TrainArgs:
     queue_size: int = arg(
         0,
         "extra negatives: rank each query also against the embeddings of the last N images and captions "
-        "of earlier steps (a memory bank; entries of the query's own image are skipped); 0 = off",
+        "of earlier steps (a memory bank; entries of the query's own image are skipped); 0 = off. "
+        "Experimental: with no momentum encoder it did not train on Flickr8k (docs/fine-tuning.md)",
     )
     # -- optimisation ------------------------------------------------------------------------------
     epochs: int = arg(
