@@ -8,7 +8,8 @@ the sweep: it is the baseline every other recipe is compared with, measured in t
 same (shared) machine.
 
 A finished run records itself in ``OUT/RECIPE-seedS/sweep-run.json``; running the same sweep again (same
-``--output``) reuses every run whose record names the same command and trains only what is missing, so a
+``--output``) reuses every run whose record names the same command and recipe file content and trains only
+what is missing, so a
 sweep of hours survives a stop and grows one recipe at a time (``--fresh`` retrains everything).
 
 Two tables come out: one row per run, and one per recipe with the mean and standard deviation over
@@ -19,6 +20,7 @@ one or two points from seed to seed, so a gain smaller than the spread is not a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -53,6 +55,7 @@ class RunResult:
     cpu_minutes: float  # user + system CPU of the command and its workers
     steps: int
     command: list[str] = field(default_factory=list)
+    recipe_sha: str = ""  # the recipe file's content when it ran: an edited recipe is trained again
 
     def cell(self, direction: str, k: int) -> float:
         return float(self.recall[direction][f"R@{k}"])
@@ -83,14 +86,22 @@ def train_command(recipe: str, seed: int, out: Path, common: Sequence[str]) -> l
 RECORD = "sweep-run.json"
 
 
-def recorded(out: Path, command: Sequence[str]) -> RunResult | None:
-    """The finished run recorded in ``out`` when it was trained by ``command``, else None."""
+def recipe_sha(recipe: str) -> str:
+    from train_contrastive.args import resolve_config
+
+    return hashlib.sha256(resolve_config(recipe).read_bytes()).hexdigest()[:16]
+
+
+def recorded(out: Path, command: Sequence[str], recipe: str) -> RunResult | None:
+    """The finished run recorded in ``out`` when it was trained by ``command`` from the recipe file as it
+    is now, else None."""
     try:
         data = json.loads((out / RECORD).read_text())
         result = RunResult(**data)
     except (OSError, ValueError, TypeError):
         return None
-    return result if result.command[1:] == list(command)[1:] else None  # any interpreter path
+    same_command = result.command[1:] == list(command)[1:]  # any interpreter path
+    return result if same_command and result.recipe_sha == recipe_sha(recipe) else None
 
 
 def run_one(recipe: str, seed: int, out: Path, common: Sequence[str]) -> RunResult:
@@ -116,6 +127,7 @@ def run_one(recipe: str, seed: int, out: Path, common: Sequence[str]) -> RunResu
         cpu_minutes=cpu / 60,
         steps=report["steps"],
         command=command,
+        recipe_sha=recipe_sha(recipe),
     )
 
 
@@ -139,7 +151,7 @@ def sweep(
     for seed in seeds:
         for recipe in recipe_list(recipes):
             out = root / f"{recipe}-seed{seed}"
-            done = None if fresh else recorded(out, train_command(recipe, seed, out, common))
+            done = None if fresh else recorded(out, train_command(recipe, seed, out, common), recipe)
             if done is not None:
                 log(f"{recipe} seed {seed}: recorded in {out / RECORD}, reused")
                 results.append(done)

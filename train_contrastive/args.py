@@ -17,8 +17,7 @@ vision blocks beat three, and nine trailed six. The last vision block runs for t
 (:func:`.features.cls_only_block`) and steps run in bf16 autocast on CPUs with native bf16. Half the
 patch tokens are dropped from each cached training image (``--patch-dropout``): without it the training
 loss fell fast while recall flattened after five epochs; dropping patches varies each image from epoch
-to epoch and halves the vision work, which pays for ten epochs (six vision blocks were still gaining
-at the eighth).
+to epoch and halves the vision work, which pays for eight epochs (ten gave the same recall).
 """
 
 from __future__ import annotations
@@ -130,7 +129,7 @@ class TrainArgs:
     )
     # -- optimisation ------------------------------------------------------------------------------
     epochs: int = arg(
-        10, "schedule length: passes over the training images (warmup + cosine span all of them)"
+        8, "schedule length: passes over the training images (warmup + cosine span all of them)"
     )
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default: run all epochs)")
     batch_size: int = arg(

@@ -63,3 +63,21 @@ def test_a_second_sweep_reuses_recorded_runs_and_trains_only_new_ones(towers_dir
     assert first.out.split("Per run:")[1].splitlines()[3] in second.out  # the same row, reused
     assert main([*argv, "--recipes", "siglip", "--seeds", "0", "--train-flags", f"{flags} --lr 1e-4"]) == 0
     assert "siglip seed 0 (load" in capsys.readouterr().err  # another command: trained again
+
+
+def test_a_record_is_reused_only_for_the_same_command_and_recipe_content(tmp_path) -> None:
+    from bench import sweep
+
+    out = tmp_path / "siglip-seed0"
+    out.mkdir()
+    command = sweep.train_command("siglip", 0, out, ["--epochs", "1"])
+    recall = {"t2i": {"R@1": 1.0}, "i2t": {"R@1": 1.0}}
+    result = sweep.RunResult("siglip", 0, recall, 1.0, 0.0, 1.0, 1.0, 2, command, sweep.recipe_sha("siglip"))
+    sweep.record(result, out)
+    assert sweep.recorded(out, command, "siglip") == result
+    assert sweep.recorded(out, sweep.train_command("siglip", 0, out, ["--epochs", "2"]), "siglip") is None
+    stale = sweep.RunResult("siglip", 0, recall, 1.0, 0.0, 1.0, 1.0, 2, command, "0" * 16)  # edited since
+    sweep.record(stale, out)
+    assert sweep.recorded(out, command, "siglip") is None
+    (out / sweep.RECORD).write_text("{not json")
+    assert sweep.recorded(out, command, "siglip") is None
