@@ -9,8 +9,8 @@ same (shared) machine.
 
 A finished run records itself in ``OUT/RECIPE-seedS/sweep-run.json``; running the same sweep again (same
 ``--output``) reuses every run whose record names the same command and recipe file content and trains only
-what is missing, so a
-sweep of hours survives a stop and grows one recipe at a time (``--fresh`` retrains everything).
+what is missing, so a sweep of hours survives a stop and grows one recipe at a time (``--fresh`` retrains
+everything).
 
 Two tables come out: one row per run, and one per recipe with the mean and standard deviation over
 seeds and the difference of its mean text→image R@1 from the default's. Recall on 1000 images moves by
