@@ -135,6 +135,11 @@ class TrainArgs:
     batch_size: int = arg(
         64, "pairs per process per step: every other pair of the global batch is a negative"
     )
+    hard_batches: int = arg(
+        0,
+        "build each batch from groups of this many look-alike images (k-means of the start model's image "
+        "features) so in-batch negatives are harder; 0 = random batches. Needs the frozen-layer cache",
+    )
     grad_accum: int = arg(1, "micro-batches per optimizer step (negatives stay within a micro-batch)")
     lr: float = arg(3e-4, "peak learning rate of pretrained weights")
     vision_lr: float | None = arg(None, "peak learning rate of the vision tower's weights (default: --lr)")
@@ -182,6 +187,8 @@ class TrainArgs:
             raise ValueError("--epochs and --grad-accum must be at least 1")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError("--text-dropout must be within [0, 1)")
+        if self.hard_batches < 0 or self.hard_batches == 1:
+            raise ValueError("--hard-batches must be 0 (off) or a group of at least 2 images")
         if self.queue_size < 0:
             raise ValueError("--queue-size must not be negative")
         if any(rate is not None and rate < 0 for rate in (self.vision_lr, self.text_lr)):

@@ -161,7 +161,13 @@ def cls_only_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor | Non
 
 
 def replay_image_features(model: nn.Module, states: torch.Tensor, start: int) -> torch.Tensor:
-    """Projected image embeddings from cached activations: top blocks → final norm → pooling → projection.
+    """Projected image embeddings from cached activations: :func:`replay_image_pooled`, then the
+    projection."""
+    return model.visual_projection(replay_image_pooled(model, states, start))
+
+
+def replay_image_pooled(model: nn.Module, states: torch.Tensor, start: int) -> torch.Tensor:
+    """Pooled image features from cached activations: top blocks → final norm → pooling.
 
     With CLS pooling the last block runs for the CLS token only (:func:`cls_only_block`); the final
     norm acts per token, so normalising that one row is the same as normalising all and taking row 0.
@@ -181,7 +187,7 @@ def replay_image_features(model: nn.Module, states: torch.Tensor, start: int) ->
         tower.pooler(sequence) if how == "pooler" and getattr(tower, "pooler", None) is not None else None
     )
     output = BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=pooled)
-    return model.visual_projection(embedding.pool(output, how, None))
+    return embedding.pool(output, how, None)
 
 
 def replay_text_features(

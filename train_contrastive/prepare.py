@@ -21,6 +21,7 @@ from train_contrastive.cache import CachedCollator, CachedPairs, build_cache, ca
 from train_contrastive.data import EpochSampler, ImageCaptionDataset, PairCollator, Pairs
 from train_contrastive.features import FeatureCache, replayable
 from train_contrastive.freezing import apply_freezing
+from train_contrastive.hard_batches import grouped_sampler
 from train_contrastive.model import ContrastiveModule, load_start
 from train_contrastive.optim import param_groups
 from train_contrastive.state import TrainingError
@@ -167,7 +168,7 @@ def make_batches(
     batch_size = min(args.batch_size, len(usable) // world)
     if batch_size < 2:
         raise TrainingError(f"{len(usable)} usable training pairs: too few for {world} process(es)")
-    sampler = EpochSampler(usable, args.seed)
+    sampler = _sampler(args, start, caches, usable)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -178,6 +179,18 @@ def make_batches(
         generator=torch.Generator().manual_seed(args.seed),
     )
     return Batches(usable, loader, sampler, collator if start.cached else dataset)
+
+
+def _sampler(args: TrainArgs, start: StartModel, caches: dict[str, FeatureCache], usable: list[int]) -> Any:
+    """Random batches, or with ``--hard-batches`` batches of look-alike groups (:mod:`.hard_batches`)."""
+    if not args.hard_batches:
+        return EpochSampler(usable, args.seed)
+    if not start.cached:
+        raise TrainingError(
+            "--hard-batches needs the frozen-layer cache: not with --augment, --no-cache, or a model "
+            "whose towers cannot be replayed from it (CLIP, SigLIP)"
+        )
+    return grouped_sampler(start.model, caches["train"], usable, start.starts["vision"], args)
 
 
 def make_module(args: TrainArgs, start: StartModel) -> ContrastiveModule:

@@ -232,7 +232,9 @@ def test_recipe_options_train_and_frozen_blocks_stay_frozen(towers_dir, tmp_path
 
     data, out = write_pairs(tmp_path / "pairs", copies=1), tmp_path / "out"
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text('positives = "all"\nqueue_size = 8\ntext_dropout = 0.2\nvision_blocks = 1\n')
+    recipe.write_text(
+        'positives = "all"\nqueue_size = 8\ntext_dropout = 0.2\nvision_blocks = 1\nhard_batches = 2\n'
+    )
     run_module(
         [
             *(sys.executable, "-m", "train_contrastive", "train", *tower_flags(towers_dir), *FAST),
@@ -243,6 +245,7 @@ def test_recipe_options_train_and_frozen_blocks_stay_frozen(towers_dir, tmp_path
     )
     report = json.loads((out / "train_report.json").read_text())
     assert report["args"]["positives"] == "all" and report["starts"] == {"vision": 1, "text": 0}
+    assert report["args"]["hard_batches"] == 2
     assert report["recall_after"]["images"] == 8
     trained = load_file(out / "model.safetensors")
     vision = load_file(towers_dir[0] / "model.safetensors")
