@@ -62,6 +62,13 @@ class TrainArgs:
         "initial temperature of a dual encoder built from towers (learnt, at least 0.01; "
         "default 0.07, or 0.1 with --loss siglip as SigLIP starts)",
     )
+    vision_pooling: str = arg(
+        "auto",
+        "image embedding of a dual encoder built from towers: cls = the CLS token, mean = the mean of all "
+        "tokens (saved in the config; serving pools the same way); auto = the tower's own choice (CLS for "
+        "ViT/DeiT)",
+        choices=["auto", "cls", "mean"],
+    )
     # -- data --------------------------------------------------------------------------------------
     train_data: str = arg(
         help="captioned catalog to train on (folder with metadata, CSV/JSONL/Parquet, dataset)"
@@ -175,6 +182,10 @@ class TrainArgs:
             raise ValueError("give --model, or --vision-model and --text-model")
         if self.model and self.vision_model:
             raise ValueError("give either --model or --vision-model/--text-model, not both")
+        if self.model and self.vision_pooling != "auto":
+            raise ValueError(
+                "--vision-pooling applies to a dual encoder built from --vision-model/--text-model"
+            )
         if self.wise_alpha is not None and not 0.0 <= self.wise_alpha <= 1.0:
             raise ValueError("--wise-alpha must be within [0, 1]")
         if not 0.0 <= self.patch_dropout < 1.0:

@@ -27,11 +27,14 @@ def load_start(
     text_model: str | None,
     projection_dim: int,
     temperature: float = 0.07,
+    vision_pooling: str = "auto",
 ) -> tuple[nn.Module, Any, Any, bool]:
     """``(model, image_processor, tokenizer, new_heads)``; ``new_heads`` when projections are new.
 
     ``temperature`` initialises the learnt temperature of a dual encoder built from towers; a CLIP-family
-    checkpoint keeps its own.
+    checkpoint keeps its own. ``vision_pooling`` (``cls`` or ``mean``) overrides the pooling a dual
+    encoder built from towers picks for its vision tower; it is saved in the config, so serving pools
+    the same way.
     """
     if vision_model and text_model:
         try:
@@ -45,6 +48,9 @@ def load_start(
             raise ModelLoadError(
                 f"cannot build a dual encoder from {vision_model} + {text_model}: {exc}"
             ) from exc
+        if vision_pooling != "auto":
+            pooling = {**embedding.pooling_of(built[0]), "vision": vision_pooling}
+            setattr(built[0].config, embedding.POOLING_KEY, pooling)
         return (*built, True)
     from vitrine.model.encoder import load_components
 

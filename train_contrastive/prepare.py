@@ -80,7 +80,12 @@ class StartModel:
 
 def load_model(args: TrainArgs, device: Any) -> StartModel:
     model, image_processor, tokenizer, new_heads = load_start(
-        args.model, args.vision_model, args.text_model, args.projection_dim, args.initial_temperature
+        args.model,
+        args.vision_model,
+        args.text_model,
+        args.projection_dim,
+        args.initial_temperature,
+        args.vision_pooling,
     )
     starts = apply_freezing(
         model, lock_vision=args.lock_vision, lock_text=args.lock_text, unfreeze_last_n=args.blocks

@@ -45,6 +45,15 @@ def test_replay_equals_serving_on_tiny_towers(dual_path) -> None:
     _check_replay(model, 32, ["red", "a much longer caption here", "blue stripes"], tokenizer, [0, 1, 2])
 
 
+def test_replay_equals_serving_with_mean_pooled_images(dual_path) -> None:
+    """``--vision-pooling mean``: the last block then runs for every token, in replay as in serving."""
+    from vitrine.model.encoder import load_components
+
+    model, _, tokenizer = load_components(str(dual_path))
+    setattr(model.config, embedding.POOLING_KEY, {**embedding.pooling_of(model), "vision": "mean"})
+    _check_replay(model, 32, ["red", "a much longer caption here", "blue stripes"], tokenizer, [0, 1, 2])
+
+
 def test_replay_equals_serving_on_deit_minilm() -> None:
     from tests.checkpoints import minilm_path
 

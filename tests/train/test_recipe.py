@@ -234,6 +234,7 @@ def test_recipe_options_train_and_frozen_blocks_stay_frozen(towers_dir, tmp_path
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(
         'positives = "all"\nqueue_size = 8\ntext_dropout = 0.2\nvision_blocks = 1\nhard_batches = 2\n'
+        'vision_pooling = "mean"\n'
     )
     run_module(
         [
@@ -245,7 +246,8 @@ def test_recipe_options_train_and_frozen_blocks_stay_frozen(towers_dir, tmp_path
     )
     report = json.loads((out / "train_report.json").read_text())
     assert report["args"]["positives"] == "all" and report["starts"] == {"vision": 1, "text": 0}
-    assert report["args"]["hard_batches"] == 2
+    assert report["args"]["hard_batches"] == 2 and report["pooling"] == {"vision": "mean", "text": "mean"}
+    assert json.loads((out / "config.json").read_text())["vitrine_pooling"]["vision"] == "mean"
     assert report["recall_after"]["images"] == 8
     trained = load_file(out / "model.safetensors")
     vision = load_file(towers_dir[0] / "model.safetensors")
@@ -289,3 +291,10 @@ def test_the_queue_loss_learns_when_embeddings_are_free_parameters() -> None:
         a, b = torch.nn.functional.normalize(images, dim=1), torch.nn.functional.normalize(texts, dim=1)
         recall_at_1 = float(((b @ a.T).argmax(1) == torch.arange(n)).float().mean())
     assert recall_at_1 > 0.9
+
+
+def test_vision_pooling_is_refused_for_a_trained_clip_family_start() -> None:
+    """A CLIP-family checkpoint keeps the pooling it was trained with; only new dual encoders choose."""
+    with pytest.raises(ValueError, match="--vision-pooling"):
+        TrainArgs(model="m", train_data="d", output="o", vision_pooling="mean").validate()
+    TrainArgs(vision_model="v", text_model="t", train_data="d", output="o", vision_pooling="mean").validate()
