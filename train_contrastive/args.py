@@ -172,6 +172,11 @@ class TrainArgs:
         None,
         "WiSE-FT: keep alpha·fine-tuned + (1-alpha)·start weights (e.g. 0.5) to protect general retrieval",
     )
+    ema: float = arg(
+        0.0,
+        "keep an exponential moving average of the trainable weights with this decay per step (e.g. "
+        "0.99: about the last 100 steps) and evaluate and save it instead of the raw weights; 0 = off",
+    )
     progress: bool = arg(True, "progress bars on stderr")
 
     def validate(self) -> None:
@@ -188,6 +193,8 @@ class TrainArgs:
             )
         if self.wise_alpha is not None and not 0.0 <= self.wise_alpha <= 1.0:
             raise ValueError("--wise-alpha must be within [0, 1]")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError("--ema must be within [0, 1)")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError("--patch-dropout must be within [0, 1)")
         if not 0.01 <= self.initial_temperature <= 1.0:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from train_contrastive.args import LOGIT_SCALE_MAX, TrainArgs
+from train_contrastive.averaging import WeightAverage
 from train_contrastive.card import write_card
 from train_contrastive.curves import plot, write_csv
 from train_contrastive.data import Pairs, load_pairs
@@ -77,6 +78,7 @@ class Run:
     caches: dict[str, FeatureCache]
     state: LoopState
     queue: NegativeQueue
+    average: WeightAverage
     total_steps: int
     warmup: int
     tracker: str | None
@@ -173,8 +175,11 @@ def _prepare_run(
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     state, queue = LoopState(), NegativeQueue(args.queue_size)
+    average = WeightAverage(accelerator.unwrap_model(module).model, args.ema)
     accelerator.register_for_checkpointing(state)
     accelerator.register_for_checkpointing(queue)
+    if average.active:
+        accelerator.register_for_checkpointing(average)
     if start.cached:
         state.bad.update(caches["train"].failures)  # undecodable files never entered the cache
     if args.resume:
@@ -200,6 +205,7 @@ def _prepare_run(
         caches=caches,
         state=state,
         queue=queue,
+        average=average,
         total_steps=total_steps,
         warmup=warmup,
         tracker=tracker,
@@ -302,6 +308,7 @@ def _record_step(run: Run, result: LossOutput, logit_scale: torch.Tensor, loss: 
     state = run.state
     with torch.no_grad():
         run.model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+    run.average.update(run.model)
     state.step += 1
     row = {
         "step": state.step,
@@ -342,16 +349,17 @@ def _end_epoch(run: Run) -> str | None:
     state.epoch += 1
     state.batches_done = 0
     state.add_time(run.began)
-    report = _measure(run)
+    with run.average.swapped(run.model):  # with --ema, the averaged weights are the ones judged and kept
+        report = _measure(run)
+        score = sum(report["t2i"].values()) / len(report["t2i"]) if report else None
+        if score is not None and score > state.best and args.keep_best:
+            state.best_weights = snapshot(run.model)
     run.began = now()
-    if report is None:
+    if report is None or score is None:
         return None
     _record_eval(run, report)
-    score = sum(report["t2i"].values()) / len(report["t2i"])
     if score > state.best:
         state.best, state.stale = score, 0
-        if args.keep_best:
-            state.best_weights = snapshot(run.model)
         return None
     state.stale += 1
     if args.patience and state.stale >= args.patience:
@@ -390,6 +398,8 @@ def _finish(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
     model = run.model
     if args.keep_best and state.best_weights:
         restore(model, state.best_weights)
+    else:
+        run.average.copy_to(model)  # without a best evaluation, the average of the last steps
     if args.wise_alpha is not None:
         interpolate(model, start.start_weights, args.wise_alpha)
     after = _measure(run)
