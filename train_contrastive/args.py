@@ -113,6 +113,11 @@ class TrainArgs:
     cache: bool = arg(
         True, "compute frozen layers once per image/caption and reuse them every epoch (off with --augment)"
     )
+    mirror: bool = arg(
+        False,
+        "also cache every training image flipped left to right and show each epoch the image or its "
+        "mirror, a coin flip per image (augmentation that works with the cache; doubles the image cache)",
+    )
     cache_dir: str | None = arg(None, "where the frozen-layer cache lives (default: OUTPUT/cache)")
     cache_dtype: str = arg("float16", "storage type of cached activations", choices=["float16", "float32"])
     patch_dropout: float = arg(

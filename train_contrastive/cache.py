@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from train_contrastive.data import ImageCaptionDataset, PairCollator, Pairs, owner_rows, positive_captions
+from train_contrastive.data import (
+    ImageCaptionDataset,
+    PairCollator,
+    Pairs,
+    item_rng,
+    owner_rows,
+    positive_captions,
+)
 from train_contrastive.features import (
     FeatureCache,
     TextStates,
@@ -63,15 +70,19 @@ def build_cache(
     dtype: torch.dtype,
     device: torch.device,
     progress: Any = None,
+    mirror: bool = False,
 ) -> FeatureCache:
     """Run the frozen layers over every image and caption of ``pairs`` once.
 
     Images that fail to decode get row -1 and their reason in ``failures``. ``progress(n)`` (e.g. a
-    tqdm ``update``) is called with the number of images and captions done.
+    tqdm ``update``) is called with the number of images and captions done. ``mirror`` also caches
+    every image flipped left to right (the processed pixels flipped: resizing and centre-cropping are
+    symmetric, so that is the flipped picture's input).
     """
     model.eval()
     rows = torch.full((len(pairs),), -1, dtype=torch.long)
     image_chunks: list[torch.Tensor] = []
+    mirror_chunks: list[torch.Tensor] = []
     failures: dict[str, str] = {}
     loader = DataLoader(
         ImageCaptionDataset(pairs, image_processor, caption=False),
@@ -86,11 +97,15 @@ def build_cache(
         if len(batch["index"]):
             states = frozen_image_states(model, batch["pixel_values"].to(device), starts["vision"])
             image_chunks.append(states.to("cpu", dtype))
+            if mirror:
+                pixels = batch["pixel_values"].flip(-1).to(device)
+                mirror_chunks.append(frozen_image_states(model, pixels, starts["vision"]).to("cpu", dtype))
             rows[batch["index"]] = torch.arange(done, done + len(batch["index"]))
             done += len(batch["index"])
         if progress:
             progress(len(batch["index"]) + len(batch["bad"]))
     images = torch.cat(image_chunks) if image_chunks else torch.zeros(0)
+    mirrored = (torch.cat(mirror_chunks) if mirror_chunks else torch.zeros(0)) if mirror else None
 
     captions = [c for group in pairs.captions for c in group]
     offsets = torch.zeros(len(pairs) + 1, dtype=torch.long)
@@ -112,7 +127,7 @@ def build_cache(
     text_offsets = torch.zeros(len(captions) + 1, dtype=torch.long)
     text_offsets[1:] = torch.cumsum(lengths, 0)[: len(captions)]
     flat = torch.cat([p for p in pieces if p is not None]) if captions else torch.zeros(0)
-    return FeatureCache(images, rows, TextStates(flat, text_offsets), offsets, failures)
+    return FeatureCache(images, rows, TextStates(flat, text_offsets), offsets, failures, mirrored=mirrored)
 
 
 def load_or_build(path: Path, build: Any) -> FeatureCache:
@@ -162,6 +177,10 @@ class CachedCollator:
         ]
         text_states, text_mask = self.cache.texts.batch(caption_ids)
         image_states = self.cache.images[self.cache.image_row[index]].float()
+        if self.cache.mirrored is not None:  # --mirror: each image or its mirror, a coin per (epoch, item)
+            flip = torch.tensor([item_rng(self.seed + 2, self.epoch, i).random() < 0.5 for i in items])
+            mirrored = self.cache.mirrored[self.cache.image_row[index[flip]]].float()
+            image_states[flip] = mirrored
         return {
             "index": index,
             "image_states": image_states,

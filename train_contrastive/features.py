@@ -240,7 +240,8 @@ class FeatureCache:
 
     ``image_row[i]`` is image i's row in ``images`` (-1 when it failed to decode: it is then left out
     of training and evaluation, and its reason kept in ``failures``). ``caption_offsets[i]`` gives the
-    first caption of image i in ``texts``.
+    first caption of image i in ``texts``. ``mirrored`` (``--mirror``, training caches only) holds the
+    same rows for each image flipped left to right.
     """
 
     images: torch.Tensor
@@ -249,6 +250,7 @@ class FeatureCache:
     caption_offsets: torch.Tensor
     failures: dict[str, str]
     key: str = ""
+    mirrored: torch.Tensor | None = None
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -259,6 +261,7 @@ class FeatureCache:
             "caption_offsets": self.caption_offsets,
             "failures": self.failures,
             "key": self.key,
+            "mirrored": self.mirrored,
         }
 
     @classmethod
@@ -270,6 +273,7 @@ class FeatureCache:
             caption_offsets=state["caption_offsets"],
             failures=state["failures"],
             key=state["key"],
+            mirrored=state.get("mirrored"),
         )
 
     def usable(self) -> list[int]:

@@ -118,7 +118,10 @@ def build_caches(
         for name, pairs in named_pairs.items():
             if pairs is None:
                 continue
-            key = cache_key(identity, pairs, start.image_processor)
+            mirror = args.mirror and name == "train"  # evaluation sees the pictures as they are
+            key = cache_key(
+                {**identity, "mirror": True} if mirror else identity, pairs, start.image_processor
+            )
             bar = tqdm(
                 total=len(pairs) + pairs.n_captions,
                 desc=f"caching frozen layers ({name})",
@@ -138,6 +141,7 @@ def build_caches(
                 dtype=getattr(torch, args.cache_dtype),
                 device=accelerator.device,
                 progress=bar.update,
+                mirror=mirror,
             )
             caches[name] = load_or_build(cache_dir / f"{name}-{key}.pt", build)
             bar.close()
@@ -158,6 +162,10 @@ def make_batches(
     args: TrainArgs, start: StartModel, caches: dict[str, FeatureCache], pairs: Pairs, world: int
 ) -> Batches:
     """Batches of pairs: from the frozen-layer cache when it applies, else decoded images."""
+    if args.mirror and not start.cached:
+        raise TrainingError(
+            "--mirror needs the frozen-layer cache (without it, --augment flips and crops every epoch)"
+        )
     if start.cached:
         usable = caches["train"].usable()
         collator: Any = CachedCollator(caches["train"], pairs, args.seed, positives=args.positives)

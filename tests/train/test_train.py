@@ -100,9 +100,9 @@ def test_cached_training_learns_and_output_loads(towers_dir, pairs_dir, tmp_path
         [],
         ["--positives", "all", "--queue-size", "8", "--text-dropout", "0.2"],
         # one block per tower trains, so the frozen-layer cache (which --hard-batches needs) applies
-        ["--ema", "0.9", "--hard-batches", "2", "--vision-blocks", "1", "--text-blocks", "1"],
+        ["--ema", "0.9", "--hard-batches", "2", "--mirror", "--vision-blocks", "1", "--text-blocks", "1"],
     ],
-    ids=["default", "all-captions-queue-text-dropout", "cached-ema-hard-batches"],
+    ids=["default", "all-captions-queue-text-dropout", "cached-ema-hard-batches-mirror"],
 )
 def test_resume_reproduces_the_uninterrupted_run(options, towers_dir, tmp_path) -> None:
     data = write_pairs(tmp_path / "pairs", copies=2)
