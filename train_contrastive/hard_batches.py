@@ -19,12 +19,12 @@ into the next ones).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from train_contrastive.args import TrainArgs
 from train_contrastive.data import EpochSampler
 from train_contrastive.features import FeatureCache, batched, replay_image_pooled
 
@@ -91,7 +91,7 @@ class GroupedSampler(EpochSampler):
 
 
 def grouped_sampler(
-    model: nn.Module, cache: FeatureCache, usable: list[int], start: int, args: Any
+    model: nn.Module, cache: FeatureCache, usable: list[int], start: int, args: TrainArgs
 ) -> GroupedSampler:
     """The sampler of ``--hard-batches``: clusters of the start model's image features of ``usable``."""
     descriptors = cached_image_descriptors(model, cache, usable, start, args.eval_batch_size)
