@@ -181,8 +181,9 @@ def test_the_default_recipe_file_is_the_defaults_and_every_recipe_is_valid() -> 
     assert written.blocks == built_in.blocks == {"vision": 6, "text": 3}
     per_tower = {"unfreeze_last_n": None, "vision_blocks": None, "text_blocks": None}
     assert dataclasses.replace(written, **per_tower) == built_in  # the file spells the blocks out
-    for name in recipe_names():
-        parse(TrainArgs, [*BASE, "--config", name], "train").validate()
+    towers = ["--vision-model", "v", "--text-model", "t", "--train-data", "d", "--output", "o"]
+    for name in recipe_names():  # as the sweep runs them: on a dual encoder built from towers
+        parse(TrainArgs, [*towers, "--config", name], "train").validate()
 
 
 def test_trainable_blocks_per_tower_flag_then_both_towers_flag_then_default() -> None:
