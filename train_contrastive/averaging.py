@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from train_contrastive.wise import restore, snapshot
+
 
 class WeightAverage:
     """The running average of ``model``'s trainable floating-point parameters (``decay`` 0 = off)."""
@@ -60,12 +62,9 @@ class WeightAverage:
                 self.shadow[name].lerp_(param.detach().float(), weight)
         self.updates += 1
 
-    @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite ``model``'s averaged parameters with the average."""
-        for name, param in model.named_parameters():
-            if name in self.shadow:
-                param.copy_(self.shadow[name].to(param.device, param.dtype))
+        restore(model, self.shadow)
 
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[None]:
@@ -73,15 +72,12 @@ class WeightAverage:
         if not self.active:
             yield
             return
-        own = {name: p.detach().clone() for name, p in model.named_parameters() if name in self.shadow}
+        own = snapshot(model)
         self.copy_to(model)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name in own:
-                        param.copy_(own[name])
+            restore(model, own)
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}

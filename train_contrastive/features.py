@@ -211,6 +211,24 @@ def replay_text_features(
     return model.text_projection(embedding.pool(output, how, attention_mask))
 
 
+def replay_cached_images(
+    replay: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
+    model: nn.Module,
+    cache: FeatureCache,
+    indices: list[int],
+    start: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """``replay`` (:func:`replay_image_features` or :func:`replay_image_pooled`) over the cached images
+    ``indices``, ``batch_size`` at a time on the model's device; float32 rows on the CPU."""
+    device = next(model.parameters()).device
+    parts = []
+    for chunk in batched(indices, batch_size):
+        states = cache.images[cache.image_row[chunk]].to(device, torch.float32)
+        parts.append(replay(model, states, start).float().cpu())
+    return torch.cat(parts)
+
+
 @dataclass
 class TextStates:
     """Cached text activations of many captions, stored flat; ``offsets[j]:offsets[j+1]`` is caption j."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from train_contrastive.args import TrainArgs
 from train_contrastive.data import EpochSampler
-from train_contrastive.features import FeatureCache, batched, replay_image_pooled
+from train_contrastive.features import FeatureCache, replay_cached_images, replay_image_pooled
 
 
 @torch.inference_mode()
@@ -36,13 +36,9 @@ def cached_image_descriptors(
     """Unit-length pooled image features (before the projection) of the cached images ``indices``."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    parts = []
-    for chunk in batched(list(indices), batch_size):
-        states = cache.images[cache.image_row[chunk]].to(device, torch.float32)
-        parts.append(replay_image_pooled(model, states, start).float().cpu())
+    pooled = replay_cached_images(replay_image_pooled, model, cache, list(indices), start, batch_size)
     model.train(was_training)
-    return torch.nn.functional.normalize(torch.cat(parts), dim=-1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 def cluster(descriptors: torch.Tensor, group: int, seed: int) -> list[list[int]]:

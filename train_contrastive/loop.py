@@ -351,20 +351,25 @@ def _end_epoch(run: Run) -> str | None:
     state.add_time(run.began)
     with run.average.swapped(run.model):  # with --ema, the averaged weights are the ones judged and kept
         report = _measure(run)
-        score = sum(report["t2i"].values()) / len(report["t2i"]) if report else None
-        if score is not None and score > state.best and args.keep_best:
+        improved = report is not None and _score(report) > state.best
+        if improved and args.keep_best:
             state.best_weights = snapshot(run.model)
     run.began = now()
-    if report is None or score is None:
+    if report is None:
         return None
     _record_eval(run, report)
-    if score > state.best:
-        state.best, state.stale = score, 0
+    if improved:
+        state.best, state.stale = _score(report), 0
         return None
     state.stale += 1
     if args.patience and state.stale >= args.patience:
         return f"no better recall for {args.patience} evaluation(s)"
     return None
+
+
+def _score(report: dict[str, Any]) -> float:
+    """What early stopping and ``--keep-best`` compare: the mean of text→image R@1/5/10."""
+    return sum(report["t2i"].values()) / len(report["t2i"])
 
 
 def _measure(run: Run) -> dict[str, Any] | None:

@@ -194,7 +194,9 @@ def make_batches(
     return Batches(usable, loader, sampler, collator if start.cached else dataset)
 
 
-def _sampler(args: TrainArgs, start: StartModel, caches: dict[str, FeatureCache], usable: list[int]) -> Any:
+def _sampler(
+    args: TrainArgs, start: StartModel, caches: dict[str, FeatureCache], usable: list[int]
+) -> EpochSampler:
     """Random batches, or with ``--hard-batches`` batches of look-alike groups (:mod:`.hard_batches`)."""
     if not args.hard_batches:
         return EpochSampler(usable, args.seed)

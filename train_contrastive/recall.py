@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from train_contrastive.data import Pairs
-from train_contrastive.features import FeatureCache, batched, replay_image_features, replay_text_features
+from train_contrastive.features import (
+    FeatureCache,
+    batched,
+    replay_cached_images,
+    replay_image_features,
+    replay_text_features,
+)
 from vitrine.catalog.readers import Record
 from vitrine.evaluate import evaluate_catalog, recall_at_k
 
@@ -26,10 +32,7 @@ def cached_recall(
     """Recall from cached frozen activations (images that failed to decode are left out)."""
     model.eval()
     usable = cache.usable()
-    image_feats = []
-    for chunk in batched(usable, batch_size):
-        states = cache.images[cache.image_row[chunk]].to(device, torch.float32)
-        image_feats.append(replay_image_features(model, states, starts["vision"]).float().cpu())
+    images = replay_cached_images(replay_image_features, model, cache, usable, starts["vision"], batch_size)
     caption_ids, owner = [], []
     for position, i in enumerate(usable):
         for j in range(int(cache.caption_offsets[i]), int(cache.caption_offsets[i + 1])):
@@ -40,7 +43,7 @@ def cached_recall(
         states, mask = cache.texts.batch(chunk)
         feats = replay_text_features(model, states.to(device), mask.to(device), starts["text"])
         text_feats.append(feats.float().cpu())
-    t2i, i2t = recall_at_k(torch.cat(image_feats), torch.cat(text_feats), owner)
+    t2i, i2t = recall_at_k(images, torch.cat(text_feats), owner)
     return {"t2i": t2i, "i2t": i2t, "images": len(usable), "captions": len(caption_ids)}
 
 
