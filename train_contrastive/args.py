@@ -158,6 +158,11 @@ class TrainArgs:
     lr: float = arg(3e-4, "peak learning rate of pretrained weights")
     vision_lr: float | None = arg(None, "peak learning rate of the vision tower's weights (default: --lr)")
     text_lr: float | None = arg(None, "peak learning rate of the text tower's weights (default: --lr)")
+    layer_decay: float = arg(
+        1.0,
+        "layer-wise rate decay: each block below a tower's top block learns at this factor times the "
+        "rate of the block above it (e.g. 0.75; 1 = one rate per tower)",
+    )
     head_lr: float = arg(3e-3, "peak learning rate of the projections and the temperature")
     weight_decay: float = arg(0.05, "AdamW weight decay (never applied to norms, biases, temperature)")
     warmup_ratio: float = arg(0.05, "share of steps with linear warmup before the cosine decay")
@@ -202,6 +207,8 @@ class TrainArgs:
             raise ValueError("--wise-alpha must be within [0, 1]")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError("--ema must be within [0, 1)")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError("--layer-decay must be within (0, 1]")
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError("--patch-dropout must be within [0, 1)")
         if not 0.01 <= self.initial_temperature <= 1.0:

@@ -6,6 +6,12 @@ Newly created layers (the projections of a dual encoder built from towers) and t
 from nothing useful and get ``--head-lr``; pretrained weights get the smaller ``--lr`` (per tower:
 ``--vision-lr``, ``--text-lr``) so a few epochs cannot wreck what they already know.
 
+``--layer-decay D`` (BEiT's layer-wise rate decay, which FT-CLIP found essential when fine-tuning CLIP)
+scales a tower's rate by ``D`` per block below its top block: the top block learns at the tower's rate,
+the one under it at ``D`` times that, and so on; embeddings sit one step below the lowest block, and
+layers above the stack (final norms, poolers) keep the full rate. Low blocks hold the general features,
+so they move least.
+
 The schedule is a pure function of the optimizer step, applied before every step, so resuming needs no
 scheduler state beyond the step counter (saved with the training state).
 """
@@ -18,6 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from train_contrastive.features import blocks_of, tower_of
+
 HEAD_PREFIXES = ("visual_projection.", "text_projection.", "logit_scale")
 
 
@@ -29,17 +37,22 @@ def param_groups(
     weight_decay: float,
     new_heads: bool,
     tower_lr: dict[str, float] | None = None,
+    layer_decay: float = 1.0,
 ) -> list[dict]:
     """One group per (learning rate, decay or not), trainable parameters only, lowest rate first.
 
-    ``tower_lr`` (``{"vision": .., "text": ..}``) overrides ``lr`` for the weights of each tower."""
+    ``tower_lr`` (``{"vision": .., "text": ..}``) overrides ``lr`` for the weights of each tower;
+    ``layer_decay`` scales it down block by block (module docstring)."""
     rates = {f"{side}_model.": rate for side, rate in (tower_lr or {}).items()}
+    depth = _depths_below_top(model) if layer_decay != 1.0 else {}
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         head = name.startswith("logit_scale") or (new_heads and name.startswith(HEAD_PREFIXES))
         rate = head_lr if head else next((r for p, r in rates.items() if name.startswith(p)), lr)
+        if not head:
+            rate *= layer_decay ** depth.get(name, 0)
         groups.setdefault((rate, param.ndim >= 2), []).append(param)
     return [
         {
@@ -50,6 +63,21 @@ def param_groups(
         }
         for (rate, decay), params in sorted(groups.items(), key=lambda kv: kv[0])
     ]
+
+
+def _depths_below_top(model: nn.Module) -> dict[str, int]:
+    """Parameter name -> how many blocks below its tower's top block it sits (see the docstring).
+
+    Parameters outside both towers and above the block stacks are absent (depth 0)."""
+    depth: dict[str, int] = {}
+    for side in ("vision", "text"):
+        tower = tower_of(model, side)
+        blocks = blocks_of(tower)
+        inside = {id(p): len(blocks) - 1 - i for i, block in enumerate(blocks) for p in block.parameters()}
+        for name, param in tower.named_parameters():
+            below = "embed" in name or name.startswith("pre_")
+            depth[f"{side}_model.{name}"] = inside.get(id(param), len(blocks) if below else 0)
+    return depth
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

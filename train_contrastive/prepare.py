@@ -232,6 +232,7 @@ def make_optimizer(args: TrainArgs, start: StartModel, module: ContrastiveModule
         start.model,
         lr=args.lr,
         tower_lr=args.tower_lr,
+        layer_decay=args.layer_decay,
         head_lr=args.head_lr,
         weight_decay=args.weight_decay,
         new_heads=start.new_heads,

@@ -220,6 +220,37 @@ def test_param_groups_give_each_tower_its_rate(dual_path) -> None:
         assert rate[id(param)] == expected, name
 
 
+def test_layer_decay_lowers_the_rate_block_by_block(dual_path) -> None:
+    """Every tower weight trains; the top block keeps the tower's rate, each block below it gets half
+    the rate of the one above, embeddings one step below the lowest block, final norms the full rate."""
+    from train_contrastive.features import blocks_of, tower_of
+    from train_contrastive.freezing import apply_freezing
+    from train_contrastive.optim import param_groups
+    from vitrine.model.encoder import load_components
+
+    model = load_components(str(dual_path))[0]
+    apply_freezing(model, lock_vision=False, lock_text=False, unfreeze_last_n={"vision": -1, "text": -1})
+    groups = param_groups(
+        model, lr=1.0, head_lr=3.0, weight_decay=0.1, new_heads=True, tower_lr={"text": 0.5}, layer_decay=0.5
+    )
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert [g["lr"] for g in groups] == sorted(g["lr"] for g in groups)
+    for side, top in (("vision", 1.0), ("text", 0.5)):
+        tower = tower_of(model, side)
+        blocks = blocks_of(tower)
+        assert len(blocks) >= 2
+        for i, block in enumerate(blocks):
+            for param in block.parameters():
+                assert rate[id(param)] == top * 0.5 ** (len(blocks) - 1 - i)
+        for name, param in tower.named_parameters():
+            if name.startswith("embeddings."):
+                assert rate[id(param)] == top * 0.5 ** len(blocks), name
+        after = [p for n, p in tower.named_parameters() if n.startswith("layernorm.") and p.requires_grad]
+        assert all(rate[id(p)] == top for p in after)
+    assert [p for n, p in model.vision_model.named_parameters() if n.startswith("layernorm.")]
+    assert rate[id(model.visual_projection.weight)] == rate[id(model.logit_scale)] == 3.0
+
+
 @pytest.mark.slow
 def test_recipe_options_train_and_frozen_blocks_stay_frozen(towers_dir, tmp_path) -> None:
     """Every new option at once on the tiny towers (two blocks each): the vision tower trains its last
