@@ -135,6 +135,11 @@ class TrainArgs:
         choices=["infonce", "siglip", "hardest"],
     )
     margin: float = arg(0.2, "margin of --loss hardest (cosine similarity units)")
+    soft_targets: float = arg(
+        0.0,
+        "--loss infonce: share of each target spread over the batch by caption likeness, so pictures "
+        "whose captions say the same count partly as right answers (false negatives); 0 = one-hot",
+    )
     queue_size: int = arg(
         0,
         "extra negatives: rank each query also against the embeddings of the last N images and captions "
@@ -223,6 +228,10 @@ class TrainArgs:
             raise ValueError("--hard-batches must be 0 (off) or a group of at least 2 images")
         if self.queue_size < 0:
             raise ValueError("--queue-size must not be negative")
+        if not 0.0 <= self.soft_targets < 1.0:
+            raise ValueError("--soft-targets must be within [0, 1)")
+        if self.soft_targets and (self.loss != "infonce" or self.queue_size):
+            raise ValueError("--soft-targets needs --loss infonce and no --queue-size")
         if any(rate is not None and rate < 0 for rate in (self.vision_lr, self.text_lr)):
             raise ValueError("--vision-lr and --text-lr must not be negative")
         if not 0.0 < self.margin <= 2.0:

@@ -291,6 +291,7 @@ def _micro_batch(run: Run, batch: dict[str, Any]) -> tuple[LossOutput, torch.Ten
             owner=batch.get("owner"),
             ids=batch["index"],
             queue=run.queue.negatives(),
+            **({"soft_targets": args.soft_targets} if args.soft_targets else {}),
         )
         accelerator.backward(result.backward_loss)
         run.queue.push(result.batch)

@@ -27,6 +27,15 @@ Queue negatives (``--queue-size``): detached embeddings of earlier steps' images
 entry showing the same *catalog image* as the query's positive (that image seen in an earlier epoch, or
 one of its other captions) is masked out, so the queue never supplies a query's positive as a negative.
 
+Soft targets (``--soft-targets ε``, InfoNCE only): Flickr-style data has many near-identical scenes ("a
+dog runs through the grass"), so another picture in the batch is often a fine answer to a caption, yet
+the one-hot target calls it wrong. A share ε of each target is spread over the batch by how alike the
+*captions* are: caption c's target over image j follows ``softmax(s · cos(c, centroid of j's captions))``,
+and image i's over caption k follows ``softmax(s · cos(centroid of i's captions, k))``, with the model's
+own detached caption embeddings and temperature. Text says what a picture shows, so two pictures whose
+captions agree are treated as partly interchangeable (the false-negative correction of soft-target CLIP
+variants, with the captions as the teacher).
+
 Parameters of the loss itself (the temperature, SigLIP's bias) enter every entry of the global matrix on
 every process, so each process would get their *whole* gradient, and the ``× N`` above then DDP's average
 would leave it N times too large: :func:`shared_scalar` gives them a 1/N share of the gradient instead.
@@ -213,6 +222,7 @@ def contrastive_loss(
     owner: torch.Tensor | None = None,
     ids: torch.Tensor | None = None,
     queue: Negatives | None = None,
+    soft_targets: float = 0.0,
 ) -> LossOutput:
     """CLIP's symmetric cross-entropy (InfoNCE) over the global batch.
 
@@ -221,20 +231,38 @@ def contrastive_loss(
     inverse temperature (a parameter of the model, clamped by the training loop to at most ln 100); it is
     exponentiated here. Embeddings are L2-normalised here in float32, whatever precision the forward ran
     in. With several captions per image (``owner``) the image→text target is uniform over the image's
-    own captions: ``-1/|P_i| Σ_{j∈P_i} log softmax_ij``. ``logit_bias`` and ``margin`` belong to the
+    own captions: ``-1/|P_i| Σ_{j∈P_i} log softmax_ij``. ``soft_targets`` moves that share of each
+    target onto caption-alike candidates (module docstring). ``logit_bias`` and ``margin`` belong to the
     other losses and are ignored.
     """
     batch = _global_batch(image_embeddings, text_embeddings, owner, ids)
     scale = shared_scalar(logit_scale.float(), batch.world).exp()
     directions = _directions(batch, queue)
+    if soft_targets and queue is not None and (len(queue.texts) or len(queue.images)):
+        raise ValueError("soft targets cover the batch only: use them without a queue")
+    targets = [d.positive.float() / d.positive.sum(1, keepdim=True) for d in directions]
+    if soft_targets:
+        soft = _caption_similarity_targets(batch, scale.detach())
+        targets = [(1 - soft_targets) * t + soft_targets * q for t, q in zip(targets, soft, strict=True)]
     logits, parts = [], []
-    for d in directions:
+    for d, target in zip(directions, targets, strict=True):
         z = (scale * d.scores).masked_fill(~d.allowed, float("-inf"))
-        own_logp = torch.log_softmax(z, dim=1).masked_fill(~d.positive, 0.0)
-        parts.append((-own_logp.sum(1) / d.positive.sum(1)).mean())
+        logp = torch.log_softmax(z, dim=1).masked_fill(target == 0, 0.0)
+        parts.append(-(target * logp).sum(1).mean())
         logits.append(z)
     loss = (parts[0] + parts[1]) / 2
     return _output(loss, batch, directions, tuple(logits))
+
+
+def _caption_similarity_targets(batch: GlobalBatch, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(image→text, text→image) target rows from caption likeness (module docstring), no gradient."""
+    with torch.no_grad():
+        texts = batch.texts.detach()
+        centroids = torch.zeros_like(batch.images).index_add_(0, batch.owner, texts)
+        centroids = F.normalize(centroids, dim=-1)
+        i2t = torch.softmax(scale * centroids @ texts.T, dim=1)
+        t2i = torch.softmax(scale * texts @ centroids.T, dim=1)
+    return i2t, t2i
 
 
 def sigmoid_loss(
