@@ -140,6 +140,11 @@ class TrainArgs:
         "--loss infonce: share of each target spread over the batch by caption likeness, so pictures "
         "whose captions say the same count partly as right answers (false negatives); 0 = one-hot",
     )
+    soft_temperature: float = arg(
+        0.1,
+        "temperature of --soft-targets' caption-likeness rows (higher spreads them wider; the model's "
+        "own, about 0.05, would put nearly all of a row back on the positive)",
+    )
     queue_size: int = arg(
         0,
         "extra negatives: rank each query also against the embeddings of the last N images and captions "
@@ -230,6 +235,8 @@ class TrainArgs:
             raise ValueError("--queue-size must not be negative")
         if not 0.0 <= self.soft_targets < 1.0:
             raise ValueError("--soft-targets must be within [0, 1)")
+        if self.soft_temperature <= 0:
+            raise ValueError("--soft-temperature must be positive")
         if self.soft_targets and (self.loss != "infonce" or self.queue_size):
             raise ValueError("--soft-targets needs --loss infonce and no --queue-size")
         if any(rate is not None and rate < 0 for rate in (self.vision_lr, self.text_lr)):

@@ -291,7 +291,11 @@ def _micro_batch(run: Run, batch: dict[str, Any]) -> tuple[LossOutput, torch.Ten
             owner=batch.get("owner"),
             ids=batch["index"],
             queue=run.queue.negatives(),
-            **({"soft_targets": args.soft_targets} if args.soft_targets else {}),
+            **(
+                {"soft_targets": args.soft_targets, "soft_temperature": args.soft_temperature}
+                if args.soft_targets
+                else {}
+            ),
         )
         accelerator.backward(result.backward_loss)
         run.queue.push(result.batch)

@@ -30,9 +30,11 @@ one of its other captions) is masked out, so the queue never supplies a query's 
 Soft targets (``--soft-targets ε``, InfoNCE only): Flickr-style data has many near-identical scenes ("a
 dog runs through the grass"), so another picture in the batch is often a fine answer to a caption, yet
 the one-hot target calls it wrong. A share ε of each target is spread over the batch by how alike the
-*captions* are: caption c's target over image j follows ``softmax(s · cos(c, centroid of j's captions))``,
-and image i's over caption k follows ``softmax(s · cos(centroid of i's captions, k))``, with the model's
-own detached caption embeddings and temperature. Text says what a picture shows, so two pictures whose
+*captions* are: caption c's target over image j follows ``softmax(cos(c, centroid of j's captions) / τ)``,
+and image i's over caption k follows ``softmax(cos(centroid of i's captions, k) / τ)``, with the model's
+own detached caption embeddings and a fixed teacher temperature τ (``--soft-temperature``). The model's
+learnt temperature would be too sharp: a caption is part of its own picture's centroid, so at 0.05-0.07
+nearly all of the soft row lands on the own picture again. Text says what a picture shows, so two pictures whose
 captions agree are treated as partly interchangeable (the false-negative correction of soft-target CLIP
 variants, with the captions as the teacher).
 
@@ -223,6 +225,7 @@ def contrastive_loss(
     ids: torch.Tensor | None = None,
     queue: Negatives | None = None,
     soft_targets: float = 0.0,
+    soft_temperature: float = 0.1,
 ) -> LossOutput:
     """CLIP's symmetric cross-entropy (InfoNCE) over the global batch.
 
@@ -242,7 +245,7 @@ def contrastive_loss(
         raise ValueError("soft targets cover the batch only: use them without a queue")
     targets = [d.positive.float() / d.positive.sum(1, keepdim=True) for d in directions]
     if soft_targets:
-        soft = _caption_similarity_targets(batch, scale.detach())
+        soft = _caption_similarity_targets(batch, 1.0 / soft_temperature)
         targets = [(1 - soft_targets) * t + soft_targets * q for t, q in zip(targets, soft, strict=True)]
     logits, parts = [], []
     for d, target in zip(directions, targets, strict=True):
@@ -254,7 +257,7 @@ def contrastive_loss(
     return _output(loss, batch, directions, tuple(logits))
 
 
-def _caption_similarity_targets(batch: GlobalBatch, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _caption_similarity_targets(batch: GlobalBatch, scale: float) -> tuple[torch.Tensor, ...]:
     """(image→text, text→image) target rows from caption likeness (module docstring), no gradient."""
     with torch.no_grad():
         texts = batch.texts.detach()

@@ -63,27 +63,28 @@ def cross_entropy(target: list[float], logits: list[float]) -> float:
 
 def test_soft_targets_spread_by_caption_likeness() -> None:
     """ε = 0.25 of each target follows the captions: image 0's caption centroid is normalise(c0 + c1) =
-    (2, 1)/√5, image 1's is c2 = (0, 1); scores against them give the soft rows (scale 10)."""
+    (2, 1)/√5, image 1's is c2 = (0, 1); cosines against them at teacher temperature 0.2 give the soft
+    rows; the logits keep the model's scale (10)."""
     images, texts, owner = two_images_three_captions()
     eps, a, b = 0.25, 2 / math.sqrt(5), 1 / math.sqrt(5)  # centroid 0 = (a, b)
     mix = lambda hard, soft: [(1 - eps) * h + eps * q for h, q in zip(hard, soft, strict=True)]  # noqa: E731
     image_side = (
-        cross_entropy(mix([0.5, 0.5, 0], softmax(10 * a, 10 * (0.6 * a + 0.8 * b), 10 * b)), [10, 6, 0])
-        + cross_entropy(mix([0, 0, 1], softmax(0, 8, 10)), [0, 8, 10])
+        cross_entropy(mix([0.5, 0.5, 0], softmax(5 * a, 5 * (0.6 * a + 0.8 * b), 5 * b)), [10, 6, 0])
+        + cross_entropy(mix([0, 0, 1], softmax(0, 4, 5)), [0, 8, 10])
     ) / 2
     caption_side = (
-        cross_entropy(mix([1, 0], softmax(10 * a, 0)), [10, 0])
-        + cross_entropy(mix([1, 0], softmax(10 * (0.6 * a + 0.8 * b), 8)), [6, 8])
-        + cross_entropy(mix([0, 1], softmax(10 * b, 10)), [0, 10])
+        cross_entropy(mix([1, 0], softmax(5 * a, 0)), [10, 0])
+        + cross_entropy(mix([1, 0], softmax(5 * (0.6 * a + 0.8 * b), 4)), [6, 8])
+        + cross_entropy(mix([0, 1], softmax(5 * b, 5)), [0, 10])
     ) / 3
-    result = contrastive_loss(images, texts, LN10, owner=owner, soft_targets=eps)
+    result = contrastive_loss(images, texts, LN10, owner=owner, soft_targets=eps, soft_temperature=0.2)
     assert float(result.loss) == pytest.approx((image_side + caption_side) / 2, rel=1e-6)
     hard = contrastive_loss(images, texts, LN10, owner=owner, soft_targets=0.0)
     assert float(hard.loss) == float(contrastive_loss(images, texts, LN10, owner=owner).loss)
     # the captions teach without being taught: the targets carry no gradient
     texts = texts.clone().requires_grad_(True)
     batch = GlobalBatch(images, texts, owner, torch.tensor([0, 1]), world=1)
-    assert not any(t.requires_grad for t in _caption_similarity_targets(batch, torch.tensor(10.0)))
+    assert not any(t.requires_grad for t in _caption_similarity_targets(batch, 10.0))
 
 
 def test_soft_targets_refuse_a_queue_and_other_losses() -> None:
@@ -91,7 +92,12 @@ def test_soft_targets_refuse_a_queue_and_other_losses() -> None:
     queue = Negatives(torch.eye(2), torch.tensor([5, 6]), torch.eye(2), torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="without a queue"):
         contrastive_loss(images, texts, LN10, owner=owner, queue=queue, soft_targets=0.1)
-    for flags in (["--loss", "siglip"], ["--queue-size", "8"], ["--soft-targets", "1"]):
+    for flags in (
+        ["--loss", "siglip"],
+        ["--queue-size", "8"],
+        ["--soft-targets", "1"],
+        ["--soft-temperature", "0"],
+    ):
         with pytest.raises((ConfigError, ValueError, SystemExit)):
             parse(TrainArgs, [*BASE, "--soft-targets", "0.1", *flags], "train").validate()
 
