@@ -34,9 +34,9 @@ the one-hot target calls it wrong. A share ε of each target is spread over the 
 and image i's over caption k follows ``softmax(cos(centroid of i's captions, k) / τ)``, with the model's
 own detached caption embeddings and a fixed teacher temperature τ (``--soft-temperature``). The model's
 learnt temperature would be too sharp: a caption is part of its own picture's centroid, so at 0.05-0.07
-nearly all of the soft row lands on the own picture again. Text says what a picture shows, so two pictures whose
-captions agree are treated as partly interchangeable (the false-negative correction of soft-target CLIP
-variants, with the captions as the teacher).
+nearly all of the soft row lands on the own picture again. Text says what a picture shows, so two
+pictures whose captions agree are treated as partly interchangeable (the false-negative correction of
+soft-target CLIP variants, with the captions as the teacher).
 
 Parameters of the loss itself (the temperature, SigLIP's bias) enter every entry of the global matrix on
 every process, so each process would get their *whole* gradient, and the ``× N`` above then DDP's average
