@@ -10,6 +10,7 @@ problems (port in use, bad setting).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import shlex
@@ -189,6 +190,9 @@ def torch_threads(requested: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(AppArgs, argv, prog="python -m app")
+    # A crash in native code (torch, FAISS, PIL, the interpreter) kills the server without a Python
+    # traceback; this prints every thread's Python stack to stderr first, the operator's only clue.
+    faulthandler.enable(all_threads=True)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
