@@ -79,8 +79,6 @@ def test_soft_targets_spread_by_caption_likeness() -> None:
     ) / 3
     result = contrastive_loss(images, texts, LN10, owner=owner, soft_targets=eps, soft_temperature=0.2)
     assert float(result.loss) == pytest.approx((image_side + caption_side) / 2, rel=1e-6)
-    hard = contrastive_loss(images, texts, LN10, owner=owner, soft_targets=0.0)
-    assert float(hard.loss) == float(contrastive_loss(images, texts, LN10, owner=owner).loss)
     # the captions teach without being taught: the targets carry no gradient
     texts = texts.clone().requires_grad_(True)
     batch = GlobalBatch(images, texts, owner, torch.tensor([0, 1]), world=1)
