@@ -57,9 +57,10 @@ def cmd_train(a: TrainArgs) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        if report["recall_before"]:
-            print("before: " + _recall_line(report["recall_before"]))
-            print("after:  " + _recall_line(report["recall_after"]))
+        # A run resumed without --eval-data keeps its "before" but measures no "after".
+        for label, key in (("before: ", "recall_before"), ("after:  ", "recall_after")):
+            if report[key]:
+                print(label + _recall_line(report[key]))
         took = f"{report['steps']} steps, {report['train_seconds']:.0f} s, {report['stop_reason']}"
         print(f"saved {a.output} ({took})")
     return 0

@@ -236,6 +236,19 @@ def test_config_file_and_wise_alpha_zero_restores_start(towers_dir, tmp_path) ->
         torch.testing.assert_close(trained[key], start[key])
 
 
+def test_resume_without_eval_data_finishes(towers_dir, tmp_path) -> None:
+    """A run measured on --eval-data and resumed without it keeps its "before" and ends cleanly."""
+    data = write_pairs(tmp_path / "pairs", copies=1)
+    out = tmp_path / "out"
+    common = [*TRAIN, *tower_flags(towers_dir), *FAST, "--train-data", str(data), "--output", str(out)]
+    common += ["--batch-size", "4", "--epochs", "2", "--checkpoint-every", "1"]
+    run_module([*common, "--eval-data", str(data), "--max-steps", "1"])
+    stdout = run_module([*common, "--resume", "latest"])
+    assert "before: " in stdout and "after: " not in stdout and "saved " in stdout, stdout
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps"] == 4 and report["recall_after"] is None
+
+
 def test_early_stopping_on_eval_recall(towers_dir, tmp_path) -> None:
     data = write_pairs(tmp_path / "pairs", copies=1)
     out = tmp_path / "out"
