@@ -8,18 +8,19 @@ defaults below, written out; the others are the candidates ``bench/finetune.py``
 
 The defaults *are* the recipe: ``train --vision-model V --text-model T --train-data TR --eval-data EV
 --output OUT`` fine-tunes the last six blocks of the vision tower and the last three of the text tower
-plus new projections from a cache of the frozen layers' activations, which is what makes it fit in half
-an hour on a two-core CPU; every caption of an image is its positive at every step (``--positives
-all``). The choices come from runs on Flickr8k, recorded in bench/RESULTS.md with their numbers: batch
-64 beat 128 and 32 (in so short a run more optimizer steps matter more than more negatives); CLIP's
-starting temperature 0.07 beat 0.03; all captions as positives beat one sampled caption; six trainable
-vision blocks beat three, and nine trailed six. The last vision block runs for the CLS token only
-(:func:`.features.cls_only_block`) and steps run in bf16 autocast on CPUs with native bf16. Half the
-patch tokens are dropped from each cached training image (``--patch-dropout``): without it the training
-loss fell fast while recall flattened after five epochs; dropping patches varies each image from epoch
-to epoch and halves the vision work, which pays for eight epochs (ten gave the same recall). Batches of
-look-alike images, mean-pooled images, word-piece dropout, mirrored pictures and a moving average of
-the weights are flags and recipes, but none beat these defaults by more than seed noise.
+plus new projections from a cache of the frozen layers' activations, which is what makes it fit in half an
+hour on a two-core CPU; every caption of an image is its positive at every step (``--positives all``). The
+choices come from runs on Flickr8k, recorded in bench/RESULTS.md with their numbers: batch 128 beat 64
+over the eight epochs (each caption is ranked against the batch's images, so a bigger batch is more
+negatives for text→image; one-epoch probes with one caption per image had favoured 64, and 256 was slower
+per example on a 2-core CPU); CLIP's starting temperature 0.07 beat 0.03; all captions as positives beat
+one sampled caption; six trainable vision blocks beat three, and nine trailed six. The last vision block
+runs for the CLS token only (:func:`.features.cls_only_block`) and steps run in bf16 autocast on CPUs with
+native bf16. Half the patch tokens are dropped from each cached training image (``--patch-dropout``):
+without it the training loss fell fast while recall flattened after five epochs; dropping patches varies
+each image from epoch to epoch and halves the vision work, which pays for eight epochs (ten gave the same
+recall). Batches of look-alike images, mean-pooled images, word-piece dropout, mirrored pictures and a
+moving average of the weights are flags and recipes, but none beat these defaults by more than seed noise.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class TrainArgs:
     )
     max_steps: int | None = arg(None, "stop after this many optimizer steps (default: run all epochs)")
     batch_size: int = arg(
-        64, "pairs per process per step: every other pair of the global batch is a negative"
+        128, "pairs per process per step: every other pair of the global batch is a negative"
     )
     hard_batches: int = arg(
         0,

@@ -211,10 +211,11 @@ def test_config_precedence_defaults_then_file_then_flags(tmp_path) -> None:
     recipe.write_text('epochs = 3\nlr = 1e-4\nloss = "hardest"\ntext-blocks = 6\n')
     chosen = parse(TrainArgs, [*BASE, "--config", str(recipe), "--epochs", "5"], "train")
     assert (chosen.epochs, chosen.lr, chosen.loss) == (5, 1e-4, "hardest")  # flag > file > default
-    assert chosen.batch_size == 64 and chosen.blocks == {"vision": 6, "text": 6}
+    assert chosen.batch_size == 128 and chosen.blocks == {"vision": 6, "text": 6}
     assert chosen.tower_lr == {"vision": 1e-4, "text": 1e-4}
     named = parse(TrainArgs, [*BASE, "--config", "siglip", "--text-lr", "1e-5"], "train")
     assert named.loss == "siglip" and named.tower_lr == {"vision": 3e-4, "text": 1e-5}
+    assert parse(TrainArgs, [*BASE, "--config", "batch-64"], "train").batch_size == 64  # the previous default
     with pytest.raises(ConfigError, match=r"no config file or recipe named 'nope'; recipes: all-captions"):
         parse(TrainArgs, [*BASE, "--config", "nope"], "train")
     recipe.write_text("epochs = \n")
