@@ -8,9 +8,9 @@ defaults below, written out; the others are the candidates ``bench/finetune.py``
 
 The defaults *are* the recipe: ``train --vision-model V --text-model T --train-data TR --eval-data EV
 --output OUT`` fine-tunes the last six blocks of the vision tower and the last three of the text tower
-plus new projections from a cache of the frozen layers' activations, which is what makes it fit in half an
-hour on a two-core CPU; every caption of an image is its positive at every step (``--positives all``). The
-choices come from runs on Flickr8k, recorded in bench/RESULTS.md with their numbers: batch 128 beat 64
+plus new projections from a cache of the frozen layers' activations, which is what lets a two-core CPU do
+it in well under an hour; every caption of an image is its positive at every step (``--positives all``).
+The choices come from runs on Flickr8k, recorded in bench/RESULTS.md with their numbers: batch 128 beat 64
 over the eight epochs (each caption is ranked against the batch's images, so a bigger batch is more
 negatives for text→image; one-epoch probes with one caption per image had favoured 64, and 256 was slower
 per example on a 2-core CPU); CLIP's starting temperature 0.07 beat 0.03; all captions as positives beat
