@@ -196,9 +196,9 @@ class TrainArgs:
         "WiSE-FT: keep alpha·fine-tuned + (1-alpha)·start weights (e.g. 0.5) to protect general retrieval",
     )
     ema: float = arg(
-        0.0,
-        "keep an exponential moving average of the trainable weights with this decay per step (e.g. "
-        "0.99: about the last 100 steps) and evaluate and save it instead of the raw weights; 0 = off. "
+        0.99,
+        "keep an exponential moving average of the trainable weights with this decay per step (0.99: "
+        "about the last 100 steps) and evaluate and save it instead of the raw weights; 0 = off. "
         "The warm-up min(D, (1+t)/(10+t)) stays below 0.99 until step 890, so on shorter runs every "
         "D >= 0.99 gives the same average",
     )
