@@ -215,7 +215,9 @@ def test_config_precedence_defaults_then_file_then_flags(tmp_path) -> None:
     assert chosen.tower_lr == {"vision": 1e-4, "text": 1e-4}
     named = parse(TrainArgs, [*BASE, "--config", "siglip", "--text-lr", "1e-5"], "train")
     assert named.loss == "siglip" and named.tower_lr == {"vision": 3e-4, "text": 1e-5}
-    assert parse(TrainArgs, [*BASE, "--config", "batch-64"], "train").batch_size == 64  # the previous default
+    assert parse(TrainArgs, [*BASE, "--config", "batch-64"], "train").batch_size == 64  # an earlier default
+    assert parse(TrainArgs, BASE, "train").ema == 0.99  # the default keeps the weights' average
+    assert parse(TrainArgs, [*BASE, "--config", "no-ema"], "train").ema == 0.0
     with pytest.raises(ConfigError, match=r"no config file or recipe named 'nope'; recipes: all-captions"):
         parse(TrainArgs, [*BASE, "--config", "nope"], "train")
     recipe.write_text("epochs = \n")
