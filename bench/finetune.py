@@ -133,7 +133,8 @@ def render(
         f"Default recipe (last {blocks['vision']} vision / {blocks['text']} text blocks + new projections, "
         f"{a.get('positives', 'one')} captions per image as positives, frozen-layer "
         f"cache, {a['epochs']} epochs, batch {a['batch_size']}, lr {a['lr']:g} / head lr {a['head_lr']:g}, "
-        f"patch dropout {a.get('patch_dropout', 0.0):g}, weight average {a.get('ema', 0.0):g}, "
+        f"patch dropout {a.get('patch_dropout', 0.0):g}, vision dropout {a.get('vision_dropout', 0.0):g}, "
+        f"weight average {a.get('ema', 0.0):g}, "
         f"{report.get('precision', 'no')} autocast), "
         "Flickr8k train "
         f"({report['train_pairs']} images) → dev ({after['images']} images, {after['captions']} captions).",

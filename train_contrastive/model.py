@@ -59,6 +59,24 @@ def load_start(
     return (*loaded, False)
 
 
+def set_block_dropout(model: nn.Module, side: str, start: int, share: float) -> int:
+    """Set every ``nn.Dropout`` in the trainable blocks (``start`` on) of one tower to ``share``.
+
+    Regularisation against memorising a small training set (``--vision-dropout``): transformers builds
+    ViT/DeiT blocks with the checkpoint's ``hidden_dropout_prob``, 0 for DeiT, so unlike the text
+    tower's 0.1 nothing is dropped there. Frozen blocks stay in eval mode whatever their ``p``; serving
+    runs in eval mode, so the saved model is unchanged. Returns how many dropout modules were set: 0 for
+    a locked tower or one whose blocks have none (CLIP's apply attention dropout only, from their config).
+    """
+    found = 0
+    for block in blocks_of(tower_of(model, side))[start:]:
+        for module in block.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = share
+                found += 1
+    return found
+
+
 def drop_patches(states: torch.Tensor, share: float) -> torch.Tensor:
     """Keep the CLS token and a random ``1 - share`` of the other tokens of each row (FLIP-style).
 

@@ -22,7 +22,7 @@ from train_contrastive.data import EpochSampler, ImageCaptionDataset, PairCollat
 from train_contrastive.features import FeatureCache, replayable
 from train_contrastive.freezing import apply_freezing
 from train_contrastive.hard_batches import grouped_sampler
-from train_contrastive.model import ContrastiveModule, load_start
+from train_contrastive.model import ContrastiveModule, load_start, set_block_dropout
 from train_contrastive.optim import param_groups
 from train_contrastive.state import TrainingError
 from train_contrastive.wise import snapshot
@@ -210,11 +210,12 @@ def _sampler(
 
 def make_module(args: TrainArgs, start: StartModel) -> ContrastiveModule:
     """The model wrapped for training: cached or full forward, patch dropout on cached image features,
-    text dropout on captions, SigLIP's learnt bias with ``--loss siglip``. VSE++'s loss has no
-    temperature, so with ``--loss hardest`` the model's is frozen (DDP refuses parameters that never get
-    a gradient)."""
+    text dropout on captions, dropout in the trainable vision blocks, SigLIP's learnt bias with
+    ``--loss siglip``. VSE++'s loss has no temperature, so with ``--loss hardest`` the model's is frozen
+    (DDP refuses parameters that never get a gradient)."""
     if args.loss == "hardest":
         start.model.logit_scale.requires_grad_(False)
+    set_block_dropout(start.model, "vision", start.starts["vision"], args.vision_dropout)
     return ContrastiveModule(
         start.model,
         start.starts,

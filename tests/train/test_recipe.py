@@ -271,6 +271,51 @@ def test_param_groups_give_each_tower_its_rate(dual_path) -> None:
         assert rate[id(param)] == expected, name
 
 
+def test_vision_dropout_reaches_trainable_vision_blocks_only_and_only_in_training(dual_path) -> None:
+    """``--vision-dropout``: the trainable blocks' dropout is set, frozen blocks and the text tower keep
+    theirs; with the module in training mode two forwards differ, in eval mode they agree exactly."""
+    from torch import nn
+
+    from train_contrastive.features import blocks_of, replay_image_features
+    from train_contrastive.model import ContrastiveModule, set_block_dropout
+    from vitrine.model.encoder import load_components
+
+    model = load_components(str(dual_path))[0]
+    blocks = blocks_of(model.vision_model)
+    start = len(blocks) - 1
+    text_before = [m.p for m in model.text_model.modules() if isinstance(m, nn.Dropout)]
+    assert set_block_dropout(model, "vision", start, 0.5) >= 1
+    rates = [[m.p for m in b.modules() if isinstance(m, nn.Dropout)] for b in blocks]
+    assert all(p == 0.5 for p in rates[start]) and not any(p for r in rates[:start] for p in r)
+    assert [m.p for m in model.text_model.modules() if isinstance(m, nn.Dropout)] == text_before
+    module = ContrastiveModule(model, {"vision": start, "text": 0}, cached=True)
+    states = torch.randn(2, 5, model.vision_model.config.hidden_size)
+
+    def twice() -> tuple[torch.Tensor, torch.Tensor]:
+        return replay_image_features(model, states, start), replay_image_features(model, states, start)
+
+    module.train()
+    torch.manual_seed(0)
+    assert not torch.equal(*twice())
+    module.eval()
+    assert torch.equal(*twice())
+
+
+def test_vision_dropout_is_a_no_op_where_the_blocks_have_no_dropout_layer(clip_path) -> None:
+    """CLIP's blocks have no dropout module (a default of 0.1 must not stop a CLIP fine-tune), nor has
+    a locked tower a trainable block; out-of-range values are refused."""
+    from train_contrastive.features import blocks_of
+    from train_contrastive.model import set_block_dropout
+    from vitrine.model.encoder import load_components
+
+    model = load_components(str(clip_path))[0]
+    assert set_block_dropout(model, "vision", 0, 0.1) == 0
+    assert set_block_dropout(model, "text", len(blocks_of(model.text_model)), 0.1) == 0
+    assert parse(TrainArgs, BASE, "train").vision_dropout == 0.1  # the default
+    with pytest.raises(ValueError, match="vision-dropout"):
+        parse(TrainArgs, [*BASE, "--vision-dropout", "1"], "train").validate()
+
+
 def test_layer_decay_lowers_the_rate_block_by_block(dual_path) -> None:
     """Every tower weight trains; the top block keeps the tower's rate, each block below it gets half
     the rate of the one above, embeddings one step below the lowest block, final norms the full rate."""
@@ -317,7 +362,7 @@ def test_recipe_options_train_and_frozen_blocks_stay_frozen(towers_dir, tmp_path
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(
         'positives = "all"\nqueue_size = 8\ntext_dropout = 0.2\nvision_blocks = 1\nhard_batches = 2\n'
-        'vision_pooling = "mean"\n'
+        'vision_pooling = "mean"\nvision_dropout = 0.1\n'
     )
     run_module(
         [
