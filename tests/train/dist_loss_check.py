@@ -56,6 +56,10 @@ def main() -> None:
         }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(payload, fh)
+    # Leave the group before exiting: a process that exits with gloo's threads still up can abort
+    # ("terminate called without an active exception", SIGABRT) and fail the launch after the work is done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
